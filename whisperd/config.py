@@ -1,0 +1,468 @@
+"""Configuration: TOML -> frozen dataclasses, validated (layer L1).
+
+Every key whisperd reads is defined (and documented) in the dataclasses
+below; a key that is not here is refused with the file and key named. This
+module reads the config file and does no other I/O.
+
+Relative paths in the file are taken relative to the folder of the file, so
+a config works the same wherever whisperd is started from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from whisperd.errors import ConfigError
+from whisperd.jobs import OUTPUT_FORMATS, DecodeOptions, JobSpec
+
+# OpenCC configs the `chinese` key accepts (file names of OpenCC's bundled configs).
+CHINESE_CONFIGS = (
+    "s2t",
+    "t2s",
+    "s2tw",
+    "tw2s",
+    "s2hk",
+    "hk2s",
+    "s2twp",
+    "tw2sp",
+    "t2tw",
+    "t2hk",
+    "t2jp",
+    "jp2t",
+)
+WATCH_MODES = ("native", "poll")
+TASKS = ("transcribe", "translate")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "console")
+ENGINES = ("openai-whisper",)
+
+
+def _doc(text: str, **checks: Any) -> dict[str, Any]:
+    """Field metadata: the key's documentation plus declarative checks
+    (choices=..., minimum=..., path=True)."""
+    return {"doc": text, **checks}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DaemonConfig:
+    """[daemon]: the daemon process itself."""
+
+    state_dir: str = field(
+        default="./var/state", metadata=_doc("Folder for the job database and runtime state.", path=True)
+    )
+    database_url: str = field(
+        default="",
+        metadata=_doc(
+            "SQLAlchemy URL of the job store. Empty: SQLite file jobs.db in state_dir. "
+            "Several hosts share one PostgreSQL table with postgresql+psycopg://USER@HOST/DB."
+        ),
+    )
+    settle_seconds: float = field(
+        default=2.0,
+        metadata=_doc("A file is taken once its size and mtime are unchanged this long.", minimum=0.0),
+    )
+    rescan_seconds: float = field(
+        default=60.0,
+        metadata=_doc("Rescan every inbox this often to catch lost file events (0: never).", minimum=0.0),
+    )
+    shutdown_grace_seconds: float = field(
+        default=30.0,
+        metadata=_doc(
+            "On SIGTERM a running job may finish within this time; after it, it goes back to the queue.",
+            minimum=0.0,
+        ),
+    )
+    log_level: str = field(default="info", metadata=_doc("Log level.", choices=LOG_LEVELS))
+    log_format: str = field(
+        default="auto",
+        metadata=_doc("auto: readable on a terminal, JSON lines otherwise (journald).", choices=LOG_FORMATS),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelsConfig:
+    """[models]: where Whisper models live."""
+
+    folder: str = field(
+        default="./var/models",
+        metadata=_doc(
+            "Folder of imported models (NAME.pt); `whisperd models import` writes here.", path=True
+        ),
+    )
+    engine: str = field(default="openai-whisper", metadata=_doc("Transcription engine.", choices=ENGINES))
+    default: str = field(default="tiny.en", metadata=_doc("Model used by inboxes that name none."))
+    allow_download: bool = field(
+        default=False,
+        metadata=_doc("Let openai-whisper download a model missing from the folder (needs network)."),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkersConfig:
+    """[workers]: the worker pool."""
+
+    devices: str | tuple[int, ...] = field(
+        default="auto",
+        metadata=_doc('"auto" (every GPU, else the CPU), "cpu", or a list of GPU indexes such as [0, 1].'),
+    )
+    jobs_per_device: int = field(
+        default=1, metadata=_doc("Worker slots per GPU (one rarely gains from more).", minimum=1)
+    )
+    cpu_slots: int = field(default=1, metadata=_doc("Worker slots when running on the CPU.", minimum=1))
+    cpu_threads: int = field(
+        default=0,
+        metadata=_doc("torch CPU threads per worker (0: the cores divided among the slots).", minimum=0),
+    )
+    max_attempts: int = field(
+        default=3, metadata=_doc("A job that fails (or kills its worker) this often ends failed.", minimum=1)
+    )
+    lease_seconds: float = field(
+        default=60.0,
+        metadata=_doc("A running job whose worker is silent this long goes back to the queue.", minimum=1.0),
+    )
+    heartbeat_seconds: float = field(
+        default=2.0, metadata=_doc("How often a worker renews its lease and reports progress.", minimum=0.1)
+    )
+    cancel_grace_seconds: float = field(
+        default=1.0,
+        metadata=_doc("A cancelled job's worker that has not stopped after this is killed.", minimum=0.0),
+    )
+    retry_base_seconds: float = field(
+        default=5.0, metadata=_doc("First retry delay; doubles per attempt, with jitter.", minimum=0.0)
+    )
+    retry_max_seconds: float = field(default=300.0, metadata=_doc("Longest retry delay.", minimum=0.0))
+    model_idle_unload_seconds: float = field(
+        default=600.0, metadata=_doc("Unload a model unused this long (0: keep).", minimum=0.0)
+    )
+    memory_reserve_mb: int = field(
+        default=512, metadata=_doc("GPU memory kept free when deciding whether a model fits.", minimum=0)
+    )
+    cpu_memory_budget_mb: int = field(
+        default=0,
+        metadata=_doc(
+            "RAM the models of one CPU worker may use (0: no limit); LRU models are unloaded.", minimum=0
+        ),
+    )
+    cpu_fallback: bool = field(
+        default=False, metadata=_doc("After a CUDA out-of-memory on every GPU, run the job on the CPU.")
+    )
+    health_interval_seconds: float = field(
+        default=15.0, metadata=_doc("How often devices and workers are health-checked.", minimum=1.0)
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    """[metrics]: the Prometheus endpoint."""
+
+    enabled: bool = field(default=True, metadata=_doc("Serve /metrics."))
+    host: str = field(
+        default="127.0.0.1",
+        metadata=_doc("Address to listen on; loopback unless you mean to expose it (0.0.0.0: all)."),
+    )
+    port: int = field(default=9310, metadata=_doc("TCP port (0: any free port).", minimum=0, maximum=65535))
+
+
+@dataclass(frozen=True, kw_only=True)
+class InboxConfig:
+    """[[inbox]]: one watched folder and what to do with its files."""
+
+    name: str = field(metadata=_doc("Unique name, used in logs, metrics and job listings."))
+    path: str = field(metadata=_doc("Folder to watch (subfolders included).", path=True))
+    output: str = field(metadata=_doc("Transcripts go here, subfolders mirrored.", path=True))
+    cancel: str = field(metadata=_doc("Move a file here from the inbox to cancel its job.", path=True))
+    done: str = field(metadata=_doc("Sources move here after their transcripts are written.", path=True))
+    failed: str = field(metadata=_doc("Sources that failed, with NAME.error.txt saying why.", path=True))
+    model: str = field(default="", metadata=_doc("Model name; empty: [models] default."))
+    language: str = field(default="auto", metadata=_doc('Spoken language code ("en", "zh", ...) or "auto".'))
+    task: str = field(
+        default="transcribe", metadata=_doc("transcribe, or translate to English.", choices=TASKS)
+    )
+    formats: tuple[str, ...] = field(
+        default=("txt", "srt", "vtt", "json"),
+        metadata=_doc("Outputs to write: any of txt, srt, vtt, json, tsv.", each_in=OUTPUT_FORMATS),
+    )
+    chinese: str = field(
+        default="",
+        metadata=_doc(
+            "OpenCC conversion of every text output (t2s, s2t, s2twp...; empty: none).",
+            choices=("", *CHINESE_CONFIGS),
+        ),
+    )
+    priority: int = field(default=0, metadata=_doc("Jobs of higher-priority inboxes run first."))
+    watch: str = field(
+        default="native",
+        metadata=_doc("native (inotify) or poll (network file systems).", choices=WATCH_MODES),
+    )
+    allow_symlinks: bool = field(
+        default=False, metadata=_doc("Accept symbolic links (never ones pointing out of the inbox).")
+    )
+    max_size_mb: float = field(default=0.0, metadata=_doc("Refuse larger files (0: no limit).", minimum=0.0))
+    max_duration_seconds: float = field(
+        default=0.0, metadata=_doc("Refuse longer audio (0: no limit).", minimum=0.0)
+    )
+    beam_size: int = field(default=0, metadata=_doc("Beam search width (0: greedy decoding).", minimum=0))
+    best_of: int = field(
+        default=0,
+        metadata=_doc("Candidates when sampling at temperature > 0 (0: whisper's default).", minimum=0),
+    )
+    temperature: tuple[float, ...] = field(
+        default=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+        metadata=_doc("Temperatures tried in turn when decoding fails whisper's thresholds."),
+    )
+    initial_prompt: str = field(default="", metadata=_doc("Text that primes the decoder (names, spelling)."))
+    word_timestamps: bool = field(default=False, metadata=_doc("Add word-level timestamps (json output)."))
+    condition_on_previous_text: bool = field(
+        default=True,
+        metadata=_doc("Prompt each window with the previous text (off: fewer repetition loops)."),
+    )
+
+    def decode_options(self) -> DecodeOptions:
+        return DecodeOptions(
+            language=None if self.language == "auto" else self.language,
+            task=self.task,
+            beam_size=self.beam_size or None,
+            best_of=self.best_of or None,
+            temperature=self.temperature,
+            initial_prompt=self.initial_prompt or None,
+            word_timestamps=self.word_timestamps,
+            condition_on_previous_text=self.condition_on_previous_text,
+        )
+
+    def job_spec(self, rel_path: str, default_model: str) -> JobSpec:
+        """The spec of a job for a file at rel_path inside this inbox."""
+        return JobSpec(
+            inbox=self.name,
+            inbox_root=self.path,
+            rel_path=rel_path,
+            model=self.model or default_model,
+            options=self.decode_options(),
+            formats=self.formats,
+            chinese=self.chinese,
+            output_dir=self.output,
+            cancel_dir=self.cancel,
+            done_dir=self.done,
+            failed_dir=self.failed,
+            priority=self.priority,
+            max_size_bytes=int(self.max_size_mb * 1024 * 1024),
+            max_duration_seconds=self.max_duration_seconds,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """The whole effective configuration."""
+
+    # The file it was read from ("" for the built-in defaults).
+    source: str = ""
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    inboxes: tuple[InboxConfig, ...] = ()
+
+    @property
+    def database_url(self) -> str:
+        if self.daemon.database_url:
+            return self.daemon.database_url
+        return "sqlite:///" + os.path.join(self.daemon.state_dir, "jobs.db")
+
+    def inbox(self, name: str) -> InboxConfig | None:
+        return next((i for i in self.inboxes if i.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective config as TOML-shaped data (for check-config)."""
+        data: dict[str, Any] = {}
+        for section in ("daemon", "models", "workers", "metrics"):
+            data[section] = _plain(dataclasses.asdict(getattr(self, section)))
+        data["daemon"]["database_url"] = self.database_url
+        data["inbox"] = [_plain(dataclasses.asdict(i)) for i in self.inboxes]
+        return data
+
+
+def _plain(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+T = TypeVar("T")
+_SECTIONS: Mapping[str, type[Any]] = {
+    "daemon": DaemonConfig,
+    "models": ModelsConfig,
+    "workers": WorkersConfig,
+    "metrics": MetricsConfig,
+}
+
+
+def load_config(path: str) -> Config:
+    """Read, validate and resolve a config file; ConfigError names file and key."""
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(path, "", "config file not found") from None
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read config file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"not valid TOML: {exc}") from None
+    return parse_config(raw, source=path)
+
+
+def parse_config(raw: Mapping[str, Any], *, source: str) -> Config:
+    """Validate TOML data; relative paths resolve against the source's folder."""
+    base = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
+    unknown = sorted(set(raw) - {*_SECTIONS, "inbox"})
+    if unknown:
+        raise ConfigError(
+            source, unknown[0], f"unknown section or key (known: {', '.join([*_SECTIONS, 'inbox'])})"
+        )
+    sections = {
+        name: _build(cls, _table(raw.get(name, {}), name, source), name, source, base)
+        for name, cls in _SECTIONS.items()
+    }
+    inbox_tables = raw.get("inbox", [])
+    if not isinstance(inbox_tables, list):
+        raise ConfigError(source, "inbox", "must be an array of tables: write [[inbox]]")
+    inboxes = tuple(
+        _build(InboxConfig, _table(t, f"inbox[{n}]", source), f"inbox[{n}]", source, base)
+        for n, t in enumerate(inbox_tables)
+    )
+    _check_inboxes(inboxes, source)
+    workers: WorkersConfig = sections["workers"]
+    _check_devices(workers.devices, source)
+    return Config(source=source, inboxes=inboxes, **sections)
+
+
+def _table(value: Any, where: str, source: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(source, where, "must be a table")
+    return value
+
+
+def _build(cls: type[T], table: Mapping[str, Any], where: str, source: str, base: str) -> T:
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = get_type_hints(cls)
+    for key in table:
+        if key not in fields:
+            raise ConfigError(source, f"{where}.{key}", f"unknown key (known: {', '.join(fields)})")
+    values: dict[str, Any] = {}
+    for name, fld in fields.items():
+        key = f"{where}.{name}"
+        if name not in table:
+            if fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
+                raise ConfigError(source, key, "is required")
+            continue
+        value = _coerce(table[name], hints[name], key, source)
+        _check(value, fld.metadata, key, source)
+        if fld.metadata.get("path"):
+            value = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+        values[name] = value
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check a TOML value against a field's type; ints are accepted as floats."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        for option in get_args(hint):
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError:
+                continue
+        raise ConfigError(source, key, f"has the wrong type ({type(value).__name__}): {value!r}")
+    if origin is tuple:
+        item_type = get_args(hint)[0]
+        if not isinstance(value, list):
+            raise ConfigError(source, key, f"must be a list, not {type(value).__name__}")
+        return tuple(_coerce(v, item_type, key, source) for v in value)
+    expected: dict[Any, Callable[[Any], bool]] = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }
+    if hint in expected and expected[hint](value):
+        return float(value) if hint is float else value
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    raise ConfigError(source, key, f"must be {names.get(hint, str(hint))}, not {value!r}")
+
+
+def _check(value: Any, meta: Mapping[str, Any], key: str, source: str) -> None:
+    if "choices" in meta and value not in meta["choices"]:
+        shown = ", ".join(repr(c) for c in meta["choices"])
+        raise ConfigError(source, key, f"{value!r} is not one of {shown}")
+    if "each_in" in meta:
+        for item in value:
+            if item not in meta["each_in"]:
+                raise ConfigError(source, key, f"{item!r} is not one of {', '.join(meta['each_in'])}")
+        if not value:
+            raise ConfigError(source, key, "must name at least one format")
+    if "minimum" in meta and value < meta["minimum"]:
+        raise ConfigError(source, key, f"must be at least {meta['minimum']}, not {value!r}")
+    if "maximum" in meta and value > meta["maximum"]:
+        raise ConfigError(source, key, f"must be at most {meta['maximum']}, not {value!r}")
+    if meta.get("path") and not value:
+        raise ConfigError(source, key, "must be a folder path, not empty")
+
+
+def _check_inboxes(inboxes: tuple[InboxConfig, ...], source: str) -> None:
+    names: set[str] = set()
+    for n, inbox in enumerate(inboxes):
+        where = f"inbox[{n}]"
+        if not inbox.name.strip():
+            raise ConfigError(source, f"{where}.name", "must not be empty")
+        if inbox.name in names:
+            raise ConfigError(source, f"{where}.name", f"inbox name {inbox.name!r} is used twice")
+        names.add(inbox.name)
+        mirrors = {k: getattr(inbox, k) for k in ("output", "cancel", "done", "failed")}
+        for key, folder in mirrors.items():
+            if _inside(folder, inbox.path):
+                raise ConfigError(
+                    source,
+                    f"{where}.{key}",
+                    f"{folder} is inside the inbox {inbox.path}; it would be re-transcribed",
+                )
+            if _inside(inbox.path, folder):
+                raise ConfigError(source, f"{where}.{key}", f"{folder} contains the inbox {inbox.path}")
+    roots = [(i.name, i.path) for i in inboxes]
+    for a_name, a_path in roots:
+        for b_name, b_path in roots:
+            if a_name != b_name and _inside(a_path, b_path):
+                raise ConfigError(
+                    source, "inbox", f"inbox {a_name!r} ({a_path}) lies inside inbox {b_name!r}"
+                )
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.normpath(path), os.path.normpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_devices(devices: str | tuple[int, ...], source: str) -> None:
+    if isinstance(devices, str):
+        if devices not in ("auto", "cpu"):
+            raise ConfigError(
+                source, "workers.devices", f'{devices!r} is not "auto", "cpu" or a list of GPU indexes'
+            )
+        return
+    if not devices:
+        raise ConfigError(source, "workers.devices", "the list of GPU indexes is empty")
+    if any(d < 0 for d in devices) or len(set(devices)) != len(devices):
+        raise ConfigError(
+            source, "workers.devices", f"GPU indexes must be distinct and >= 0: {list(devices)}"
+        )
+
+
+def describe_keys() -> dict[str, dict[str, str]]:
+    """Every key with its documentation, per section (for docs and tests)."""
+    out: dict[str, dict[str, str]] = {}
+    sections: list[tuple[str, type[Any]]] = [*_SECTIONS.items(), ("inbox", InboxConfig)]
+    for section, cls in sections:
+        out[section] = {f.name: str(f.metadata.get("doc", "")) for f in dataclasses.fields(cls)}
+    return out

@@ -1,0 +1,426 @@
+"""The daemon: the composition root (layer L4).
+
+Builds every part from the Config, starts them in order (store, recovery,
+metrics, workers, watcher, READY), runs the supervision loop, and stops them
+in reverse. Signal handlers only set events; the loop acts on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import IO, Any
+
+from whisperd import __version__, logs, outputs
+from whisperd.config import Config, InboxConfig, load_config
+from whisperd.errors import ConfigError, WhisperdError
+from whisperd.gpu_pool import Slot, WorkerPool, default_cpu_threads, plan_slots
+from whisperd.jobs import FileIdentity, Job, JobState
+from whisperd.metrics import Metrics, MetricsServer, RunningJobView
+from whisperd.nvml import DeviceProbe, NvmlProbe
+from whisperd.queue_db import JobStore
+from whisperd.sdnotify import Notifier
+from whisperd.watcher import Watcher, WatchSpec
+from whisperd.worker import WorkerSettings, dispose_source, worker_id_for
+
+log = logs.get_logger("whisperd.daemon")
+
+# How often the loop runs, and how often its slower duties run.
+LOOP_SECONDS = 0.2
+HOUSEKEEPING_SECONDS = 5.0
+# A finished job's source is moved by its worker; the daemon's sweep only
+# takes over (crash, kill) once the worker has had this long.
+DISPOSE_AFTER_SECONDS = 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Signals:
+    stop: threading.Event
+    force: threading.Event
+    reload: threading.Event
+
+
+class Daemon:
+    """whisperd run."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        notifier: Notifier | None = None,
+        probe: DeviceProbe | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._notifier = notifier or Notifier()
+        self._probe: DeviceProbe = probe or NvmlProbe()
+        self._clock = clock
+        self._signals = _Signals(stop=threading.Event(), force=threading.Event(), reload=threading.Event())
+        self._inboxes: dict[str, InboxConfig] = {i.name: i for i in config.inboxes}
+        self._lock_file: IO[str] | None = None
+        self._store: JobStore | None = None
+        self._pool: WorkerPool | None = None
+        self._watcher: Watcher | None = None
+        self._metrics: Metrics | None = None
+        self._server: MetricsServer | None = None
+        self._next_housekeeping = 0.0
+        self._host = socket.gethostname()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start, supervise until asked to stop, stop. Returns the exit code."""
+        self._install_signal_handlers()
+        try:
+            self.start()
+        except WhisperdError as exc:
+            log.error("daemon.start_failed", error=str(exc))
+            self.stop()
+            return 1
+        try:
+            while not self._signals.stop.wait(LOOP_SECONDS):
+                self.loop_once()
+        finally:
+            self.stop()
+        return 0
+
+    def start(self) -> None:
+        config = self._config
+        self._make_folders(config.inboxes)
+        self._lock_state_dir()
+        self._store = store = JobStore.open(config.database_url)
+        self._recover(store)
+        self._metrics = Metrics(
+            job_counts=self._job_counts, running_jobs=self._running_jobs, devices=self._probe, version=__version__
+        )
+        if config.metrics.enabled:
+            self._server = MetricsServer(self._metrics, host=config.metrics.host, port=config.metrics.port)
+            self._server.start()
+        self._pool = WorkerPool(
+            self._plan_slots(),
+            self._worker_settings,
+            store,
+            cancel_grace_seconds=config.workers.cancel_grace_seconds,
+            on_event=self._on_worker_event,
+            clock=self._clock,
+        )
+        self._pool.start()
+        self._watcher = Watcher(
+            [self._watch_spec(i) for i in config.inboxes],
+            settle_seconds=config.daemon.settle_seconds,
+            rescan_seconds=config.daemon.rescan_seconds,
+            on_settled=self._on_settled,
+            on_cancel=self._on_cancel,
+            on_rejected=self._on_rejected,
+        )
+        self._watcher.start()  # watches first, then scans what is already there
+        log.info("daemon.ready", inboxes=list(self._inboxes), slots=self._pool.size(),
+                 metrics_port=self._server.bound_port if self._server else None)
+        self._notifier.ready(self._status_line())
+
+    def loop_once(self, now: float | None = None) -> None:
+        """One supervision pass (the loop calls it every LOOP_SECONDS)."""
+        now = self._clock() if now is None else now
+        if self._signals.reload.is_set():
+            self._signals.reload.clear()
+            self.reload()
+        assert self._pool is not None and self._store is not None
+        self._pool.supervise(now)
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + HOUSEKEEPING_SECONDS
+            self._housekeeping()
+
+    def stop(self) -> None:
+        """Stop in reverse order; running jobs get shutdown_grace_seconds."""
+        self._notifier.stopping("stopping: finishing running jobs")
+        log.info("daemon.stopping")
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+        if self._pool is not None:
+            grace = 0.0 if self._signals.force.is_set() else self._config.daemon.shutdown_grace_seconds
+            self._pool.stop(grace, on_wait=self._while_draining)
+            self._pool = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+        log.info("daemon.stopped")
+
+    def request_stop(self) -> None:
+        if self._signals.stop.is_set():
+            self._signals.force.set()  # a second SIGTERM: stop at once
+        self._signals.stop.set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; inboxes come and go, running jobs stay."""
+        try:
+            fresh = load_config(self._config.source)
+        except ConfigError as exc:
+            log.error("config.reload_failed", error=str(exc))
+            return
+        self._make_folders(fresh.inboxes)
+        self._config = fresh
+        self._inboxes = {i.name: i for i in fresh.inboxes}
+        if self._watcher is not None:
+            self._watcher.set_specs([self._watch_spec(i) for i in fresh.inboxes])
+        log.info("config.reloaded", inboxes=list(self._inboxes))
+
+    # -- start-up -----------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        def on_stop(_signum: int, _frame: FrameType | None) -> None:
+            self.request_stop()
+
+        def on_reload(_signum: int, _frame: FrameType | None) -> None:
+            self._signals.reload.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_reload)
+
+    @staticmethod
+    def _make_folders(inboxes: tuple[InboxConfig, ...]) -> None:
+        for inbox in inboxes:
+            for folder in (inbox.path, inbox.output, inbox.cancel, inbox.done, inbox.failed):
+                os.makedirs(folder, exist_ok=True)
+
+    def _lock_state_dir(self) -> None:
+        """One daemon per state folder: a second one would run every job twice."""
+        state_dir = self._config.daemon.state_dir
+        os.makedirs(state_dir, exist_ok=True)
+        path = os.path.join(state_dir, "whisperd.lock")
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the daemon's life
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise WhisperdError(f"{path}: another whisperd is running with this state folder") from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock_file = handle
+
+    def _recover(self, store: JobStore) -> None:
+        """Start-up reconciliation: jobs this host was running when it stopped
+        go back to the queue (their attempt counts: a file that crashes the
+        daemon must not loop), expired leases too; half-written outputs are
+        removed; finished jobs whose source was not yet moved are completed."""
+        prefix = f"{self._host}/"
+        for job in store.list_jobs(states=[JobState.RUNNING], limit=100_000):
+            if job.worker and job.worker.startswith(prefix) and job.claim_token:
+                state = store.retry_or_fail(job.id, job.claim_token, error="whisperd stopped while the job ran",
+                                            base_delay=0.0, max_delay=0.0)
+                log.warning("job.recovered", job_id=job.id, inbox=job.spec.inbox, file=job.spec.rel_path,
+                            state=state.value, attempts=job.attempts)
+        store.reclaim_stale()
+        for inbox in self._config.inboxes:
+            for leftover in outputs.remove_stale_temps(inbox.output):
+                log.info("output.temp_removed", path=leftover)
+        self._dispose_finished(store, older_than=0.0)
+
+    def _plan_slots(self) -> list[Slot]:
+        gpus = [d.index for d in self._probe.devices()]
+        return plan_slots(self._config.workers, gpus)
+
+    def _worker_settings(self, slot: Slot) -> WorkerSettings:
+        config = self._config
+        workers = config.workers
+        slots = len(self._plan_slots())
+        budget = workers.cpu_memory_budget_mb if slot.device == "cpu" else 0
+        return WorkerSettings(
+            worker_id=worker_id_for(slot.name),
+            device=slot.device,
+            database_url=config.database_url,
+            models_folder=config.models.folder,
+            allow_download=config.models.allow_download,
+            cpu_threads=workers.cpu_threads or default_cpu_threads(slots),
+            lease_seconds=workers.lease_seconds,
+            heartbeat_seconds=workers.heartbeat_seconds,
+            retry_base_seconds=workers.retry_base_seconds,
+            retry_max_seconds=workers.retry_max_seconds,
+            model_idle_unload_seconds=workers.model_idle_unload_seconds,
+            memory_budget_bytes=budget * 1024 * 1024,
+            log_level=config.daemon.log_level,
+            log_json=_log_json(config.daemon.log_format),
+            parent_pid=os.getpid(),
+        )
+
+    @staticmethod
+    def _watch_spec(inbox: InboxConfig) -> WatchSpec:
+        return WatchSpec(
+            name=inbox.name, root=inbox.path, cancel_dir=inbox.cancel, mode=inbox.watch,
+            allow_symlinks=inbox.allow_symlinks,
+        )
+
+    # -- the loop's slower duties ---------------------------------------------------
+
+    def _housekeeping(self) -> None:
+        assert self._store is not None and self._pool is not None
+        for job in self._store.reclaim_stale():
+            log.warning("job.lease_expired", job_id=job.id, inbox=job.spec.inbox, file=job.spec.rel_path,
+                        state=job.state.value)
+        self._dispose_finished(self._store, older_than=DISPOSE_AFTER_SECONDS)
+        if self._watcher is not None:
+            for name in self._watcher.dead_inboxes():
+                log.error("watcher.inbox_dead", inbox=name, hint="the folder is gone or its watch died; retrying")
+            if self._metrics is not None and self._watcher.last_rescan is not None:
+                self._metrics.rescan_completed(time.time() - (time.monotonic() - self._watcher.last_rescan))
+        if self._pool.alive_count() == self._pool.size():
+            self._notifier.watchdog()  # only while every worker is alive
+        self._notifier.status(self._status_line())
+
+    def _dispose_finished(self, store: JobStore, *, older_than: float) -> None:
+        for job in store.undisposed(older_than=older_than):
+            dispose_source(store, job)
+
+    def _while_draining(self, remaining: float) -> None:
+        self._notifier.extend_timeout(remaining + 5.0)
+
+    def _status_line(self) -> str:
+        if self._store is None:
+            return "starting"
+        counts = self._store.counts()
+        return ", ".join(f"{state.value} {counts.get(state, 0)}" for state in JobState)
+
+    # -- callbacks from the watcher's settle thread -----------------------------------
+
+    def _on_settled(self, spec: WatchSpec, path: str, identity: FileIdentity) -> None:
+        inbox = self._inboxes.get(spec.name)
+        store = self._store
+        if inbox is None or store is None:
+            return
+        rel_path = os.path.relpath(path, inbox.path)
+        job_spec = inbox.job_spec(rel_path, self._config.models.default)
+        job, created = store.enqueue(job_spec, identity, max_attempts=self._config.workers.max_attempts)
+        if not created:
+            return
+        log.info("job.queued", job_id=job.id, inbox=inbox.name, file=rel_path, model=job_spec.model)
+        if self._metrics is not None:
+            self._metrics.job_queued(inbox.name)
+        if self._pool is not None:
+            self._pool.wake()
+
+    def _on_cancel(self, spec: WatchSpec, path: str, identity: FileIdentity) -> None:
+        store = self._store
+        if store is None:
+            return
+        jobs = _match_cancelled_file(store, spec.name, path, identity)
+        if not jobs:
+            log.info("cancel.no_active_job", inbox=spec.name, file=os.path.basename(path),
+                     hint="nothing queued or running matches this file (already done, failed or unknown)")
+            return
+        for job in jobs:
+            self.cancel_job(job.id, reason=f"moved to the cancel folder: {os.path.basename(path)}")
+
+    def cancel_job(self, job_id: int, *, reason: str) -> Job | None:
+        assert self._store is not None
+        job = self._store.request_cancel(job_id, reason=reason)
+        if job is None:
+            return None
+        fields = {"job_id": job.id, "inbox": job.spec.inbox, "file": job.spec.rel_path}
+        if job.state is JobState.CANCELLED:
+            log.info("job.cancelled", **fields, phase="queued")
+            if self._metrics is not None:
+                self._metrics.job_cancelled(job.spec.inbox, was_running=False)
+            dispose_source(self._store, job)
+        elif job.state is JobState.RUNNING and self._pool is not None:
+            log.info("job.cancelling", **fields)
+            if self._metrics is not None:
+                self._metrics.job_cancelled(job.spec.inbox, was_running=True)
+            self._pool.cancel(job.id)
+        return job
+
+    def _on_rejected(self, spec: WatchSpec, path: str, reason: str) -> None:
+        inbox = self._inboxes.get(spec.name)
+        store = self._store
+        if inbox is None or store is None:
+            return
+        rel_path = os.path.relpath(path, inbox.path)
+        try:
+            identity = FileIdentity.of(path)
+        except OSError:
+            return
+        job = store.record_rejected(inbox.job_spec(rel_path, self._config.models.default), identity, reason=reason)
+        log.warning("job.rejected", job_id=job.id, inbox=inbox.name, file=rel_path, reason=reason)
+        if self._metrics is not None:
+            self._metrics.job_rejected(inbox.name, "symlink")
+        dispose_source(store, job)
+
+    # -- metrics --------------------------------------------------------------------------
+
+    def _on_worker_event(self, kind: str, fields: dict[str, Any]) -> None:
+        metrics = self._metrics
+        if metrics is None:
+            return
+        handlers: dict[str, Callable[[], None]] = {
+            "job_started": lambda: metrics.job_started(
+                fields["inbox"], fields["device"], fields["queue_wait_seconds"]),
+            "job_finished": lambda: metrics.job_finished(
+                fields["inbox"], fields["outcome"], device=fields["device"],
+                duration_seconds=fields["duration_seconds"], audio_seconds=fields["audio_seconds"]),
+            "job_retried": lambda: metrics.job_retried(fields["inbox"]),
+            "model_loaded": lambda: metrics.model_loaded(fields["model"], fields["device"], fields["seconds"]),
+            "model_unloaded": lambda: metrics.model_unloaded(fields["model"], fields["device"], fields["reason"]),
+            "models_loaded": lambda: metrics.set_models_loaded(fields["device"], fields["models"]),
+            "worker_restarted": lambda: metrics.worker_restarted(fields["slot"], fields["reason"]),
+        }
+        handler = handlers.get(kind)
+        if handler is not None:
+            try:
+                handler()
+            except Exception as exc:  # a metrics bug must not stop supervision
+                log.warning("metrics.event_failed", kind=kind, error=str(exc))
+
+    def _job_counts(self) -> dict[str, int]:
+        if self._store is None:
+            return {}
+        return {state.value: n for state, n in self._store.counts().items()}
+
+    def _running_jobs(self) -> list[RunningJobView]:
+        if self._store is None:
+            return []
+        return [
+            RunningJobView(job_id=j.id, inbox=j.spec.inbox, device=j.device or "", progress=j.progress)
+            for j in self._store.list_jobs(states=[JobState.RUNNING], limit=1000)
+        ]
+
+
+def _match_cancelled_file(store: JobStore, inbox: str, path: str, identity: FileIdentity) -> list[Job]:
+    """The active job a file in the cancel folder stands for. A move keeps
+    inode and mtime; `cp -p` keeps size and mtime; a plain copy keeps only
+    name and size."""
+    matches = store.find_active_by_identity(identity, inbox=inbox)
+    if matches:
+        return matches[:1]
+    name = os.path.basename(path)
+    return [
+        job
+        for job in store.list_jobs(states=[JobState.QUEUED, JobState.RUNNING], limit=100_000)
+        if job.spec.inbox == inbox and os.path.basename(job.spec.rel_path) == name
+        and job.identity.size == identity.size
+    ][:1]
+
+
+def _log_json(log_format: str) -> bool | None:
+    return {"json": True, "console": False}.get(log_format)
+
+
+def run_daemon(config: Config) -> int:
+    logs.configure(config.daemon.log_level, json=_log_json(config.daemon.log_format))
+    with contextlib.suppress(KeyboardInterrupt):
+        return Daemon(config).run()
+    return 0

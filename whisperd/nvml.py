@@ -1,0 +1,408 @@
+"""The GPU hardware seam: device discovery, memory, utilisation and health (layer L2).
+
+Everything else in whisperd sees GPUs only through `DeviceProbe`. `NvmlProbe`
+talks to the NVIDIA driver through pynvml (the `nvidia-ml-py` package) and
+`ScriptedProbe` plays back readings written by a test, so the pool's health and
+memory-pressure decisions can be tested on machines without a GPU.
+
+Indices are NVML indices, which follow PCI bus order. CUDA numbers devices
+fastest-first unless `CUDA_DEVICE_ORDER=PCI_BUS_ID` is set, and NVML ignores
+`CUDA_VISIBLE_DEVICES`: set `CUDA_DEVICE_ORDER=PCI_BUS_ID` in the workers (the
+systemd unit does) so that NVML index N and `cuda:N` name the same card.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Protocol, TypeVar
+
+import structlog
+
+_log = structlog.stdlib.get_logger(__name__)
+
+_T = TypeVar("_T")
+
+# Clock event ("throttle") reason bits from nvml.h. They are part of the
+# driver's ABI, so they are spelled out here rather than read from pynvml,
+# which is only imported once a probe is first used. Only reasons that mean
+# the card is in trouble are named; idle, application clocks and the power
+# cap are normal operation.
+THROTTLE_HW_SLOWDOWN = 0x08
+THROTTLE_SW_THERMAL = 0x20
+THROTTLE_HW_THERMAL = 0x40
+THROTTLE_HW_POWER_BRAKE = 0x80
+
+_BAD_THROTTLE_REASONS: tuple[tuple[int, str], ...] = (
+    (THROTTLE_HW_SLOWDOWN, "hw_slowdown"),
+    (THROTTLE_SW_THERMAL, "sw_thermal"),
+    (THROTTLE_HW_THERMAL, "hw_thermal"),
+    (THROTTLE_HW_POWER_BRAKE, "hw_power_brake"),
+)
+
+# Every name `bad_throttle_reason_names` can return: a bounded set, fit for labels.
+BAD_THROTTLE_REASON_NAMES: tuple[str, ...] = tuple(name for _, name in _BAD_THROTTLE_REASONS)
+
+
+def bad_throttle_reason_names(mask: int | None) -> tuple[str, ...]:
+    """Names of the worrying reasons set in an NVML clock-event bitmask:
+    hardware slowdown, thermal slowdown (software or hardware), power brake."""
+    if not mask:
+        return ()
+    return tuple(name for bit, name in _BAD_THROTTLE_REASONS if mask & bit)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """A GPU as found at discovery; fixed for the life of the process."""
+
+    # NVML index (PCI bus order; see the module docstring about CUDA order).
+    index: int
+    # Marketing name, e.g. "NVIDIA H100 80GB HBM3".
+    name: str
+    # Stable identifier, e.g. "GPU-5c3b...", survives reboots and reordering.
+    uuid: str
+    # Memory on the card in bytes.
+    memory_total_bytes: int
+
+
+@dataclass(frozen=True)
+class DeviceReading:
+    """One look at a GPU. When `ok` is False only `index` and `error` mean
+    anything: the driver could not answer (GPU lost, driver gone, bad index)."""
+
+    index: int
+    ok: bool
+    # Why the reading failed, in the driver's words; None when ok.
+    error: str | None = None
+    memory_total_bytes: int = 0
+    memory_used_bytes: int = 0
+    memory_free_bytes: int = 0
+    # Share of the last sample period the GPU was busy, 0..100; None where the
+    # card does not report it (MIG mode, some older boards).
+    utilization_percent: float | None = None
+    # Core temperature in degrees Celsius; None where not reported.
+    temperature_c: float | None = None
+    # NVML clock-event reason bitmask; see bad_throttle_reason_names().
+    throttle_reasons: int | None = None
+    # Uncorrectable ECC errors since the driver loaded; None without ECC.
+    ecc_uncorrected: int | None = None
+
+    @classmethod
+    def failed(cls, index: int, error: str) -> DeviceReading:
+        return cls(index=index, ok=False, error=error)
+
+    @property
+    def bad_throttle_reasons(self) -> tuple[str, ...]:
+        return bad_throttle_reason_names(self.throttle_reasons)
+
+    @property
+    def healthy(self) -> bool:
+        """The driver answered, no uncorrectable ECC error has happened since
+        the driver loaded (the card needs a reset), and the card is not being
+        slowed down by a hardware, thermal or power-brake event."""
+        return self.ok and not self.ecc_uncorrected and not self.bad_throttle_reasons
+
+
+class DeviceProbe(Protocol):
+    """What the rest of whisperd may ask about GPUs. Implementations are
+    thread-safe and never raise: failures come back as readings with ok=False."""
+
+    def devices(self) -> list[DeviceInfo]:
+        """The GPUs present; [] without a GPU or driver."""
+        ...
+
+    def read(self, index: int) -> DeviceReading:
+        """A fresh reading of one GPU."""
+        ...
+
+    def read_process_gpu_memory(self, index: int, pid: int) -> int | None:
+        """GPU memory held by one process on one GPU in bytes, or None when the
+        driver does not say (unsupported, or the pid is not using the GPU)."""
+        ...
+
+
+class NvmlProbe:
+    """The real probe: NVML through pynvml, initialised on first use.
+
+    `library` is the pynvml module, or anything with the same functions; it
+    is imported on first use when not given. No GPU, no driver or no library
+    means devices() == [] and failed readings, never an exception. NVML calls
+    are serialised by a lock: pynvml's module state is not meant to be driven
+    from several threads at once.
+    """
+
+    def __init__(self, library: ModuleType | Any | None = None) -> None:
+        self._library = library
+        self._lock = threading.Lock()
+        # None: not tried yet; True: NVML is up; False: it failed to start.
+        self._started: bool | None = None
+        self._start_error: str | None = None
+
+    @property
+    def start_error(self) -> str | None:
+        """Why NVML could not be started (for `whisperd doctor`), or None."""
+        with self._lock:
+            return self._start_error
+
+    def devices(self) -> list[DeviceInfo]:
+        with self._lock:
+            nvml = self._ensure_started()
+            if nvml is None:
+                return []
+            try:
+                count = int(nvml.nvmlDeviceGetCount())
+            except nvml.NVMLError as exc:
+                _log.warning("gpu.discovery_failed", error=str(exc))
+                return []
+            found = []
+            for index in range(count):
+                try:
+                    found.append(self._describe(nvml, index))
+                except nvml.NVMLError as exc:
+                    # One broken card must not hide the healthy ones.
+                    _log.warning("gpu.discovery_failed", index=index, error=str(exc))
+            return found
+
+    def read(self, index: int) -> DeviceReading:
+        with self._lock:
+            nvml = self._ensure_started()
+            if nvml is None:
+                return DeviceReading.failed(index, self._start_error or "NVML is not available")
+            try:
+                return self._read(nvml, index)
+            except nvml.NVMLError as exc:
+                return DeviceReading.failed(index, str(exc))
+
+    def read_process_gpu_memory(self, index: int, pid: int) -> int | None:
+        """Memory held by `pid` on GPU `index`. NVML reports host pids, so this
+        answers None for a process inside another pid namespace."""
+        with self._lock:
+            nvml = self._ensure_started()
+            if nvml is None:
+                return None
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                processes = self._compute_processes(nvml, handle)
+            except nvml.NVMLError as exc:
+                _log.debug("gpu.process_memory_unavailable", index=index, pid=pid, error=str(exc))
+                return None
+            for process in processes:
+                if int(process.pid) == pid and process.usedGpuMemory is not None:
+                    return int(process.usedGpuMemory)
+            return None
+
+    def close(self) -> None:
+        """Shut NVML down; a later call starts it again."""
+        with self._lock:
+            if self._started and self._library is not None:
+                try:
+                    self._library.nvmlShutdown()
+                except self._library.NVMLError as exc:
+                    _log.warning("gpu.shutdown_failed", error=str(exc))
+            self._started = None
+            self._start_error = None
+
+    # -- inside the lock --------------------------------------------------
+
+    def _ensure_started(self) -> Any | None:
+        """The NVML library when it is up, else None. Tried once: a machine
+        without a driver does not grow one while the daemon runs."""
+        if self._started is None:
+            self._started = self._start()
+        return self._library if self._started else None
+
+    def _start(self) -> bool:
+        try:
+            if self._library is None:
+                import pynvml  # noqa: PLC0415  (imported late: only GPU machines need the driver)
+
+                self._library = pynvml
+            self._library.nvmlInit()
+        except ImportError as exc:
+            self._start_error = f"pynvml is not installed: {exc}"
+        except OSError as exc:
+            self._start_error = f"cannot load NVML: {exc}"
+        except Exception as exc:  # noqa: BLE001  (any NVMLError subclass: no driver, no library, no permission)
+            self._start_error = f"NVML did not start: {exc}"
+        else:
+            return True
+        _log.info("gpu.nvml_unavailable", reason=self._start_error)
+        return False
+
+    def _describe(self, nvml: Any, index: int) -> DeviceInfo:
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        return DeviceInfo(
+            index=index,
+            name=_text(nvml.nvmlDeviceGetName(handle)),
+            uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+            memory_total_bytes=int(nvml.nvmlDeviceGetMemoryInfo(handle).total),
+        )
+
+    def _read(self, nvml: Any, index: int) -> DeviceReading:
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+        utilization = _optional(nvml, lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        temperature = _optional(
+            nvml, lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
+        )
+        throttle = _optional(nvml, lambda: self._throttle_reasons(nvml, handle))
+        ecc = _optional(
+            nvml,
+            lambda: nvml.nvmlDeviceGetTotalEccErrors(
+                handle, nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC
+            ),
+        )
+        return DeviceReading(
+            index=index,
+            ok=True,
+            memory_total_bytes=int(memory.total),
+            memory_used_bytes=int(memory.used),
+            memory_free_bytes=int(memory.free),
+            utilization_percent=None if utilization is None else float(utilization),
+            temperature_c=None if temperature is None else float(temperature),
+            throttle_reasons=None if throttle is None else int(throttle),
+            ecc_uncorrected=None if ecc is None else int(ecc),
+        )
+
+    @staticmethod
+    def _throttle_reasons(nvml: Any, handle: Any) -> int:
+        # NVML renamed "throttle reasons" to "clock event reasons" (driver 535);
+        # older bindings or drivers only know the old name.
+        newer = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+        if newer is not None:
+            try:
+                return int(newer(handle))
+            except nvml.NVMLError as exc:
+                if not _is_missing_function(nvml, exc):
+                    raise
+        return int(nvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle))
+
+    @staticmethod
+    def _compute_processes(nvml: Any, handle: Any) -> Sequence[Any]:
+        # The newest entry point needs a recent driver; fall back to the v2 one.
+        try:
+            return list(nvml.nvmlDeviceGetComputeRunningProcesses(handle))
+        except nvml.NVMLError as exc:
+            if not _is_missing_function(nvml, exc) or not hasattr(
+                nvml, "nvmlDeviceGetComputeRunningProcesses_v2"
+            ):
+                raise
+        return list(nvml.nvmlDeviceGetComputeRunningProcesses_v2(handle))
+
+
+def _text(value: str | bytes) -> str:
+    # Old pynvml releases return bytes for names; newer ones return str.
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _is_missing_function(nvml: Any, exc: Exception) -> bool:
+    return getattr(exc, "value", None) == getattr(nvml, "NVML_ERROR_FUNCTION_NOT_FOUND", object())
+
+
+def _optional(nvml: Any, call: Callable[[], _T]) -> _T | None:
+    """A value the card may simply not offer: "not supported" (or "no
+    permission") gives None; any other driver error fails the whole reading."""
+    try:
+        return call()
+    except nvml.NVMLError as exc:
+        optional_codes = {
+            getattr(nvml, "NVML_ERROR_NOT_SUPPORTED", object()),
+            getattr(nvml, "NVML_ERROR_NO_PERMISSION", object()),
+            getattr(nvml, "NVML_ERROR_FUNCTION_NOT_FOUND", object()),
+        }
+        if getattr(exc, "value", None) in optional_codes:
+            return None
+        raise
+
+
+# A scripted reading: a full reading, or a string standing for a failed one.
+ScriptedItem = DeviceReading | str
+
+
+class ScriptedProbe:
+    """The in-package fake for tests of health and memory-pressure decisions.
+
+    Each read(index) takes the next scripted item for that device; the last
+    item repeats once the script runs out, so "fail twice, then recover" is
+    `script(0, "GPU is lost", "GPU is lost", reading)`. A device with no
+    script reads as healthy and idle. Strings stand for failed readings.
+    """
+
+    def __init__(
+        self,
+        devices: Iterable[DeviceInfo] = (),
+        readings: Mapping[int, Sequence[ScriptedItem]] | None = None,
+        process_memory: Mapping[tuple[int, int], int] | None = None,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._devices = list(devices)
+        self._scripts: dict[int, deque[ScriptedItem]] = {
+            index: deque(items) for index, items in (readings or {}).items()
+        }
+        self._process_memory = dict(process_memory or {})
+        self._reads: dict[int, int] = {}
+
+    def devices(self) -> list[DeviceInfo]:
+        with self._lock:
+            return list(self._devices)
+
+    def read(self, index: int) -> DeviceReading:
+        with self._lock:
+            self._reads[index] = self._reads.get(index, 0) + 1
+            info = next((d for d in self._devices if d.index == index), None)
+            if info is None:
+                return DeviceReading.failed(index, f"no GPU with index {index}")
+            script = self._scripts.get(index)
+            if not script:
+                return idle_reading(info)
+            item = script.popleft() if len(script) > 1 else script[0]
+            return DeviceReading.failed(index, item) if isinstance(item, str) else item
+
+    def read_process_gpu_memory(self, index: int, pid: int) -> int | None:
+        with self._lock:
+            return self._process_memory.get((index, pid))
+
+    def script(self, index: int, *items: ScriptedItem) -> None:
+        """Append readings for a device (after what is still queued)."""
+        with self._lock:
+            self._scripts.setdefault(index, deque()).extend(items)
+
+    def set_devices(self, devices: Iterable[DeviceInfo]) -> None:
+        with self._lock:
+            self._devices = list(devices)
+
+    def set_process_memory(self, index: int, pid: int, used_bytes: int | None) -> None:
+        with self._lock:
+            if used_bytes is None:
+                self._process_memory.pop((index, pid), None)
+            else:
+                self._process_memory[(index, pid)] = used_bytes
+
+    def reads(self, index: int) -> int:
+        """How many times read(index) was called."""
+        with self._lock:
+            return self._reads.get(index, 0)
+
+
+def idle_reading(info: DeviceInfo, *, used_bytes: int = 0, **fields: Any) -> DeviceReading:
+    """A healthy reading of `info` with `used_bytes` in use; other fields
+    (temperature_c, throttle_reasons...) may be given as keywords."""
+    values: dict[str, Any] = {
+        "utilization_percent": 0.0,
+        "temperature_c": 35.0,
+        "throttle_reasons": 0,
+        "ecc_uncorrected": 0,
+    }
+    values.update(fields)
+    return DeviceReading(
+        index=info.index,
+        ok=True,
+        memory_total_bytes=info.memory_total_bytes,
+        memory_used_bytes=used_bytes,
+        memory_free_bytes=max(info.memory_total_bytes - used_bytes, 0),
+        **values,
+    )

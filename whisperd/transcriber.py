@@ -1,0 +1,204 @@
+"""The engine: the only module that imports whisper and torch (layer L2).
+
+It is imported by worker processes only; the daemon process never loads
+torch. Progress and cancel share one seam, `JobControl`: openai-whisper's
+transcribe() has no abort hook, so whisperd listens at two places the engine
+already passes through:
+
+- its progress bar (tqdm), updated once per 30-s decoding window, which gives
+  the fraction of the audio done;
+- a forward pre-hook on the encoder and decoder modules, run before every
+  window's encoding and every decoded token, where a cancel is noticed within
+  one token's compute time instead of one window's.
+
+The control's `checkpoint()` may raise (JobCancelled, LeaseLost); the
+exception unwinds transcribe() and the model stays usable for the next job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import whisper
+
+from whisperd.errors import ModelNotFoundError
+from whisperd.jobs import DecodeOptions, TranscriptResult
+
+SAMPLE_RATE = 16000
+# Mel frames per second of audio (whisper's HOP_LENGTH is 160 at 16 kHz).
+FRAMES_PER_SECOND = 100
+
+
+class JobControl(Protocol):
+    """What a running transcription reports to, and may be stopped by."""
+
+    def progress(self, fraction: float) -> None:
+        """Called with the fraction of the audio decoded so far (0..1)."""
+
+    def checkpoint(self) -> None:
+        """Called often; raises to stop the transcription."""
+
+
+@dataclass(kw_only=True)
+class LoadedModel:
+    """A model held by one worker, with what the cache needs to evict it."""
+
+    name: str
+    device: str
+    model: whisper.Whisper
+    # Bytes the model's weights occupy (what loading it cost).
+    size_bytes: int
+    load_seconds: float
+    last_used: float
+
+
+def set_cpu_threads(threads: int) -> None:
+    """Cap torch's intra-op threads: an uncapped worker starves its neighbours."""
+    torch.set_num_threads(max(1, threads))
+    with contextlib.suppress(RuntimeError):  # settable only before the first parallel op
+        torch.set_num_interop_threads(1)
+
+
+def resolve_model_file(name: str, folder: str, *, allow_download: bool) -> str:
+    """Path of a model's checkpoint: the models folder first, then whisper's
+    own cache. A name only whisper knows is downloaded if allowed; otherwise
+    ModelNotFoundError tells the user how to import it."""
+    in_folder = os.path.join(folder, f"{name}.pt")
+    if os.path.isfile(in_folder):
+        return in_folder
+    cache_root = os.path.join(os.path.expanduser(os.getenv("XDG_CACHE_HOME", "~/.cache")), "whisper")
+    url = whisper._MODELS.get(name)
+    if url is not None:
+        cached = os.path.join(cache_root, os.path.basename(url))
+        if os.path.isfile(cached):
+            return cached
+        if allow_download:
+            return name  # whisper.load_model downloads it into download_root
+    raise ModelNotFoundError(name, folder)
+
+
+def load_model(name: str, folder: str, device: str, *, allow_download: bool = False) -> LoadedModel:
+    """Load a model onto a device ("cpu", "cuda:0", ...)."""
+    target = resolve_model_file(name, folder, allow_download=allow_download)
+    started = time.monotonic()
+    model = whisper.load_model(target, device=device, download_root=folder)
+    model.eval()
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    size += sum(b.numel() * b.element_size() for b in model.buffers())
+    elapsed = time.monotonic() - started
+    return LoadedModel(
+        name=name, device=device, model=model, size_bytes=size, load_seconds=elapsed, last_used=time.monotonic()
+    )
+
+
+def release_model(loaded: LoadedModel) -> None:
+    """Drop a model and give its memory back (the caller drops its reference too)."""
+    del loaded.model
+    gc.collect()
+    if loaded.device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def cuda_device_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def canary(device: str) -> None:
+    """A tiny computation on the device: raises if the device is not usable."""
+    a = torch.ones((64, 64), device=device)
+    value = float((a @ a).sum().item())
+    if value != 64.0 * 64 * 64:
+        raise RuntimeError(f"canary computation on {device} gave {value}")
+
+
+def transcribe(
+    loaded: LoadedModel,
+    audio: np.ndarray[Any, np.dtype[np.float32]],
+    options: DecodeOptions,
+    control: JobControl,
+) -> TranscriptResult:
+    """Transcribe 16 kHz mono float32 audio with the given options."""
+    loaded.last_used = time.monotonic()
+    kwargs: dict[str, Any] = {
+        "temperature": options.temperature,
+        "condition_on_previous_text": options.condition_on_previous_text,
+        "initial_prompt": options.initial_prompt,
+        "word_timestamps": options.word_timestamps,
+        "language": options.language,
+        "task": options.task,
+        "fp16": loaded.device.startswith("cuda"),
+    }
+    if options.beam_size:
+        kwargs["beam_size"] = options.beam_size
+    if options.best_of:
+        kwargs["best_of"] = options.best_of
+    with _controlled(loaded.model, control), torch.inference_mode():
+        # verbose=None keeps whisper from printing to stdout (our logs).
+        result = whisper.transcribe(loaded.model, audio, verbose=None, **kwargs)
+    control.progress(1.0)
+    loaded.last_used = time.monotonic()
+    return TranscriptResult.from_whisper(result)
+
+
+@contextlib.contextmanager
+def _controlled(model: whisper.Whisper, control: JobControl) -> Iterator[None]:
+    """Install the progress/cancel seam around one transcribe() call."""
+    module = importlib.import_module("whisper.transcribe")
+
+    def before_forward(_module: torch.nn.Module, _inputs: Any) -> None:
+        control.checkpoint()
+
+    hooks = [
+        model.encoder.register_forward_pre_hook(before_forward),
+        model.decoder.register_forward_pre_hook(before_forward),
+    ]
+    original = getattr(module, "tqdm")  # noqa: B009 - the attribute is swapped, not just read
+    setattr(module, "tqdm", _ProgressBarModule(control))  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(module, "tqdm", original)  # noqa: B010
+        for hook in hooks:
+            hook.remove()
+
+
+class _ProgressBarModule:
+    """Stands in for the `tqdm` module inside whisper.transcribe."""
+
+    def __init__(self, control: JobControl) -> None:
+        self._control = control
+
+    def tqdm(self, *, total: int, **_ignored: Any) -> _ProgressBar:
+        return _ProgressBar(total, self._control.progress)
+
+
+class _ProgressBar:
+    """The subset of tqdm whisper uses: a context manager with update(n)."""
+
+    def __init__(self, total: int, report: Callable[[float], None]) -> None:
+        self._total = max(1, total)
+        self._done = 0
+        self._report = report
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        self._done += n
+        self._report(min(1.0, self._done / self._total))

@@ -1,0 +1,490 @@
+"""A worker process: claim -> check -> decode -> transcribe -> write -> finish
+(layer L3).
+
+One process per device slot, started by gpu_pool with the spawn context.
+The process talks to the job store directly (every write fenced by its claim
+token) and to its pool through a `SlotChannel` of shared primitives. It keeps
+its models loaded between jobs (`ModelCache`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import glob
+import os
+import signal
+import socket
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from whisperd import logs, media, outputs
+from whisperd.errors import (
+    JobCancelled,
+    LeaseLost,
+    MediaError,
+    ModelNotFoundError,
+    OutputError,
+)
+from whisperd.jobs import Claim, FileIdentity, Job, JobState, TranscriptResult
+from whisperd.queue_db import JobStore
+
+log = logs.get_logger("whisperd.worker")
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings:
+    """What a worker process needs; picklable for the spawn context."""
+
+    # Worker id in the job store: "<host>/<slot>", unique across hosts.
+    worker_id: str
+    # torch device: "cpu" or "cuda:N".
+    device: str
+    database_url: str
+    models_folder: str
+    allow_download: bool
+    cpu_threads: int
+    lease_seconds: float
+    heartbeat_seconds: float
+    retry_base_seconds: float
+    retry_max_seconds: float
+    model_idle_unload_seconds: float
+    # Bytes the models of this worker may hold (0: no limit).
+    memory_budget_bytes: int
+    log_level: str
+    log_json: bool | None
+    # pid of the daemon; the worker exits when it is gone.
+    parent_pid: int
+    # Inbox names this worker serves (None: all).
+    inboxes: tuple[str, ...] | None = None
+
+
+@dataclass(kw_only=True)
+class SlotChannel:
+    """Shared primitives between the pool and one worker process."""
+
+    # Set by the pool: finish the current job, then exit.
+    stop: Any
+    # Set by the pool when jobs were queued; the worker clears it before claiming.
+    wake: Any
+    # Id of the job the worker is running (0: idle); written by the worker.
+    current_job: Any
+    # Id of a job the pool wants cancelled; the worker stops it at its next checkpoint.
+    cancel_job: Any
+    # Held while current_job changes, so the pool never kills a worker that
+    # has moved on to another job.
+    switch_lock: Any
+    # Events for the pool (metrics): tuples (kind, fields).
+    events: Any
+
+
+def worker_id_for(slot: str) -> str:
+    return f"{socket.gethostname()}/{slot}"
+
+
+def worker_main(settings: WorkerSettings, channel: SlotChannel) -> None:
+    """Entry point of a worker process."""
+    _die_with_parent()
+    # The daemon decides when workers stop; a terminal's Ctrl-C reaches the
+    # whole process group and must not kill a job mid-write.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logs.configure(settings.log_level, json=settings.log_json)
+    # Never wait at exit for queued events to reach a pool that may be gone.
+    channel.events.cancel_join_thread()
+    from whisperd import transcriber  # heavy import (torch), worker processes only
+
+    transcriber.set_cpu_threads(settings.cpu_threads)
+    store = JobStore.open(settings.database_url)
+    cache = ModelCache(settings, channel)
+    worker = Worker(settings, channel, store, cache)
+    _emit(channel, "worker_started", worker=settings.worker_id, device=settings.device, pid=os.getpid())
+    try:
+        worker.loop()
+    finally:
+        cache.clear("shutdown")
+        store.close()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when the daemon dies (kill -9 included),
+    so no orphan keeps claiming jobs next to a restarted daemon."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _emit(channel: SlotChannel, kind: str, **fields: Any) -> None:
+    with contextlib.suppress(Exception):  # metrics must never break a job
+        channel.events.put_nowait((kind, fields))
+
+
+class ModelCache:
+    """The models one worker keeps loaded, least recently used first."""
+
+    def __init__(self, settings: WorkerSettings, channel: SlotChannel) -> None:
+        from whisperd import transcriber
+
+        self._transcriber = transcriber
+        self._settings = settings
+        self._channel = channel
+        self._models: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, name: str) -> Any:
+        loaded = self._models.get(name)
+        if loaded is not None:
+            self._models.move_to_end(name)
+            return loaded
+        self._make_room(name)
+        loaded = self._transcriber.load_model(
+            name, self._settings.models_folder, self._settings.device, allow_download=self._settings.allow_download
+        )
+        self._models[name] = loaded
+        log.info("model.loaded", model=name, device=self._settings.device, seconds=round(loaded.load_seconds, 3),
+                 bytes=loaded.size_bytes)
+        _emit(self._channel, "model_loaded", model=name, device=self._settings.device, seconds=loaded.load_seconds)
+        self._report_loaded()
+        return loaded
+
+    def _make_room(self, incoming: str) -> None:
+        """Unload LRU models until the budget has room for one more model of
+        the size of the largest loaded (the best estimate before loading)."""
+        budget = self._settings.memory_budget_bytes
+        if not budget:
+            return
+        while self._models:
+            estimate = max(m.size_bytes for m in self._models.values())
+            held = sum(m.size_bytes for m in self._models.values())
+            if held + estimate <= budget:
+                return
+            self.unload(next(iter(self._models)), "pressure")
+
+    def unload(self, name: str, reason: str) -> None:
+        loaded = self._models.pop(name, None)
+        if loaded is None:
+            return
+        self._transcriber.release_model(loaded)
+        del loaded
+        log.info("model.unloaded", model=name, device=self._settings.device, reason=reason)
+        _emit(self._channel, "model_unloaded", model=name, device=self._settings.device, reason=reason)
+        self._report_loaded()
+
+    def unload_idle(self, now: float) -> None:
+        limit = self._settings.model_idle_unload_seconds
+        if not limit:
+            return
+        for name, loaded in list(self._models.items()):
+            if now - loaded.last_used >= limit:
+                self.unload(name, "idle")
+
+    def clear(self, reason: str) -> None:
+        for name in list(self._models):
+            self.unload(name, reason)
+
+    def loaded_names(self) -> list[str]:
+        return list(self._models)
+
+    def _report_loaded(self) -> None:
+        _emit(self._channel, "models_loaded", device=self._settings.device, models=list(self._models))
+
+
+@dataclass(kw_only=True)
+class JobSession:
+    """The progress/cancel seam of one running job (transcriber.JobControl).
+
+    The engine calls progress() and checkpoint(); the heartbeat thread reads
+    the progress and writes it to the store, and learns from the store that
+    the job was cancelled or its lease lost."""
+
+    job_id: int
+    channel: SlotChannel
+    started: float = field(default_factory=time.monotonic)
+    fraction: float = 0.0
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    lease_lost: threading.Event = field(default_factory=threading.Event)
+
+    def progress(self, fraction: float) -> None:
+        self.fraction = max(self.fraction, min(1.0, fraction))
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        if self.lease_lost.is_set():
+            raise LeaseLost(f"job {self.job_id}: lease lost")
+        if self.cancelled.is_set() or self.channel.cancel_job.value == self.job_id:
+            raise JobCancelled(f"job {self.job_id} was cancelled")
+
+    def eta_seconds(self) -> float | None:
+        if self.fraction <= 0.0:
+            return None
+        elapsed = time.monotonic() - self.started
+        return elapsed * (1.0 - self.fraction) / self.fraction
+
+
+class Heartbeat:
+    """Renews a running job's lease and writes its progress (owned by Worker,
+    one per job)."""
+
+    def __init__(self, store: JobStore, claim: Claim, session: JobSession, settings: WorkerSettings) -> None:
+        self._store = store
+        self._claim = claim
+        self._session = session
+        self._settings = settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.job.id}", daemon=False)
+        self.audio_seconds: float | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def beat(self) -> None:
+        reply = self._store.heartbeat(
+            self._claim.job.id,
+            self._claim.token,
+            lease_seconds=self._settings.lease_seconds,
+            progress=self._session.fraction,
+            eta_seconds=self._session.eta_seconds(),
+            audio_seconds=self.audio_seconds,
+        )
+        if not reply.ok:
+            self._session.lease_lost.set()
+        elif reply.cancel_requested:
+            self._session.cancelled.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._settings.heartbeat_seconds):
+            try:
+                self.beat()
+            except Exception as exc:  # a database hiccup must not kill the job; the lease covers it
+                log.warning("job.heartbeat_failed", job_id=self._claim.job.id, error=str(exc))
+
+
+class Worker:
+    """The claim loop of one worker process."""
+
+    def __init__(self, settings: WorkerSettings, channel: SlotChannel, store: JobStore, cache: ModelCache) -> None:
+        self._settings = settings
+        self._channel = channel
+        self._store = store
+        self._cache = cache
+
+    def loop(self) -> None:
+        while not self._channel.stop.is_set() and os.getppid() == self._settings.parent_pid:
+            if not self.step():
+                self._channel.wake.wait(1.0)
+
+    def step(self) -> bool:
+        """Claim and run one job; False when there was none."""
+        self._channel.wake.clear()
+        claim = self._store.claim(
+            worker=self._settings.worker_id,
+            device=self._settings.device,
+            lease_seconds=self._settings.lease_seconds,
+            inboxes=self._settings.inboxes,
+        )
+        if claim is None:
+            self._cache.unload_idle(time.monotonic())
+            return False
+        self._set_current(claim.job.id)
+        try:
+            self.run(claim)
+        finally:
+            self._set_current(0)
+        return True
+
+    def _set_current(self, job_id: int) -> None:
+        with self._channel.switch_lock:
+            self._channel.current_job.value = job_id
+
+    def run(self, claim: Claim) -> None:
+        job = claim.job
+        bound = log.bind(job_id=job.id, inbox=job.spec.inbox, file=job.spec.rel_path, device=self._settings.device)
+        bound.info("job.claimed", attempt=job.attempts, max_attempts=job.max_attempts)
+        _emit(self._channel, "job_started", inbox=job.spec.inbox, device=self._settings.device,
+              queue_wait_seconds=max(0.0, time.time() - job.created_at))
+        session = JobSession(job_id=job.id, channel=self._channel)
+        heartbeat = Heartbeat(self._store, claim, session, self._settings)
+        heartbeat.start()
+        started = time.monotonic()
+        try:
+            state, error, audio_seconds = self._attempt(claim, session, heartbeat, bound)
+        finally:
+            heartbeat.stop()
+        duration = time.monotonic() - started
+        _emit(self._channel, "job_finished", inbox=job.spec.inbox, outcome=state.value, device=self._settings.device,
+              duration_seconds=duration, audio_seconds=audio_seconds)
+        if state is JobState.RUNNING:  # lease lost: the job is someone else's now
+            return
+        if state is JobState.QUEUED:
+            bound.warning("job.retry", error=error, attempt=job.attempts)
+            _emit(self._channel, "job_retried", inbox=job.spec.inbox)
+            return
+        done = self._store.get(job.id)
+        if done is not None and done.state is state:
+            dispose_source(self._store, done)
+        rtf = duration / audio_seconds if audio_seconds else None
+        bound.info(f"job.{state.value}", seconds=round(duration, 3), audio_seconds=audio_seconds,
+                   realtime_factor=rtf, error=error)
+
+    def _attempt(
+        self, claim: Claim, session: JobSession, heartbeat: Heartbeat, bound: Any
+    ) -> tuple[JobState, str | None, float | None]:
+        """Run one attempt; returns (state reached, error, audio seconds)."""
+        job, token = claim.job, claim.token
+        audio_seconds: float | None = None
+        try:
+            _check_still_there(job)
+            info = media.check_source(
+                job.source, max_size_bytes=job.spec.max_size_bytes,
+                max_duration_seconds=job.spec.max_duration_seconds,
+            )
+            audio_seconds = info.duration_seconds
+            heartbeat.audio_seconds = audio_seconds
+            audio = media.decode_audio(job.source)
+            audio_seconds = len(audio) / media.SAMPLE_RATE
+            heartbeat.audio_seconds = audio_seconds
+            session.checkpoint()
+            loaded = self._cache.get(job.spec.model)
+            session.checkpoint()
+            result = self._transcribe(loaded, audio, job, session)
+            written = self._write_outputs(claim, result, audio_seconds, session)
+            if not self._store.finish(job.id, token, state=JobState.DONE, outputs=written):
+                raise LeaseLost(f"job {job.id}: lease lost before it could be marked done")
+            return JobState.DONE, None, audio_seconds
+        except JobCancelled:
+            remove_outputs(self._planned(job.id))
+            self._store.finish(job.id, token, state=JobState.CANCELLED, error="cancelled by user")
+            return JobState.CANCELLED, "cancelled by user", audio_seconds
+        except LeaseLost as exc:
+            bound.warning("job.lease_lost", error=str(exc))
+            return JobState.RUNNING, str(exc), audio_seconds
+        except (MediaError, ModelNotFoundError) as exc:
+            # The same file or model fails the same way every time: no retry.
+            self._store.finish(job.id, token, state=JobState.FAILED, error=str(exc))
+            return JobState.FAILED, str(exc), audio_seconds
+        except Exception as exc:  # any other failure (disk full, CUDA, a bug) is retried
+            if _is_oom(exc):
+                self._cache.clear("oom")
+            error = f"{type(exc).__name__}: {exc}"
+            state = self._store.retry_or_fail(
+                job.id, token, error=error, base_delay=self._settings.retry_base_seconds,
+                max_delay=self._settings.retry_max_seconds,
+            )
+            return state, error, audio_seconds
+
+    def _transcribe(self, loaded: Any, audio: Any, job: Job, session: JobSession) -> TranscriptResult:
+        from whisperd import transcriber
+
+        result: TranscriptResult = transcriber.transcribe(loaded, audio, job.spec.options, session)
+        return result
+
+    def _write_outputs(
+        self, claim: Claim, result: TranscriptResult, audio_seconds: float, session: JobSession
+    ) -> list[str]:
+        job = claim.job
+        spec = job.spec
+        convert = outputs.make_converter(spec.chinese)
+        result = outputs.convert_result(result, convert)
+        metadata = {
+            "job_id": job.id,
+            "inbox": spec.inbox,
+            "source": spec.rel_path,
+            "model": spec.model,
+            "device": self._settings.device,
+            "worker": self._settings.worker_id,
+            "attempt": job.attempts,
+            "audio_seconds": audio_seconds,
+            "transcribe_seconds": time.monotonic() - session.started,
+            "options": spec.options.to_dict(),
+            "chinese": spec.chinese,
+        }
+        contents = outputs.render_outputs(result, spec.formats, metadata)
+
+        def is_taken(path: str) -> bool:
+            owner = self._store.output_owner(path)
+            return owner is not None and owner != spec.rel_path
+
+        base = outputs.choose_output_base(spec.output_dir, spec.rel_path, spec.formats, is_taken)
+        planned = [f"{base}.{fmt}" for fmt in contents]
+        # Recorded before writing so a cancel that kills this process can
+        # find and remove what was written.
+        if not self._store.set_outputs(job.id, claim.token, planned):
+            raise LeaseLost(f"job {job.id}: lease lost before writing outputs")
+        session.checkpoint()
+        return outputs.write_outputs(base, contents)
+
+    def _planned(self, job_id: int) -> list[str]:
+        job = self._store.get(job_id)
+        return list(job.outputs) if job else []
+
+
+def _check_still_there(job: Job) -> None:
+    """A file deleted before its job ran fails with that reason; a file
+    replaced since (new inode) is transcribed as it is now."""
+    try:
+        current = FileIdentity.of(job.source)
+    except FileNotFoundError:
+        raise MediaError(job.source, "file vanished before it could be transcribed") from None
+    except OSError as exc:
+        raise MediaError(job.source, f"cannot read file: {exc.strerror}") from None
+    if (current.device, current.inode) != (job.identity.device, job.identity.inode):
+        log.info("job.source_replaced", job_id=job.id, inbox=job.spec.inbox, file=job.spec.rel_path)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return "out of memory" in str(exc).lower()
+
+
+def remove_outputs(paths: list[str]) -> None:
+    """Remove a job's outputs and any temp files left for them."""
+    for path in paths:
+        folder, name = os.path.split(path)
+        leftovers = glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*{outputs.TMP_MARKER}"))
+        for item in [path, *leftovers]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(item)
+
+
+def dispose_source(store: JobStore, job: Job) -> None:
+    """Move a finished job's source where its end state says: done/ or
+    failed/ (with NAME.error.txt); a cancelled job's file stays in the cancel
+    folder, or moves there when it was cancelled by id. Idempotent: the store
+    records that it was done, and a different file now at the same path
+    (dropped again) is left alone."""
+    spec = job.spec
+    target = {
+        JobState.DONE: spec.done_dir,
+        JobState.FAILED: spec.failed_dir,
+        JobState.CANCELLED: spec.cancel_dir or None,
+    }.get(job.state)
+    if target is None:
+        return
+    moved_to = ""
+    if _same_file_still_there(job):
+        try:
+            moved_to = outputs.move_source(job.source, target, spec.rel_path)
+        except (OutputError, ValueError) as exc:
+            log.warning("job.dispose_failed", job_id=job.id, inbox=spec.inbox, file=spec.rel_path, error=str(exc))
+            return
+    if job.state is JobState.FAILED:
+        outputs.write_error_note(
+            spec.failed_dir, spec.rel_path, job.last_error or "unknown error",
+            {"job": str(job.id), "inbox": spec.inbox, "attempts": f"{job.attempts} of {job.max_attempts}",
+             "model": spec.model, "worker": job.worker or "", "moved_to": moved_to or "(source was gone)"},
+        )
+    store.mark_disposed(job.id, moved_to)
+
+
+def _same_file_still_there(job: Job) -> bool:
+    try:
+        now = FileIdentity.of(job.source)
+    except OSError:
+        return False
+    return (now.device, now.inode) == (job.identity.device, job.identity.inode)
