@@ -13,10 +13,12 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from daemon_harness import DaemonUnderTest
 
 from whisperd import models
 
@@ -60,8 +62,8 @@ SpeechFactory = Callable[..., Path]
 
 def wer(reference: str, hypothesis: str) -> float:
     """Word error rate after whisper's English normaliser (case, punctuation, numbers)."""
-    import jiwer  # noqa: PLC0415 - whisper pulls in torch: import only where used
-    from whisper.normalizers import EnglishTextNormalizer  # noqa: PLC0415
+    import jiwer
+    from whisper.normalizers import EnglishTextNormalizer
 
     normalise = EnglishTextNormalizer()
     return float(jiwer.wer(normalise(reference), normalise(hypothesis)))
@@ -96,7 +98,7 @@ def _converter_fingerprint() -> str:
 
 
 def _converted_tiny_en(ct2_folder: str) -> Path:
-    from whisperd.checkpoints import save_checkpoint  # noqa: PLC0415 - imports torch
+    from whisperd.checkpoints import save_checkpoint
 
     source = os.stat(os.path.join(ct2_folder, "model.bin"))
     cache = _cache_root() / "models"
@@ -158,7 +160,9 @@ def _synthesised(cache: Path, text: str, fmt: str, voice: str, speed: int, video
     clip = cache / f"{hashlib.sha256(json.dumps([voice_key, fmt, video]).encode()).hexdigest()[:20]}.{fmt}"
     if not clip.exists():
         _replace_atomically(
-            lambda temp: subprocess.run(_ffmpeg_args(spoken, fmt, video, temp), check=True, capture_output=True),
+            lambda temp: subprocess.run(
+                _ffmpeg_args(spoken, fmt, video, temp), check=True, capture_output=True
+            ),
             clip,
         )
     return clip
@@ -196,3 +200,19 @@ def speech(tmp_path: Path, _speech_cache: Path) -> SpeechFactory:
         return destination
 
     return make
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path, models_dir: Path) -> Iterator[Callable[..., DaemonUnderTest]]:
+    """Make real daemons (not yet started) on folders under tmp_path; every
+    one made is stopped and closed after the test."""
+    made: list[DaemonUnderTest] = []
+
+    def make(name: str = "d", **kwargs: Any) -> DaemonUnderTest:
+        daemon = DaemonUnderTest(tmp_path / name, models_dir, **kwargs)
+        made.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in made:
+        daemon.close()

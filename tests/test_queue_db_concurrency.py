@@ -74,7 +74,7 @@ def claim_and_finish_until_empty(url: str, worker: str, start: Any, report: str)
     store = None
     try:
         store = JobStore.open(url)
-        start.wait(60)
+        start.wait(60)  # every child is connected: now they race
         while len(errors) < 5:
             try:
                 taken = store.claim(worker=worker, device="cpu", lease_seconds=300)
@@ -97,7 +97,7 @@ def open_and_enqueue(url: str, inbox_root: str, name: str, start: Any, report: s
     """Open a store (maybe creating its schema) at the same moment as others."""
     errors: list[str] = []
     try:
-        start.wait(60)
+        start.wait(60)  # all at once, to race on creating the schema
         store = JobStore.open(url)
         try:
             spec = JobSpec(inbox="talks", inbox_root=inbox_root, rel_path=name, model="tiny.en")
@@ -110,10 +110,10 @@ def open_and_enqueue(url: str, inbox_root: str, name: str, start: Any, report: s
 
 
 def run_children(target: Any, args_for: list[tuple[Any, ...]], tmp_path: Path) -> list[dict[str, Any]]:
-    """Start one spawned process per args tuple, release them together, and
-    return their reports."""
+    """Start one spawned process per args tuple and return their reports. The
+    children pass `start` (a barrier) together."""
     context = multiprocessing.get_context("spawn")
-    start = context.Event()
+    start = context.Barrier(len(args_for))
     reports = [str(tmp_path / f"report-{i}.json") for i in range(len(args_for))]
     children = [
         context.Process(target=target, args=(*args, start, report))
@@ -121,7 +121,6 @@ def run_children(target: Any, args_for: list[tuple[Any, ...]], tmp_path: Path) -
     ]
     for child in children:
         child.start()
-    start.set()
     for child in children:
         child.join(JOIN_TIMEOUT)
     for child in children:

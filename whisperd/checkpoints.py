@@ -144,12 +144,12 @@ def import_model(source: str, folder: str, name: str | None, *, replace: bool = 
     """
     if os.path.isdir(source):
         dims, state = parse_ct2_model(source)
-        target = _target(folder, name or _ct2_default_name(source, dims), replace)
+        target = _target(folder, _ct2_default_name(source, dims) if name is None else name, replace)
         with _write_errors(target):
             save_checkpoint(dims, state, target)
     elif os.path.isfile(source):
         read_checkpoint_dims(source)
-        target = _target(folder, name or _pt_default_name(source), replace)
+        target = _target(folder, _pt_default_name(source) if name is None else name, replace)
         with _write_errors(target):
             _write_atomically(target, lambda stream: _copy_into(source, stream))
     else:
@@ -193,7 +193,7 @@ def _target(folder: str, name: str, replace: bool) -> str:
     target = os.path.abspath(os.path.join(folder, name + ".pt"))
     if os.path.exists(target) and not replace:
         raise ModelImportError(
-            target, f"a model named {name!r} already exists; remove it first or import with --replace"
+            target, f"a model named {name!r} already exists; delete it first to replace it"
         )
     return target
 

@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"whisperd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, handler: Callable[[argparse.Namespace], int], text: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], int], text: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
         p.set_defaults(handler=handler)
@@ -54,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("job_id", type=int)
     command("check-config", cmd_check_config, "validate the config and print the effective config")
     command("doctor", cmd_doctor, "check ffmpeg, devices, models, folders and database; say what to fix")
-    models = command("models", lambda a: (parser.parse_args(["models", "--help"]), 2)[1], "list or import models")
+    models = command(
+        "models", lambda a: (parser.parse_args(["models", "--help"]), 2)[1], "list or import models"
+    )
     models_sub = models.add_subparsers(dest="models_command", required=True)
     listing = models_sub.add_parser("list", help="models in the models folder")
     listing.set_defaults(handler=cmd_models_list)
@@ -122,18 +126,23 @@ def cmd_status(args: argparse.Namespace) -> int:
             elapsed = now - (job.started_at or now)
             eta = "?" if job.eta_seconds is None else _duration(job.eta_seconds)
             cancel = "  (cancelling)" if job.cancel_requested else ""
-            print(f"  #{job.id:<6} {_bar(job.progress)} {job.progress * 100:5.1f}%  elapsed {_duration(elapsed)}"
-                  f"  eta {eta}  {job.device or '?'}  {job.spec.inbox}/{job.spec.rel_path}{cancel}")
+            print(
+                f"  #{job.id:<6} {_bar(job.progress)} {job.progress * 100:5.1f}%"
+                f"  elapsed {_duration(elapsed)}"
+                f"  eta {eta}  {job.device or '?'}  {job.spec.inbox}/{job.spec.rel_path}{cancel}"
+            )
         for job in queued:
-            print(f"  #{job.id:<6} queued  {job.spec.inbox}/{job.spec.rel_path}"
-                  f"{'  (retry #' + str(job.attempts + 1) + ')' if job.attempts else ''}")
+            print(
+                f"  #{job.id:<6} queued  {job.spec.inbox}/{job.spec.rel_path}"
+                f"{'  (retry #' + str(job.attempts + 1) + ')' if job.attempts else ''}"
+            )
     finally:
         store.close()
     return 0
 
 
 def _bar(fraction: float, width: int = 20) -> str:
-    filled = int(round(max(0.0, min(1.0, fraction)) * width))
+    filled = round(max(0.0, min(1.0, fraction)) * width)
     return "[" + "#" * filled + "-" * (width - filled) + "]"
 
 
@@ -167,8 +176,10 @@ def _job_line(job: Job) -> str:
         took = f"{seconds:.1f}s"
         if job.audio_seconds:
             rtf = f"{seconds / job.audio_seconds:.2f}"
-    return (f"{job.id:>6}  {job.state.value:<9} {job.attempts:>2}/{job.max_attempts:<2} {took:>8} {rtf:>6}  "
-            f"{job.device or '-':<7} {job.spec.inbox}/{job.spec.rel_path}")
+    return (
+        f"{job.id:>6}  {job.state.value:<9} {job.attempts:>2}/{job.max_attempts:<2} {took:>8} {rtf:>6}  "
+        f"{job.device or '-':<7} {job.spec.inbox}/{job.spec.rel_path}"
+    )
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -216,7 +227,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
             return 1
         where = job.disposed_to
         if not where or not os.path.exists(where):
-            print(f"job {job.id}: its file is no longer at {where or 'a known place'}; drop it into the inbox again")
+            print(
+                f"job {job.id}: its file is no longer at {where or 'a known place'}; "
+                "drop it into the inbox again"
+            )
             return 1
         from whisperd.outputs import move_source
 

@@ -99,7 +99,10 @@ class Daemon:
         self._store = store = JobStore.open(config.database_url)
         self._recover(store)
         self._metrics = Metrics(
-            job_counts=self._job_counts, running_jobs=self._running_jobs, devices=self._probe, version=__version__
+            job_counts=self._job_counts,
+            running_jobs=self._running_jobs,
+            devices=self._probe,
+            version=__version__,
         )
         if config.metrics.enabled:
             self._server = MetricsServer(self._metrics, host=config.metrics.host, port=config.metrics.port)
@@ -122,8 +125,12 @@ class Daemon:
             on_rejected=self._on_rejected,
         )
         self._watcher.start()  # watches first, then scans what is already there
-        log.info("daemon.ready", inboxes=list(self._inboxes), slots=self._pool.size(),
-                 metrics_port=self._server.bound_port if self._server else None)
+        log.info(
+            "daemon.ready",
+            inboxes=list(self._inboxes),
+            slots=self._pool.size(),
+            metrics_port=self._server.bound_port if self._server else None,
+        )
         self._notifier.ready(self._status_line())
 
     def loop_once(self, now: float | None = None) -> None:
@@ -222,10 +229,21 @@ class Daemon:
         prefix = f"{self._host}/"
         for job in store.list_jobs(states=[JobState.RUNNING], limit=100_000):
             if job.worker and job.worker.startswith(prefix) and job.claim_token:
-                state = store.retry_or_fail(job.id, job.claim_token, error="whisperd stopped while the job ran",
-                                            base_delay=0.0, max_delay=0.0)
-                log.warning("job.recovered", job_id=job.id, inbox=job.spec.inbox, file=job.spec.rel_path,
-                            state=state.value, attempts=job.attempts)
+                state = store.retry_or_fail(
+                    job.id,
+                    job.claim_token,
+                    error="whisperd stopped while the job ran",
+                    base_delay=0.0,
+                    max_delay=0.0,
+                )
+                log.warning(
+                    "job.recovered",
+                    job_id=job.id,
+                    inbox=job.spec.inbox,
+                    file=job.spec.rel_path,
+                    state=state.value,
+                    attempts=job.attempts,
+                )
         store.reclaim_stale()
         for inbox in self._config.inboxes:
             for leftover in outputs.remove_stale_temps(inbox.output):
@@ -257,12 +275,17 @@ class Daemon:
             log_level=config.daemon.log_level,
             log_json=_log_json(config.daemon.log_format),
             parent_pid=os.getpid(),
+            # Test hook only (see WorkerSettings.crash_point); never set in production.
+            crash_point=os.environ.get("WHISPERD_CRASH_POINT", ""),
         )
 
     @staticmethod
     def _watch_spec(inbox: InboxConfig) -> WatchSpec:
         return WatchSpec(
-            name=inbox.name, root=inbox.path, cancel_dir=inbox.cancel, mode=inbox.watch,
+            name=inbox.name,
+            root=inbox.path,
+            cancel_dir=inbox.cancel,
+            mode=inbox.watch,
             allow_symlinks=inbox.allow_symlinks,
         )
 
@@ -271,12 +294,19 @@ class Daemon:
     def _housekeeping(self) -> None:
         assert self._store is not None and self._pool is not None
         for job in self._store.reclaim_stale():
-            log.warning("job.lease_expired", job_id=job.id, inbox=job.spec.inbox, file=job.spec.rel_path,
-                        state=job.state.value)
+            log.warning(
+                "job.lease_expired",
+                job_id=job.id,
+                inbox=job.spec.inbox,
+                file=job.spec.rel_path,
+                state=job.state.value,
+            )
         self._dispose_finished(self._store, older_than=DISPOSE_AFTER_SECONDS)
         if self._watcher is not None:
             for name in self._watcher.dead_inboxes():
-                log.error("watcher.inbox_dead", inbox=name, hint="the folder is gone or its watch died; retrying")
+                log.error(
+                    "watcher.inbox_dead", inbox=name, hint="the folder is gone or its watch died; retrying"
+                )
             if self._metrics is not None and self._watcher.last_rescan is not None:
                 self._metrics.rescan_completed(time.time() - (time.monotonic() - self._watcher.last_rescan))
         if self._pool.alive_count() == self._pool.size():
@@ -320,8 +350,12 @@ class Daemon:
             return
         jobs = _match_cancelled_file(store, spec.name, path, identity)
         if not jobs:
-            log.info("cancel.no_active_job", inbox=spec.name, file=os.path.basename(path),
-                     hint="nothing queued or running matches this file (already done, failed or unknown)")
+            log.info(
+                "cancel.no_active_job",
+                inbox=spec.name,
+                file=os.path.basename(path),
+                hint="nothing queued or running matches this file (already done, failed or unknown)",
+            )
             return
         for job in jobs:
             self.cancel_job(job.id, reason=f"moved to the cancel folder: {os.path.basename(path)}")
@@ -354,7 +388,9 @@ class Daemon:
             identity = FileIdentity.of(path)
         except OSError:
             return
-        job = store.record_rejected(inbox.job_spec(rel_path, self._config.models.default), identity, reason=reason)
+        job = store.record_rejected(
+            inbox.job_spec(rel_path, self._config.models.default), identity, reason=reason
+        )
         log.warning("job.rejected", job_id=job.id, inbox=inbox.name, file=rel_path, reason=reason)
         if self._metrics is not None:
             self._metrics.job_rejected(inbox.name, "symlink")
@@ -368,13 +404,22 @@ class Daemon:
             return
         handlers: dict[str, Callable[[], None]] = {
             "job_started": lambda: metrics.job_started(
-                fields["inbox"], fields["device"], fields["queue_wait_seconds"]),
+                fields["inbox"], fields["device"], fields["queue_wait_seconds"]
+            ),
             "job_finished": lambda: metrics.job_finished(
-                fields["inbox"], fields["outcome"], device=fields["device"],
-                duration_seconds=fields["duration_seconds"], audio_seconds=fields["audio_seconds"]),
+                fields["inbox"],
+                fields["outcome"],
+                device=fields["device"],
+                duration_seconds=fields["duration_seconds"],
+                audio_seconds=fields["audio_seconds"],
+            ),
             "job_retried": lambda: metrics.job_retried(fields["inbox"]),
-            "model_loaded": lambda: metrics.model_loaded(fields["model"], fields["device"], fields["seconds"]),
-            "model_unloaded": lambda: metrics.model_unloaded(fields["model"], fields["device"], fields["reason"]),
+            "model_loaded": lambda: metrics.model_loaded(
+                fields["model"], fields["device"], fields["seconds"]
+            ),
+            "model_unloaded": lambda: metrics.model_unloaded(
+                fields["model"], fields["device"], fields["reason"]
+            ),
             "models_loaded": lambda: metrics.set_models_loaded(fields["device"], fields["models"]),
             "worker_restarted": lambda: metrics.worker_restarted(fields["slot"], fields["reason"]),
         }
@@ -382,7 +427,7 @@ class Daemon:
         if handler is not None:
             try:
                 handler()
-            except Exception as exc:  # a metrics bug must not stop supervision
+            except Exception as exc:  # noqa: BLE001 - a metrics bug must not stop supervision
                 log.warning("metrics.event_failed", kind=kind, error=str(exc))
 
     def _job_counts(self) -> dict[str, int]:
@@ -410,7 +455,8 @@ def _match_cancelled_file(store: JobStore, inbox: str, path: str, identity: File
     return [
         job
         for job in store.list_jobs(states=[JobState.QUEUED, JobState.RUNNING], limit=100_000)
-        if job.spec.inbox == inbox and os.path.basename(job.spec.rel_path) == name
+        if job.spec.inbox == inbox
+        and os.path.basename(job.spec.rel_path) == name
         and job.identity.size == identity.size
     ][:1]
 

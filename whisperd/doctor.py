@@ -32,7 +32,9 @@ def run_checks(config: Config) -> Iterator[Check]:
 
 def _ffmpeg() -> Check:
     ok, detail = media.ffmpeg_available()
-    return Check(name="ffmpeg", ok=ok, detail=detail, fix="" if ok else "install ffmpeg (apt-get install ffmpeg)")
+    return Check(
+        name="ffmpeg", ok=ok, detail=detail, fix="" if ok else "install ffmpeg (apt-get install ffmpeg)"
+    )
 
 
 def _devices(config: Config) -> Check:
@@ -44,7 +46,9 @@ def _devices(config: Config) -> Check:
         return Check(name="devices", ok=True, detail=f"{len(gpus)} GPU(s): {names}")
     if isinstance(wanted, tuple):
         return Check(
-            name="devices", ok=False, detail=f"config asks for GPUs {list(wanted)} but NVML sees none "
+            name="devices",
+            ok=False,
+            detail=f"config asks for GPUs {list(wanted)} but NVML sees none "
             f"({probe.start_error or 'no devices'})",
             fix='install the NVIDIA driver, or set [workers] devices = "auto" or "cpu"',
         )
@@ -60,8 +64,11 @@ def _models(config: Config) -> Iterator[Check]:
             yield Check(name=f"model {name}", ok=True, detail="available")
         else:
             yield Check(
-                name=f"model {name}", ok=False, detail=f"not in {folder}",
-                fix=f"whisperd models import PATH --name {name}  (an openai-whisper .pt or a CTranslate2 folder)",
+                name=f"model {name}",
+                ok=False,
+                detail=f"not in {folder}",
+                fix=f"whisperd models import PATH --name {name}  "
+                "(PATH: an openai-whisper .pt or a CTranslate2 folder)",
             )
 
 
@@ -78,16 +85,26 @@ def _writable(label: str, folder: str) -> Check:
     if not os.path.exists(folder):
         parent = _existing_parent(folder)
         ok = os.access(parent, os.W_OK)
-        return Check(name=label, ok=ok, detail=f"{folder} does not exist yet" + (" (created at start)" if ok else ""),
-                     fix="" if ok else f"create {folder} and give the whisperd user write access")
+        return Check(
+            name=label,
+            ok=ok,
+            detail=f"{folder} does not exist yet" + (" (created at start)" if ok else ""),
+            fix="" if ok else f"create {folder} and give the whisperd user write access",
+        )
     if not os.path.isdir(folder):
-        return Check(name=label, ok=False, detail=f"{folder} is not a folder", fix=f"remove or rename {folder}")
+        return Check(
+            name=label, ok=False, detail=f"{folder} is not a folder", fix=f"remove or rename {folder}"
+        )
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".whisperd-doctor-"):
             pass
     except OSError as exc:
-        return Check(name=label, ok=False, detail=f"{folder}: cannot write ({exc.strerror})",
-                     fix=f"chown/chmod {folder} so the whisperd user can write to it")
+        return Check(
+            name=label,
+            ok=False,
+            detail=f"{folder}: cannot write ({exc.strerror})",
+            fix=f"chown/chmod {folder} so the whisperd user can write to it",
+        )
     free = shutil.disk_usage(folder).free
     return Check(name=label, ok=True, detail=f"{folder} writable, {free / 2**30:.1f} GiB free")
 
@@ -103,9 +120,13 @@ def _database(config: Config) -> Check:
 
     try:
         store = JobStore.open(config.database_url)
-    except Exception as exc:  # any driver error is reported, not raised
-        return Check(name="database", ok=False, detail=f"{config.database_url}: {exc}",
-                     fix="check [daemon] database_url and that the database server is up")
+    except Exception as exc:  # noqa: BLE001 - any driver error is reported, not raised
+        return Check(
+            name="database",
+            ok=False,
+            detail=f"{config.database_url}: {exc}",
+            fix="check [daemon] database_url and that the database server is up",
+        )
     try:
         counts = store.counts()
     finally:

@@ -216,8 +216,13 @@ class WorkerPool:
                 self._finish_cancelled(job)
                 continue
             new_state = self._store.retry_or_fail(job.id, job.claim_token, error=error)
-            log.warning("job.retry" if new_state is JobState.QUEUED else "job.failed", job_id=job.id,
-                        inbox=job.spec.inbox, file=job.spec.rel_path, error=error)
+            log.warning(
+                "job.retry" if new_state is JobState.QUEUED else "job.failed",
+                job_id=job.id,
+                inbox=job.spec.inbox,
+                file=job.spec.rel_path,
+                error=error,
+            )
             if new_state is JobState.FAILED:
                 self._dispose(job.id)
 
@@ -226,7 +231,9 @@ class WorkerPool:
             assert job.claim_token is not None
             remove_outputs(list(job.outputs))
             self._store.release(job.id, job.claim_token, reason=reason)
-            log.info("job.released", job_id=job.id, inbox=job.spec.inbox, file=job.spec.rel_path, reason=reason)
+            log.info(
+                "job.released", job_id=job.id, inbox=job.spec.inbox, file=job.spec.rel_path, reason=reason
+            )
 
     def _pick_up_cancels_from_store(self, now: float) -> None:
         """Cancels requested by another process (`whisperd cancel`, another host)."""
@@ -262,9 +269,16 @@ class WorkerPool:
         assert job.claim_token is not None
         if self._store.cancel_running(job.id, job.claim_token, reason="cancelled by user"):
             remove_outputs(list(job.outputs))
-            self._on_event("job_finished", {"inbox": job.spec.inbox, "outcome": "cancelled",
-                                            "device": job.device or "", "duration_seconds": 0.0,
-                                            "audio_seconds": None})
+            self._on_event(
+                "job_finished",
+                {
+                    "inbox": job.spec.inbox,
+                    "outcome": "cancelled",
+                    "device": job.device or "",
+                    "duration_seconds": 0.0,
+                    "audio_seconds": None,
+                },
+            )
             log.info("job.cancelled", job_id=job.id, inbox=job.spec.inbox, file=job.spec.rel_path)
             self._dispose(job.id)
 

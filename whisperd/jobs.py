@@ -174,6 +174,10 @@ class Job:
     audio_seconds: float | None = None
     # Set by a cancel while the job runs; the worker stops at its next check.
     cancel_requested: bool = False
+    # Where the source went once the job ended ("" if it was gone), and when;
+    # None while that move is still owed.
+    disposed_to: str | None = None
+    disposed_at: float | None = None
 
     @property
     def source(self) -> str:

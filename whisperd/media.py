@@ -163,7 +163,8 @@ def probe(path: str, *, timeout: float = PROBE_TIMEOUT_SECONDS) -> MediaInfo:
 
 
 def decode_audio(path: str, *, timeout: float | None = None) -> npt.NDArray[np.float32]:
-    """Decode the first audio stream of `path` to mono float32 at SAMPLE_RATE.
+    """Decode `path`'s audio to mono float32 at SAMPLE_RATE (ffmpeg picks
+    the stream, as whisper.load_audio does: the one with the most channels).
 
     The same conversion as whisper.load_audio (s16le from ffmpeg, / 32768),
     streamed from ffmpeg's stdout without temporary files. A truncated file

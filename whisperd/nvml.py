@@ -218,7 +218,7 @@ class NvmlProbe:
     def _start(self) -> bool:
         try:
             if self._library is None:
-                import pynvml  # noqa: PLC0415  (imported late: only GPU machines need the driver)
+                import pynvml
 
                 self._library = pynvml
             self._library.nvmlInit()
@@ -327,7 +327,7 @@ class ScriptedProbe:
     """The in-package fake for tests of health and memory-pressure decisions.
 
     Each read(index) takes the next scripted item for that device; the last
-    item repeats once the script runs out, so "fail twice, then recover" is
+    item repeats until more are scripted, so "fail twice, then recover" is
     `script(0, "GPU is lost", "GPU is lost", reading)`. A device with no
     script reads as healthy and idle. Strings stand for failed readings.
     """
@@ -345,6 +345,8 @@ class ScriptedProbe:
         }
         self._process_memory = dict(process_memory or {})
         self._reads: dict[int, int] = {}
+        # Devices whose script is down to its last item, already read once.
+        self._repeating: set[int] = set()
 
     def devices(self) -> list[DeviceInfo]:
         with self._lock:
@@ -359,7 +361,11 @@ class ScriptedProbe:
             script = self._scripts.get(index)
             if not script:
                 return idle_reading(info)
-            item = script.popleft() if len(script) > 1 else script[0]
+            if len(script) > 1:
+                item = script.popleft()
+            else:
+                item = script[0]
+                self._repeating.add(index)
             return DeviceReading.failed(index, item) if isinstance(item, str) else item
 
     def read_process_gpu_memory(self, index: int, pid: int) -> int | None:
@@ -367,9 +373,14 @@ class ScriptedProbe:
             return self._process_memory.get((index, pid))
 
     def script(self, index: int, *items: ScriptedItem) -> None:
-        """Append readings for a device (after what is still queued)."""
+        """Queue readings for a device after those not yet read. A last item
+        already being repeated is dropped: the new script takes over."""
         with self._lock:
-            self._scripts.setdefault(index, deque()).extend(items)
+            script = self._scripts.setdefault(index, deque())
+            if index in self._repeating:
+                script.clear()
+                self._repeating.discard(index)
+            script.extend(items)
 
     def set_devices(self, devices: Iterable[DeviceInfo]) -> None:
         with self._lock:

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -59,6 +59,7 @@ _READ_ONLY_OPTION = "whisperd_read_only"
 _ACTIVE_VALUES = [s.value for s in ACTIVE_STATES]
 _UINT64 = 1 << 64
 _INT64_MAX = (1 << 63) - 1
+_T = TypeVar("_T")
 
 
 # ---------------------------------------------------------------- schema v1 ---
@@ -133,13 +134,32 @@ def _migration_1_create_tables(conn: Connection) -> None:
     metadata.create_all(conn, checkfirst=False)
 
 
+# Columns added by migration 2: where the source went after the job ended
+# (done/, failed/, cancel/), and when. NULL disposed_at on a finished job means
+# the move is still owed (a crash came between finishing and moving).
+_V2_COLUMNS = (("disposed_at", sa.Float()), ("disposed_to", sa.Text()))
+
+
+def _migration_2_source_disposal(conn: Connection) -> None:
+    for name, type_ in _V2_COLUMNS:
+        compiled = type_.compile(dialect=conn.dialect)
+        conn.exec_driver_sql(f"ALTER TABLE jobs ADD COLUMN {name} {compiled}")
+    # Jobs that ended before v2 had their sources moved already.
+    conn.exec_driver_sql(
+        "UPDATE jobs SET disposed_at = finished_at WHERE state IN ('done', 'failed', 'cancelled')"
+    )
+
+
 # Applied in order; the schema version is the number applied. Append, never edit.
-MIGRATIONS: tuple[Migration, ...] = (_migration_1_create_tables,)
+MIGRATIONS: tuple[Migration, ...] = (_migration_1_create_tables, _migration_2_source_disposal)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # The tables as the current code reads and writes them.
 _METADATA = sa.MetaData()
 JOBS, MODEL_MEMORY = _define_v1(_METADATA)
+for _name, _type in _V2_COLUMNS:
+    JOBS.append_column(sa.Column(_name, _type))
+sa.Index("ix_jobs_undisposed", JOBS.c.state, JOBS.c.disposed_at)
 SCHEMA_TABLE = sa.Table(
     "whisperd_schema",
     _METADATA,
@@ -212,6 +232,8 @@ def _job_from_row(row: Row[Any]) -> Job:
         eta_seconds=m["eta_seconds"],
         audio_seconds=m["audio_seconds"],
         cancel_requested=bool(m["cancel_requested"]),
+        disposed_to=m.get("disposed_to"),
+        disposed_at=m.get("disposed_at"),
     )
 
 
@@ -346,6 +368,19 @@ class JobStore:
         with self._engine.begin() as conn:
             yield conn
 
+    def _write_racing_inserts(self, write: Callable[[Connection], _T]) -> _T:
+        """Run `write` in a write transaction, again if it lost an insert race:
+        on PostgreSQL two hosts can both find no row and both insert; the loser
+        gets a unique violation, and its second look finds the winner's row."""
+        for attempt in range(INSERT_RACE_RETRIES):
+            try:
+                with self._writing() as conn:
+                    return write(conn)
+            except sa.exc.IntegrityError:
+                if attempt == INSERT_RACE_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     @contextmanager
     def _reading(self) -> Iterator[Connection]:
         with self._reader.begin() as conn:
@@ -382,16 +417,10 @@ class JobStore:
         """
         if max_attempts < 1:
             raise ValueError(f"{spec.source}: max_attempts must be at least 1, not {max_attempts}")
-        for attempt in range(INSERT_RACE_RETRIES):
-            try:
-                with self._writing() as conn:
-                    return self._enqueue_in(conn, spec, identity, max_attempts, _clock(now))
-            except sa.exc.IntegrityError:
-                # Another host inserted the same file between our check and insert
-                # (PostgreSQL); look again and return its job.
-                if attempt == INSERT_RACE_RETRIES - 1:
-                    raise
-        raise AssertionError("unreachable")
+        moment = _clock(now)
+        return self._write_racing_inserts(
+            lambda conn: self._enqueue_in(conn, spec, identity, max_attempts, moment)
+        )
 
     def _enqueue_in(
         self, conn: Connection, spec: JobSpec, identity: FileIdentity, max_attempts: int, now: float
@@ -781,6 +810,71 @@ class JobStore:
                 return job.spec.rel_path
         return None
 
+    # ------------------------------------------------------- source disposal ---
+
+    def mark_disposed(self, job_id: int, moved_to: str, *, now: float | None = None) -> bool:
+        """Record that a finished job's source was moved (to moved_to; "" when
+        it was already gone). False if the job is not finished."""
+        with self._writing() as conn:
+            result = conn.execute(
+                JOBS.update()
+                .where(JOBS.c.id == job_id, JOBS.c.state.in_([s.value for s in TERMINAL_STATES]))
+                .values(disposed_at=_clock(now), disposed_to=moved_to, updated_at=_clock(now))
+            )
+            return result.rowcount == 1
+
+    def undisposed(self, *, older_than: float = 0.0, now: float | None = None, limit: int = 500) -> list[Job]:
+        """Finished jobs whose source has not been moved yet, finished at least
+        older_than seconds ago (their worker normally moves them at once)."""
+        cutoff = _clock(now) - older_than
+        return self._select_jobs(
+            sa.select(JOBS)
+            .where(
+                JOBS.c.state.in_([s.value for s in TERMINAL_STATES]),
+                JOBS.c.disposed_at.is_(None),
+                JOBS.c.finished_at <= cutoff,
+            )
+            .order_by(JOBS.c.id)
+            .limit(limit)
+        )
+
+    def record_rejected(
+        self, spec: JobSpec, identity: FileIdentity, *, reason: str, now: float | None = None
+    ) -> Job:
+        """A file refused before it became a job (a symlink, ...): recorded as
+        a failed job so its reason is in the store like any other failure."""
+        moment = _clock(now)
+        with self._writing() as conn:
+            result = conn.execute(
+                JOBS.insert().values(
+                    inbox=spec.inbox,
+                    rel_path=spec.rel_path,
+                    source=spec.source,
+                    spec_json=json.dumps(spec.to_dict(), sort_keys=True),
+                    file_device=_to_int64(identity.device),
+                    file_inode=_to_int64(identity.inode),
+                    file_size=identity.size,
+                    file_mtime_ns=identity.mtime_ns,
+                    state=JobState.FAILED.value,
+                    priority=spec.priority,
+                    attempts=0,
+                    max_attempts=1,
+                    not_before=moment,
+                    created_at=moment,
+                    finished_at=moment,
+                    last_error=reason,
+                    outputs_json="[]",
+                    progress=0.0,
+                    cancel_requested=False,
+                    updated_at=moment,
+                )
+            )
+            key = result.inserted_primary_key
+            job = None if key is None else self._fetch(conn, int(key[0]))
+        if job is None:
+            raise WhisperdError(f"{self._where}: rejected job for {spec.source} cannot be read back")
+        return job
+
     # --------------------------------------------------------- model memory ---
 
     def record_model_memory(
@@ -789,23 +883,14 @@ class JobStore:
         """Remember how much device memory `model` took on `device_kind`."""
         moment = _clock(now)
         key = sa.and_(MODEL_MEMORY.c.model == model, MODEL_MEMORY.c.device_kind == device_kind)
-        for attempt in range(INSERT_RACE_RETRIES):
-            try:
-                with self._writing() as conn:
-                    updated = conn.execute(
-                        MODEL_MEMORY.update().where(key).values(bytes=bytes, measured_at=moment)
-                    )
-                    if updated.rowcount == 0:
-                        conn.execute(
-                            MODEL_MEMORY.insert().values(
-                                model=model, device_kind=device_kind, bytes=bytes, measured_at=moment
-                            )
-                        )
-                return
-            except sa.exc.IntegrityError:
-                # Another host recorded the same model first; update its row instead.
-                if attempt == INSERT_RACE_RETRIES - 1:
-                    raise
+
+        def upsert(conn: Connection) -> None:
+            updated = conn.execute(MODEL_MEMORY.update().where(key).values(bytes=bytes, measured_at=moment))
+            if updated.rowcount == 0:
+                row = {"model": model, "device_kind": device_kind, "bytes": bytes, "measured_at": moment}
+                conn.execute(MODEL_MEMORY.insert().values(**row))
+
+        self._write_racing_inserts(upsert)
 
     def model_memory(self, model: str, device_kind: str) -> int | None:
         query = sa.select(MODEL_MEMORY.c.bytes).where(

@@ -96,7 +96,12 @@ def load_model(name: str, folder: str, device: str, *, allow_download: bool = Fa
     size += sum(b.numel() * b.element_size() for b in model.buffers())
     elapsed = time.monotonic() - started
     return LoadedModel(
-        name=name, device=device, model=model, size_bytes=size, load_seconds=elapsed, last_used=time.monotonic()
+        name=name,
+        device=device,
+        model=model,
+        size_bytes=size,
+        load_seconds=elapsed,
+        last_used=time.monotonic(),
     )
 
 

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,13 @@ class WorkerSettings:
     parent_pid: int
     # Inbox names this worker serves (None: all).
     inboxes: tuple[str, ...] | None = None
+    # Test hook for crash-recovery tests (env WHISPERD_CRASH_POINT): at this
+    # point of a job the worker SIGKILLs the daemon and itself. One of
+    # CRASH_POINTS; empty in normal operation.
+    crash_point: str = ""
+
+
+CRASH_POINTS = ("after_claim", "during_transcription", "after_outputs", "after_done")
 
 
 @dataclass(kw_only=True)
@@ -141,12 +149,26 @@ class ModelCache:
             return loaded
         self._make_room(name)
         loaded = self._transcriber.load_model(
-            name, self._settings.models_folder, self._settings.device, allow_download=self._settings.allow_download
+            name,
+            self._settings.models_folder,
+            self._settings.device,
+            allow_download=self._settings.allow_download,
         )
         self._models[name] = loaded
-        log.info("model.loaded", model=name, device=self._settings.device, seconds=round(loaded.load_seconds, 3),
-                 bytes=loaded.size_bytes)
-        _emit(self._channel, "model_loaded", model=name, device=self._settings.device, seconds=loaded.load_seconds)
+        log.info(
+            "model.loaded",
+            model=name,
+            device=self._settings.device,
+            seconds=round(loaded.load_seconds, 3),
+            bytes=loaded.size_bytes,
+        )
+        _emit(
+            self._channel,
+            "model_loaded",
+            model=name,
+            device=self._settings.device,
+            seconds=loaded.load_seconds,
+        )
         self._report_loaded()
         return loaded
 
@@ -202,6 +224,8 @@ class JobSession:
 
     job_id: int
     channel: SlotChannel
+    # Told the name of each progress point (the crash test hook listens).
+    on_progress: Callable[[str], None] = lambda _point: None
     started: float = field(default_factory=time.monotonic)
     fraction: float = 0.0
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -209,6 +233,7 @@ class JobSession:
 
     def progress(self, fraction: float) -> None:
         self.fraction = max(self.fraction, min(1.0, fraction))
+        self.on_progress("during_transcription")
         self.checkpoint()
 
     def checkpoint(self) -> None:
@@ -262,14 +287,16 @@ class Heartbeat:
         while not self._stop.wait(self._settings.heartbeat_seconds):
             try:
                 self.beat()
-            except Exception as exc:  # a database hiccup must not kill the job; the lease covers it
+            except Exception as exc:  # noqa: BLE001 - a database hiccup must not kill the job; the lease covers it
                 log.warning("job.heartbeat_failed", job_id=self._claim.job.id, error=str(exc))
 
 
 class Worker:
     """The claim loop of one worker process."""
 
-    def __init__(self, settings: WorkerSettings, channel: SlotChannel, store: JobStore, cache: ModelCache) -> None:
+    def __init__(
+        self, settings: WorkerSettings, channel: SlotChannel, store: JobStore, cache: ModelCache
+    ) -> None:
         self._settings = settings
         self._channel = channel
         self._store = store
@@ -299,17 +326,31 @@ class Worker:
             self._set_current(0)
         return True
 
+    def _crash_if(self, point: str) -> None:
+        """The crash-recovery test hook: die like a power cut, daemon first."""
+        if self._settings.crash_point == point:
+            os.kill(self._settings.parent_pid, signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def _set_current(self, job_id: int) -> None:
         with self._channel.switch_lock:
             self._channel.current_job.value = job_id
 
     def run(self, claim: Claim) -> None:
         job = claim.job
-        bound = log.bind(job_id=job.id, inbox=job.spec.inbox, file=job.spec.rel_path, device=self._settings.device)
+        bound = log.bind(
+            job_id=job.id, inbox=job.spec.inbox, file=job.spec.rel_path, device=self._settings.device
+        )
         bound.info("job.claimed", attempt=job.attempts, max_attempts=job.max_attempts)
-        _emit(self._channel, "job_started", inbox=job.spec.inbox, device=self._settings.device,
-              queue_wait_seconds=max(0.0, time.time() - job.created_at))
-        session = JobSession(job_id=job.id, channel=self._channel)
+        _emit(
+            self._channel,
+            "job_started",
+            inbox=job.spec.inbox,
+            device=self._settings.device,
+            queue_wait_seconds=max(0.0, time.time() - job.created_at),
+        )
+        self._crash_if("after_claim")
+        session = JobSession(job_id=job.id, channel=self._channel, on_progress=self._crash_if)
         heartbeat = Heartbeat(self._store, claim, session, self._settings)
         heartbeat.start()
         started = time.monotonic()
@@ -318,8 +359,15 @@ class Worker:
         finally:
             heartbeat.stop()
         duration = time.monotonic() - started
-        _emit(self._channel, "job_finished", inbox=job.spec.inbox, outcome=state.value, device=self._settings.device,
-              duration_seconds=duration, audio_seconds=audio_seconds)
+        _emit(
+            self._channel,
+            "job_finished",
+            inbox=job.spec.inbox,
+            outcome=state.value,
+            device=self._settings.device,
+            duration_seconds=duration,
+            audio_seconds=audio_seconds,
+        )
         if state is JobState.RUNNING:  # lease lost: the job is someone else's now
             return
         if state is JobState.QUEUED:
@@ -330,8 +378,13 @@ class Worker:
         if done is not None and done.state is state:
             dispose_source(self._store, done)
         rtf = duration / audio_seconds if audio_seconds else None
-        bound.info(f"job.{state.value}", seconds=round(duration, 3), audio_seconds=audio_seconds,
-                   realtime_factor=rtf, error=error)
+        bound.info(
+            f"job.{state.value}",
+            seconds=round(duration, 3),
+            audio_seconds=audio_seconds,
+            realtime_factor=rtf,
+            error=error,
+        )
 
     def _attempt(
         self, claim: Claim, session: JobSession, heartbeat: Heartbeat, bound: Any
@@ -342,7 +395,8 @@ class Worker:
         try:
             _check_still_there(job)
             info = media.check_source(
-                job.source, max_size_bytes=job.spec.max_size_bytes,
+                job.source,
+                max_size_bytes=job.spec.max_size_bytes,
                 max_duration_seconds=job.spec.max_duration_seconds,
             )
             audio_seconds = info.duration_seconds
@@ -355,8 +409,10 @@ class Worker:
             session.checkpoint()
             result = self._transcribe(loaded, audio, job, session)
             written = self._write_outputs(claim, result, audio_seconds, session)
+            self._crash_if("after_outputs")
             if not self._store.finish(job.id, token, state=JobState.DONE, outputs=written):
                 raise LeaseLost(f"job {job.id}: lease lost before it could be marked done")
+            self._crash_if("after_done")
             return JobState.DONE, None, audio_seconds
         except JobCancelled:
             remove_outputs(self._planned(job.id))
@@ -369,12 +425,15 @@ class Worker:
             # The same file or model fails the same way every time: no retry.
             self._store.finish(job.id, token, state=JobState.FAILED, error=str(exc))
             return JobState.FAILED, str(exc), audio_seconds
-        except Exception as exc:  # any other failure (disk full, CUDA, a bug) is retried
+        except Exception as exc:  # noqa: BLE001 - any other failure (disk full, CUDA, a bug) is retried
             if _is_oom(exc):
                 self._cache.clear("oom")
             error = f"{type(exc).__name__}: {exc}"
             state = self._store.retry_or_fail(
-                job.id, token, error=error, base_delay=self._settings.retry_base_seconds,
+                job.id,
+                token,
+                error=error,
+                base_delay=self._settings.retry_base_seconds,
                 max_delay=self._settings.retry_max_seconds,
             )
             return state, error, audio_seconds
@@ -446,7 +505,9 @@ def remove_outputs(paths: list[str]) -> None:
     """Remove a job's outputs and any temp files left for them."""
     for path in paths:
         folder, name = os.path.split(path)
-        leftovers = glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*{outputs.TMP_MARKER}"))
+        leftovers = glob.glob(
+            os.path.join(glob.escape(folder), f".{glob.escape(name)}.*{outputs.TMP_MARKER}")
+        )
         for item in [path, *leftovers]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(item)
@@ -471,13 +532,23 @@ def dispose_source(store: JobStore, job: Job) -> None:
         try:
             moved_to = outputs.move_source(job.source, target, spec.rel_path)
         except (OutputError, ValueError) as exc:
-            log.warning("job.dispose_failed", job_id=job.id, inbox=spec.inbox, file=spec.rel_path, error=str(exc))
+            log.warning(
+                "job.dispose_failed", job_id=job.id, inbox=spec.inbox, file=spec.rel_path, error=str(exc)
+            )
             return
     if job.state is JobState.FAILED:
         outputs.write_error_note(
-            spec.failed_dir, spec.rel_path, job.last_error or "unknown error",
-            {"job": str(job.id), "inbox": spec.inbox, "attempts": f"{job.attempts} of {job.max_attempts}",
-             "model": spec.model, "worker": job.worker or "", "moved_to": moved_to or "(source was gone)"},
+            spec.failed_dir,
+            spec.rel_path,
+            job.last_error or "unknown error",
+            {
+                "job": str(job.id),
+                "inbox": spec.inbox,
+                "attempts": f"{job.attempts} of {job.max_attempts}",
+                "model": spec.model,
+                "worker": job.worker or "",
+                "moved_to": moved_to or "(source was gone)",
+            },
         )
     store.mark_disposed(job.id, moved_to)
 
