@@ -82,6 +82,7 @@ class DaemonUnderTest:
         self.lines: list[str] = []
         self._reader: threading.Thread | None = None
         self._store: JobStore | None = None
+        root.mkdir(parents=True, exist_ok=True)
         self.write_config()
 
     @staticmethod
@@ -157,7 +158,7 @@ class DaemonUnderTest:
     def metrics_port(self) -> int:
         return int(self.wait_for_event("daemon.ready")["metrics_port"])
 
-    def signal(self, signum: int) -> None:
+    def send_signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.send_signal(signum)
 

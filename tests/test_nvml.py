@@ -169,6 +169,14 @@ def test_real_probe_serves_many_threads_at_once() -> None:
 # -- the real probe's logic over a stand-in driver -----------------------------
 
 
+def test_the_stand_in_only_offers_what_the_real_binding_has() -> None:
+    # The probe runs against the stand-in below; this keeps a misspelt NVML
+    # name from passing here and failing on a real GPU.
+    names = [name for name in dir(StandInNvml) if name.lower().startswith("nvml")]
+    assert len(names) > 15
+    assert [name for name in names if not hasattr(pynvml, name)] == []
+
+
 def test_discovery_names_each_gpu() -> None:
     probe = NvmlProbe(StandInNvml(gpus=2))
     devices = probe.devices()
@@ -176,6 +184,17 @@ def test_discovery_names_each_gpu() -> None:
     assert devices[0].name == "NVIDIA H100 80GB HBM3"  # bytes decoded
     assert devices[1].uuid == "GPU-00000001"
     assert devices[0].memory_total_bytes == 80 * GIB
+
+
+def test_a_gpu_lost_after_discovery_stays_listed_and_reads_as_failed() -> None:
+    nvml = StandInNvml(gpus=2)
+    probe = NvmlProbe(nvml)
+    assert len(probe.devices()) == 2
+    nvml.fail["nvmlDeviceGetName"] = pynvml.NVML_ERROR_GPU_IS_LOST
+    nvml.fail["nvmlDeviceGetMemoryInfo"] = pynvml.NVML_ERROR_GPU_IS_LOST
+    nvml.fail_index.update(nvmlDeviceGetName=1, nvmlDeviceGetMemoryInfo=1)
+    assert [d.index for d in probe.devices()] == [0, 1]
+    assert probe.read(0).ok and not probe.read(1).ok
 
 
 def test_nvml_is_started_once_lazily_and_again_after_close() -> None:

@@ -153,7 +153,19 @@ class WorkersConfig:
         default=False, metadata=_doc("After a CUDA out-of-memory on every GPU, run the job on the CPU.")
     )
     health_interval_seconds: float = field(
-        default=15.0, metadata=_doc("How often devices and workers are health-checked.", minimum=1.0)
+        default=15.0, metadata=_doc("How often devices and workers are health-checked.", minimum=0.1)
+    )
+    hung_job_min_seconds: float = field(
+        default=300.0,
+        metadata=_doc(
+            "A running job whose progress has not moved this long is killed and retried.", minimum=1.0
+        ),
+    )
+    hung_job_audio_factor: float = field(
+        default=2.0,
+        metadata=_doc(
+            "... or, for long audio, this many times the audio's length (whichever is longer).", minimum=0.0
+        ),
     )
 
 

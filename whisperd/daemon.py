@@ -22,7 +22,7 @@ from typing import IO, Any
 from whisperd import __version__, logs, outputs
 from whisperd.config import Config, InboxConfig, load_config
 from whisperd.errors import ConfigError, WhisperdError
-from whisperd.gpu_pool import Slot, WorkerPool, default_cpu_threads, plan_slots
+from whisperd.gpu_pool import HealthPolicy, Slot, WorkerPool, default_cpu_threads, plan_slots
 from whisperd.jobs import FileIdentity, Job, JobState
 from whisperd.metrics import Metrics, MetricsServer, RunningJobView
 from whisperd.nvml import DeviceProbe, NvmlProbe
@@ -106,13 +106,25 @@ class Daemon:
         )
         if config.metrics.enabled:
             self._server = MetricsServer(self._metrics, host=config.metrics.host, port=config.metrics.port)
-            self._server.start()
+            try:
+                self._server.start()
+            except OSError as exc:
+                self._server = None
+                raise WhisperdError(
+                    f"{config.source}: [metrics] {exc}; choose another port or set enabled = false"
+                ) from exc
         self._pool = WorkerPool(
             self._plan_slots(),
             self._worker_settings,
             store,
             cancel_grace_seconds=config.workers.cancel_grace_seconds,
             on_event=self._on_worker_event,
+            probe=self._probe,
+            health=HealthPolicy(
+                interval_seconds=config.workers.health_interval_seconds,
+                hung_min_seconds=config.workers.hung_job_min_seconds,
+                hung_audio_factor=config.workers.hung_job_audio_factor,
+            ),
             clock=self._clock,
         )
         self._pool.start()
@@ -272,6 +284,9 @@ class Daemon:
             retry_max_seconds=workers.retry_max_seconds,
             model_idle_unload_seconds=workers.model_idle_unload_seconds,
             memory_budget_bytes=budget * 1024 * 1024,
+            memory_reserve_bytes=workers.memory_reserve_mb * 1024 * 1024,
+            cpu_fallback=workers.cpu_fallback,
+            health_interval_seconds=workers.health_interval_seconds,
             log_level=config.daemon.log_level,
             log_json=_log_json(config.daemon.log_format),
             parent_pid=os.getpid(),
@@ -422,6 +437,8 @@ class Daemon:
             ),
             "models_loaded": lambda: metrics.set_models_loaded(fields["device"], fields["models"]),
             "worker_restarted": lambda: metrics.worker_restarted(fields["slot"], fields["reason"]),
+            "device_health": lambda: metrics.device_health_changed(fields["device"], fields["healthy"]),
+            "cpu_fallback": lambda: metrics.cpu_fallback(fields["model"]),
         }
         handler = handlers.get(kind)
         if handler is not None:

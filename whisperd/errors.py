@@ -67,3 +67,8 @@ class OutputError(WhisperdError):
         self.path = path
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+
+class NoRoomOnDevice(WhisperdError):
+    """A model does not fit in a device's free memory, even after unloading
+    the models that device's worker held; the job waits or goes elsewhere."""

@@ -20,8 +20,17 @@ from typing import Any
 from whisperd import logs
 from whisperd.config import WorkersConfig
 from whisperd.jobs import Job, JobState
+from whisperd.nvml import DeviceProbe
 from whisperd.queue_db import JobStore
-from whisperd.worker import SlotChannel, WorkerSettings, dispose_source, remove_outputs, worker_main
+from whisperd.worker import (
+    Doorbell,
+    Flag,
+    SlotChannel,
+    WorkerSettings,
+    dispose_source,
+    remove_outputs,
+    worker_main,
+)
 
 log = logs.get_logger("whisperd.pool")
 
@@ -35,6 +44,9 @@ class Slot:
     name: str
     # torch device of the slot.
     device: str
+    # NVML index of the slot's GPU, whose health decides whether it may
+    # claim; None for CPU slots.
+    gpu_index: int | None = None
 
 
 def plan_slots(workers: WorkersConfig, gpu_indexes: Sequence[int]) -> list[Slot]:
@@ -42,12 +54,30 @@ def plan_slots(workers: WorkersConfig, gpu_indexes: Sequence[int]) -> list[Slot]
     ones, `jobs_per_device` each; the CPU where there is no GPU."""
     if workers.devices == "cpu" or (workers.devices == "auto" and not gpu_indexes):
         return [Slot(name=f"cpu-{n}", device="cpu") for n in range(workers.cpu_slots)]
-    chosen = gpu_indexes if workers.devices == "auto" else list(workers.devices)
+    chosen: list[int] = list(gpu_indexes) if isinstance(workers.devices, str) else list(workers.devices)
     return [
-        Slot(name=f"gpu{index}-{n}", device=f"cuda:{index}")
+        Slot(name=f"gpu{index}-{n}", device=f"cuda:{index}", gpu_index=index)
         for index in chosen
         for n in range(workers.jobs_per_device)
     ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class HealthPolicy:
+    """When the pool calls a device or a worker sick (see config.WorkersConfig)."""
+
+    interval_seconds: float = 15.0
+    # A job whose progress has not moved for the longer of these is hung.
+    hung_min_seconds: float = 300.0
+    hung_audio_factor: float = 2.0
+
+    @property
+    def silent_worker_seconds(self) -> float:
+        """An idle worker that has not proved itself alive this long is sick."""
+        return 3 * self.interval_seconds + 5.0
+
+    def hung_after(self, audio_seconds: float | None) -> float:
+        return max(self.hung_min_seconds, self.hung_audio_factor * (audio_seconds or 0.0))
 
 
 def default_cpu_threads(slots: int) -> int:
@@ -63,6 +93,11 @@ class _SlotState:
     # Cancelled job id -> monotonic deadline after which the worker is killed.
     cancel_deadlines: dict[int, float] = field(default_factory=dict)
     restarts: int = 0
+    # Monotonic times: process start, last proof of life (canary).
+    started_at: float = 0.0
+    alive_at: float = 0.0
+    # Running job id -> (progress last seen, monotonic time it last moved).
+    progress_seen: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
 class WorkerPool:
@@ -76,8 +111,15 @@ class WorkerPool:
         *,
         cancel_grace_seconds: float,
         on_event: EventSink,
+        probe: DeviceProbe | None = None,
+        health: HealthPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._probe = probe
+        self._health = health or HealthPolicy()
+        self._next_health = 0.0
+        # GPU index -> why it is drained.
+        self._drained: dict[int, str] = {}
         self._store = store
         self._cancel_grace = cancel_grace_seconds
         self._on_event = on_event
@@ -135,6 +177,87 @@ class WorkerPool:
                 self._replace_dead(state)
             else:
                 self._enforce_cancel(state, now)
+        if now >= self._next_health:
+            self._next_health = now + self._health.interval_seconds
+            self.check_health(now)
+
+    def check_health(self, now: float) -> None:
+        """Devices (NVML), silent workers, hung jobs."""
+        self._check_devices()
+        for state in self._slots:
+            if self._alive(state):
+                self._check_worker(state, now)
+
+    def drained(self) -> dict[int, str]:
+        """GPU index -> why it is out of service."""
+        return dict(self._drained)
+
+    def _check_devices(self) -> None:
+        if self._probe is None:
+            return
+        indexes = sorted({s.slot.gpu_index for s in self._slots if s.slot.gpu_index is not None})
+        for index in indexes:
+            reading = self._probe.read(index)
+            device = f"cuda:{index}"
+            if not reading.healthy and index not in self._drained:
+                reason = (
+                    reading.error or ", ".join(reading.bad_throttle_reasons) or "uncorrectable ECC errors"
+                )
+                self._drain(index, reason)
+                self._on_event("device_health", {"device": device, "healthy": False})
+            elif reading.healthy and index in self._drained:
+                del self._drained[index]
+                for state in self._slots_on(index):
+                    state.channel.paused.clear()
+                    state.channel.wake.set()
+                log.info("device.recovered", device=device)
+                self._on_event("device_health", {"device": device, "healthy": True})
+
+    def _slots_on(self, index: int) -> list[_SlotState]:
+        return [s for s in self._slots if s.slot.gpu_index == index]
+
+    def _drain(self, index: int, reason: str) -> None:
+        """Take a sick GPU out of service: its slots claim nothing and their
+        running jobs go back to the queue, uncounted, for a healthy device."""
+        self._drained[index] = reason
+        log.error("device.unhealthy", device=f"cuda:{index}", reason=reason)
+        for state in self._slots_on(index):
+            state.channel.paused.set()
+            if state.channel.current_job.value and self._alive(state):
+                self._kill(state)
+                self._release_jobs_of(state, f"device cuda:{index} unhealthy: {reason}")
+                self._restart(state, "unhealthy")
+
+    def _check_worker(self, state: _SlotState, now: float) -> None:
+        job_id = int(state.channel.current_job.value)
+        if not job_id:
+            state.progress_seen.clear()
+            last_sign = max(state.alive_at, state.started_at)
+            if now - last_sign > self._health.silent_worker_seconds:
+                log.error("worker.silent", slot=state.slot.name, seconds=round(now - last_sign, 1))
+                self._kill(state)
+                self._restart(state, "unhealthy")
+            return
+        state.alive_at = now  # a busy worker proves itself by its job's progress
+        job = self._store.get(job_id)
+        if job is None or job.state is not JobState.RUNNING:
+            return
+        seen = state.progress_seen.get(job_id)
+        if seen is None or job.progress > seen[0]:
+            state.progress_seen = {job_id: (job.progress, now)}
+            return
+        stalled = now - seen[1]
+        if stalled > self._health.hung_after(job.audio_seconds):
+            log.error(
+                "job.hung",
+                job_id=job_id,
+                inbox=job.spec.inbox,
+                file=job.spec.rel_path,
+                seconds=round(stalled, 1),
+            )
+            self._kill(state)
+            self._fail_jobs_of(state, f"hung: no progress for {stalled:.0f} s")
+            self._restart(state, "hung")
 
     def cancel(self, job_id: int, now: float | None = None) -> bool:
         """Stop a running job now: its worker stops at the next checkpoint, or
@@ -162,10 +285,11 @@ class WorkerPool:
 
     # -- internals -------------------------------------------------------------
 
-    def _new_channel(self) -> SlotChannel:
+    def _new_channel(self, *, paused: bool = False) -> SlotChannel:
         return SlotChannel(
-            stop=_CTX.Event(),
-            wake=_CTX.Event(),
+            paused=Flag(_CTX, paused),
+            stop=Flag(_CTX),
+            wake=Doorbell(_CTX),
             current_job=_CTX.Value("q", 0, lock=False),
             cancel_job=_CTX.Value("q", 0, lock=False),
             switch_lock=_CTX.Lock(),
@@ -180,6 +304,7 @@ class WorkerPool:
         )
         process.start()
         state.process = process
+        state.started_at = state.alive_at = self._clock()
         log.info("worker.started", slot=state.slot.name, device=state.slot.device, pid=process.pid)
 
     @staticmethod
@@ -194,7 +319,9 @@ class WorkerPool:
 
     def _restart(self, state: _SlotState, reason: str) -> None:
         # A fresh channel: the dead process may have held the switch lock.
-        state.channel = self._new_channel()
+        old = state.channel
+        state.channel = self._new_channel(paused=old.paused.is_set())
+        old.wake.close()
         state.cancel_deadlines.clear()
         state.restarts += 1
         self._on_event("worker_restarted", {"slot": state.slot.name, "reason": reason})
@@ -293,4 +420,17 @@ class WorkerPool:
                 kind, fields = self._events.get_nowait()
             except (queue.Empty, OSError, ValueError):
                 return
+            if kind == "worker_alive":
+                self._note_alive(fields)
             self._on_event(kind, fields)
+
+    def _note_alive(self, fields: dict[str, Any]) -> None:
+        for state in self._slots:
+            if state.settings.worker_id != fields.get("worker"):
+                continue
+            if fields.get("ok"):
+                state.alive_at = self._clock()
+            else:
+                log.error("worker.canary_failed", slot=state.slot.name, error=fields.get("error"))
+                # The next health check restarts it.
+                state.alive_at = state.started_at = float("-inf")

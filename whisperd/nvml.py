@@ -141,6 +141,8 @@ class NvmlProbe:
         # None: not tried yet; True: NVML is up; False: it failed to start.
         self._started: bool | None = None
         self._start_error: str | None = None
+        # GPUs found at the first successful discovery (None: not yet).
+        self._devices: list[DeviceInfo] | None = None
 
     @property
     def start_error(self) -> str | None:
@@ -149,23 +151,16 @@ class NvmlProbe:
             return self._start_error
 
     def devices(self) -> list[DeviceInfo]:
+        """The GPUs found by the first successful discovery. They are kept: a
+        GPU that later falls off the bus stays listed and reads as failed,
+        rather than vanishing from health checks and metrics."""
         with self._lock:
             nvml = self._ensure_started()
             if nvml is None:
                 return []
-            try:
-                count = int(nvml.nvmlDeviceGetCount())
-            except nvml.NVMLError as exc:
-                _log.warning("gpu.discovery_failed", error=str(exc))
-                return []
-            found = []
-            for index in range(count):
-                try:
-                    found.append(self._describe(nvml, index))
-                except nvml.NVMLError as exc:
-                    # One broken card must not hide the healthy ones.
-                    _log.warning("gpu.discovery_failed", index=index, error=str(exc))
-            return found
+            if self._devices is None:
+                self._devices = self._discover(nvml)
+            return list(self._devices or [])
 
     def read(self, index: int) -> DeviceReading:
         with self._lock:
@@ -205,6 +200,7 @@ class NvmlProbe:
                     _log.warning("gpu.shutdown_failed", error=str(exc))
             self._started = None
             self._start_error = None
+            self._devices = None
 
     # -- inside the lock --------------------------------------------------
 
@@ -232,6 +228,21 @@ class NvmlProbe:
             return True
         _log.info("gpu.nvml_unavailable", reason=self._start_error)
         return False
+
+    def _discover(self, nvml: Any) -> list[DeviceInfo] | None:
+        try:
+            count = int(nvml.nvmlDeviceGetCount())
+        except nvml.NVMLError as exc:
+            _log.warning("gpu.discovery_failed", error=str(exc))
+            return None  # try again next time
+        found = []
+        for index in range(count):
+            try:
+                found.append(self._describe(nvml, index))
+            except nvml.NVMLError as exc:
+                # One broken card must not hide the healthy ones.
+                _log.warning("gpu.discovery_failed", index=index, error=str(exc))
+        return found
 
     def _describe(self, nvml: Any, index: int) -> DeviceInfo:
         handle = nvml.nvmlDeviceGetHandleByIndex(index)

@@ -550,6 +550,11 @@ class JobStore:
             cancel = conn.execute(sa.select(JOBS.c.cancel_requested).where(JOBS.c.id == job_id)).scalar()
         return HeartbeatReply(ok=True, cancel_requested=bool(cancel))
 
+    def set_device(self, job_id: int, token: str, device: str, *, now: float | None = None) -> bool:
+        """Record the device a running job really runs on (a CPU fallback)."""
+        with self._writing() as conn:
+            return self._fenced_update(conn, job_id, token, {"device": device, "updated_at": _clock(now)})
+
     def set_outputs(
         self, job_id: int, token: str, outputs: Sequence[str], *, now: float | None = None
     ) -> bool:

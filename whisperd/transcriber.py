@@ -113,8 +113,37 @@ def release_model(loaded: LoadedModel) -> None:
         torch.cuda.empty_cache()
 
 
+def empty_cuda_cache() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def device_kind(device: str) -> str:
+    """What memory calibration is keyed by: "cpu", or the GPU's model name."""
+    if device.startswith("cuda"):
+        return str(torch.cuda.get_device_name(torch.device(device)))
+    return "cpu"
+
+
+def cuda_free_bytes(device: str) -> int:
+    """Free memory on a CUDA device as the driver sees it (all processes)."""
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return int(free)
+
+
+def cuda_allocated_bytes(device: str) -> int:
+    """Memory this process holds on a CUDA device (tensors plus torch's cache)."""
+    return int(torch.cuda.memory_reserved(torch.device(device)))
+
+
+def model_device(loaded: LoadedModel) -> str:
+    """Where the model's weights really are, e.g. "cuda:0" or "cpu"."""
+    return str(next(loaded.model.parameters()).device)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -28,6 +28,7 @@ from whisperd.errors import (
     LeaseLost,
     MediaError,
     ModelNotFoundError,
+    NoRoomOnDevice,
     OutputError,
 )
 from whisperd.jobs import Claim, FileIdentity, Job, JobState, TranscriptResult
@@ -55,8 +56,14 @@ class WorkerSettings:
     retry_base_seconds: float
     retry_max_seconds: float
     model_idle_unload_seconds: float
-    # Bytes the models of this worker may hold (0: no limit).
+    # Bytes the models of this worker may hold (0: no limit; CPU slots).
     memory_budget_bytes: int
+    # GPU memory left free when deciding whether a model fits.
+    memory_reserve_bytes: int = 0
+    # After CUDA runs out of memory twice, finish the job on the CPU.
+    cpu_fallback: bool = False
+    # How often an idle worker proves it is alive with a canary computation.
+    health_interval_seconds: float = 15.0
     log_level: str
     log_json: bool | None
     # pid of the daemon; the worker exits when it is gone.
@@ -72,13 +79,59 @@ class WorkerSettings:
 CRASH_POINTS = ("after_claim", "during_transcription", "after_outputs", "after_done")
 
 
+class Flag:
+    """A boolean shared with a worker process, in shared memory without a
+    lock: setting it never blocks, whatever happened to the other side."""
+
+    def __init__(self, ctx: Any, value: bool = False) -> None:
+        self._value = ctx.Value("b", int(value), lock=False)
+
+    def set(self) -> None:
+        self._value.value = 1
+
+    def clear(self) -> None:
+        self._value.value = 0
+
+    def is_set(self) -> bool:
+        return bool(self._value.value)
+
+
+class Doorbell:
+    """Wakes an idle worker at once. A pipe whose ringing end never blocks:
+    multiprocessing.Event is not usable here, because its set() hangs forever
+    once a process that was waiting on it has been killed (cancel kills
+    workers)."""
+
+    def __init__(self, ctx: Any) -> None:
+        self._reader, self._writer = ctx.Pipe(duplex=False)
+        os.set_blocking(self._writer.fileno(), False)
+
+    def set(self) -> None:
+        with contextlib.suppress(OSError):  # full (already rung) or the worker is gone
+            self._writer.send_bytes(b"!")
+
+    def wait(self, timeout: float) -> bool:
+        rung = bool(self._reader.poll(timeout))
+        self.clear()
+        return rung
+
+    def clear(self) -> None:
+        with contextlib.suppress(OSError, EOFError):
+            while self._reader.poll(0):
+                self._reader.recv_bytes()
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+
 @dataclass(kw_only=True)
 class SlotChannel:
     """Shared primitives between the pool and one worker process."""
 
-    # Set by the pool: finish the current job, then exit.
+    # Set by the pool: finish the current job, then exit (a Flag).
     stop: Any
-    # Set by the pool when jobs were queued; the worker clears it before claiming.
+    # Rung by the pool when jobs were queued (a Doorbell).
     wake: Any
     # Id of the job the worker is running (0: idle); written by the worker.
     current_job: Any
@@ -87,6 +140,8 @@ class SlotChannel:
     # Held while current_job changes, so the pool never kills a worker that
     # has moved on to another job.
     switch_lock: Any
+    # Set by the pool while the slot's device is drained: claim nothing (a Flag).
+    paused: Any
     # Events for the pool (metrics): tuples (kind, fields).
     events: Any
 
@@ -108,7 +163,7 @@ def worker_main(settings: WorkerSettings, channel: SlotChannel) -> None:
 
     transcriber.set_cpu_threads(settings.cpu_threads)
     store = JobStore.open(settings.database_url)
-    cache = ModelCache(settings, channel)
+    cache = ModelCache(settings, channel, store)
     worker = Worker(settings, channel, store, cache)
     _emit(channel, "worker_started", worker=settings.worker_id, device=settings.device, pid=os.getpid())
     try:
@@ -131,36 +186,64 @@ def _emit(channel: SlotChannel, kind: str, **fields: Any) -> None:
         channel.events.put_nowait((kind, fields))
 
 
-class ModelCache:
-    """The models one worker keeps loaded, least recently used first."""
+# Memory a model needs, from openai-whisper's README table (GB of VRAM), used
+# until whisperd has measured the model on that kind of device.
+README_MEMORY_GB = {"tiny": 1, "base": 1, "small": 2, "medium": 5, "large": 10, "turbo": 6}
 
-    def __init__(self, settings: WorkerSettings, channel: SlotChannel) -> None:
+
+def readme_estimate_bytes(name: str) -> int | None:
+    base = name.split(".", maxsplit=1)[0].lower()
+    if "turbo" in base:
+        return README_MEMORY_GB["turbo"] * 2**30
+    for key, gigabytes in README_MEMORY_GB.items():
+        if base == key or base.startswith(key + "-"):
+            return gigabytes * 2**30
+    return None
+
+
+class ModelCache:
+    """The models one worker keeps loaded, least recently used first, within
+    the device's free memory (GPU) or the RAM budget (CPU)."""
+
+    def __init__(self, settings: WorkerSettings, channel: SlotChannel, store: JobStore) -> None:
         from whisperd import transcriber
 
         self._transcriber = transcriber
         self._settings = settings
         self._channel = channel
+        self._store = store
         self._models: OrderedDict[str, Any] = OrderedDict()
+        self.on_gpu = settings.device.startswith("cuda")
+        self._kind = transcriber.device_kind(settings.device)
 
     def get(self, name: str) -> Any:
         loaded = self._models.get(name)
         if loaded is not None:
             self._models.move_to_end(name)
             return loaded
-        self._make_room(name)
+        self._make_room(name, self.estimate(name))
+        before = self._transcriber.cuda_allocated_bytes(self._settings.device) if self.on_gpu else 0
         loaded = self._transcriber.load_model(
             name,
             self._settings.models_folder,
             self._settings.device,
             allow_download=self._settings.allow_download,
         )
+        landed = self._transcriber.model_device(loaded)
+        if landed.split(":")[0] != self._settings.device.split(":")[0]:
+            # A job meant for a GPU never silently runs on the CPU.
+            raise RuntimeError(f"model {name} landed on {landed}, not on {self._settings.device}")
         self._models[name] = loaded
+        measured = loaded.size_bytes
+        if self.on_gpu:
+            measured = max(measured, self._transcriber.cuda_allocated_bytes(self._settings.device) - before)
+        self._store.record_model_memory(name, self._kind, measured)
         log.info(
             "model.loaded",
             model=name,
             device=self._settings.device,
             seconds=round(loaded.load_seconds, 3),
-            bytes=loaded.size_bytes,
+            bytes=measured,
         )
         _emit(
             self._channel,
@@ -172,18 +255,42 @@ class ModelCache:
         self._report_loaded()
         return loaded
 
-    def _make_room(self, incoming: str) -> None:
-        """Unload LRU models until the budget has room for one more model of
-        the size of the largest loaded (the best estimate before loading)."""
+    def estimate(self, name: str) -> int:
+        """Bytes `name` will take here: what it took when last measured on
+        this kind of device, else the README table (GPU), else twice its
+        checkpoint (fp16 weights load as fp32 on the CPU)."""
+        recorded = self._store.model_memory(name, self._kind)
+        if recorded:
+            return recorded
+        table = readme_estimate_bytes(name) if self.on_gpu else None
+        if table:
+            return table
+        path = os.path.join(self._settings.models_folder, f"{name}.pt")
+        return 2 * os.path.getsize(path) if os.path.isfile(path) else 0
+
+    def _make_room(self, incoming: str, estimate: int) -> None:
+        if self.on_gpu:
+            self._make_room_on_gpu(incoming, estimate)
+            return
         budget = self._settings.memory_budget_bytes
         if not budget:
             return
-        while self._models:
-            estimate = max(m.size_bytes for m in self._models.values())
-            held = sum(m.size_bytes for m in self._models.values())
-            if held + estimate <= budget:
-                return
+        while self._models and sum(m.size_bytes for m in self._models.values()) + estimate > budget:
             self.unload(next(iter(self._models)), "pressure")
+        if estimate > budget:
+            log.warning("model.over_budget", model=incoming, estimate_bytes=estimate, budget_bytes=budget)
+
+    def _make_room_on_gpu(self, incoming: str, estimate: int) -> None:
+        device = self._settings.device
+        reserve = self._settings.memory_reserve_bytes
+        while self._transcriber.cuda_free_bytes(device) - reserve < estimate and self._models:
+            self.unload(next(iter(self._models)), "pressure")
+        free = self._transcriber.cuda_free_bytes(device)
+        if free - reserve < estimate:
+            raise NoRoomOnDevice(
+                f"model {incoming} needs about {estimate / 2**20:.0f} MiB; {device} has "
+                f"{free / 2**20:.0f} MiB free with {reserve / 2**20:.0f} MiB kept in reserve"
+            )
 
     def unload(self, name: str, reason: str) -> None:
         loaded = self._models.pop(name, None)
@@ -194,6 +301,10 @@ class ModelCache:
         log.info("model.unloaded", model=name, device=self._settings.device, reason=reason)
         _emit(self._channel, "model_unloaded", model=name, device=self._settings.device, reason=reason)
         self._report_loaded()
+
+    def unload_others(self, keep: str, reason: str) -> None:
+        for name in [n for n in self._models if n != keep]:
+            self.unload(name, reason)
 
     def unload_idle(self, now: float) -> None:
         limit = self._settings.model_idle_unload_seconds
@@ -301,11 +412,29 @@ class Worker:
         self._channel = channel
         self._store = store
         self._cache = cache
+        # After a model did not fit, leave the queue to other devices a while.
+        self._hold_off_until = 0.0
 
     def loop(self) -> None:
+        next_canary = 0.0
         while not self._channel.stop.is_set() and os.getppid() == self._settings.parent_pid:
-            if not self.step():
-                self._channel.wake.wait(1.0)
+            now = time.monotonic()
+            if now >= next_canary:
+                next_canary = now + self._settings.health_interval_seconds
+                self._canary()
+            if self._channel.paused.is_set() or now < self._hold_off_until or not self.step():
+                self._channel.wake.wait(min(1.0, self._settings.health_interval_seconds))
+
+    def _canary(self) -> None:
+        """Prove to the pool that this worker answers and its device computes."""
+        from whisperd import transcriber
+
+        try:
+            transcriber.canary(self._settings.device)
+        except Exception as exc:  # noqa: BLE001 - any failure means the device is not usable
+            _emit(self._channel, "worker_alive", worker=self._settings.worker_id, ok=False, error=str(exc))
+            return
+        _emit(self._channel, "worker_alive", worker=self._settings.worker_id, ok=True, error="")
 
     def step(self) -> bool:
         """Claim and run one job; False when there was none."""
@@ -407,7 +536,7 @@ class Worker:
             session.checkpoint()
             loaded = self._cache.get(job.spec.model)
             session.checkpoint()
-            result = self._transcribe(loaded, audio, job, session)
+            result = self._transcribe(loaded, audio, claim, session)
             written = self._write_outputs(claim, result, audio_seconds, session)
             self._crash_if("after_outputs")
             if not self._store.finish(job.id, token, state=JobState.DONE, outputs=written):
@@ -421,6 +550,11 @@ class Worker:
         except LeaseLost as exc:
             bound.warning("job.lease_lost", error=str(exc))
             return JobState.RUNNING, str(exc), audio_seconds
+        except NoRoomOnDevice as exc:
+            # Not the file's fault: give it back uncounted, for a device with room.
+            self._store.release(job.id, token, reason=str(exc))
+            self._hold_off_until = time.monotonic() + 5.0
+            return JobState.QUEUED, str(exc), audio_seconds
         except (MediaError, ModelNotFoundError) as exc:
             # The same file or model fails the same way every time: no retry.
             self._store.finish(job.id, token, state=JobState.FAILED, error=str(exc))
@@ -438,11 +572,50 @@ class Worker:
             )
             return state, error, audio_seconds
 
-    def _transcribe(self, loaded: Any, audio: Any, job: Job, session: JobSession) -> TranscriptResult:
+    def _transcribe(self, loaded: Any, audio: Any, claim: Claim, session: JobSession) -> TranscriptResult:
+        """Transcribe; on CUDA out-of-memory unload the other models and try
+        once more, then (cpu_fallback) finish on the CPU, else fail the
+        attempt so another device can take the job."""
         from whisperd import transcriber
 
-        result: TranscriptResult = transcriber.transcribe(loaded, audio, job.spec.options, session)
-        return result
+        options = claim.job.spec.options
+        try:
+            return transcriber.transcribe(loaded, audio, options, session)
+        except Exception as exc:
+            if not (self._cache.on_gpu and transcriber.is_out_of_memory(exc)):
+                raise
+            log.warning(
+                "job.out_of_memory", job_id=claim.job.id, device=self._settings.device, retry="in place"
+            )
+            self._cache.unload_others(claim.job.spec.model, "oom")
+            transcriber.empty_cuda_cache()
+        try:
+            return transcriber.transcribe(loaded, audio, options, session)
+        except Exception as exc:
+            if not (transcriber.is_out_of_memory(exc) and self._settings.cpu_fallback):
+                raise
+        return self._transcribe_on_cpu(audio, claim, session)
+
+    def _transcribe_on_cpu(self, audio: Any, claim: Claim, session: JobSession) -> TranscriptResult:
+        from whisperd import transcriber
+
+        job = claim.job
+        log.warning(
+            "job.cpu_fallback",
+            job_id=job.id,
+            inbox=job.spec.inbox,
+            file=job.spec.rel_path,
+            device=self._settings.device,
+        )
+        _emit(self._channel, "cpu_fallback", model=job.spec.model)
+        self._store.set_device(job.id, claim.token, "cpu")
+        on_cpu = transcriber.load_model(
+            job.spec.model, self._settings.models_folder, "cpu", allow_download=self._settings.allow_download
+        )
+        try:
+            return transcriber.transcribe(on_cpu, audio, job.spec.options, session)
+        finally:
+            transcriber.release_model(on_cpu)
 
     def _write_outputs(
         self, claim: Claim, result: TranscriptResult, audio_seconds: float, session: JobSession
