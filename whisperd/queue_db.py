@@ -550,6 +550,21 @@ class JobStore:
             cancel = conn.execute(sa.select(JOBS.c.cancel_requested).where(JOBS.c.id == job_id)).scalar()
         return HeartbeatReply(ok=True, cancel_requested=bool(cancel))
 
+    def set_identity(
+        self, job_id: int, token: str, identity: FileIdentity, *, now: float | None = None
+    ) -> bool:
+        """Record that a running job's source was replaced since it was queued
+        (the worker transcribes the file as it is now)."""
+        values = {
+            "file_device": _to_int64(identity.device),
+            "file_inode": _to_int64(identity.inode),
+            "file_size": identity.size,
+            "file_mtime_ns": identity.mtime_ns,
+            "updated_at": _clock(now),
+        }
+        with self._writing() as conn:
+            return self._fenced_update(conn, job_id, token, values)
+
     def set_device(self, job_id: int, token: str, device: str, *, now: float | None = None) -> bool:
         """Record the device a running job really runs on (a CPU fallback)."""
         with self._writing() as conn:

@@ -455,6 +455,21 @@ class Worker:
             self._set_current(0)
         return True
 
+    def _check_still_there(self, claim: Claim) -> None:
+        """A file deleted before its job ran fails with that reason; a file
+        replaced since (new inode) is transcribed as it is now, and the store
+        learns its identity (so the right file moves to done/ afterwards)."""
+        job = claim.job
+        try:
+            current = FileIdentity.of(job.source)
+        except FileNotFoundError:
+            raise MediaError(job.source, "file vanished before it could be transcribed") from None
+        except OSError as exc:
+            raise MediaError(job.source, f"cannot read file: {exc.strerror}") from None
+        if (current.device, current.inode) != (job.identity.device, job.identity.inode):
+            log.info("job.source_replaced", job_id=job.id, inbox=job.spec.inbox, file=job.spec.rel_path)
+            self._store.set_identity(job.id, claim.token, current)
+
     def _crash_if(self, point: str) -> None:
         """The crash-recovery test hook: die like a power cut, daemon first."""
         if self._settings.crash_point == point:
@@ -522,7 +537,7 @@ class Worker:
         job, token = claim.job, claim.token
         audio_seconds: float | None = None
         try:
-            _check_still_there(job)
+            self._check_still_there(claim)
             info = media.check_source(
                 job.source,
                 max_size_bytes=job.spec.max_size_bytes,
@@ -655,19 +670,6 @@ class Worker:
     def _planned(self, job_id: int) -> list[str]:
         job = self._store.get(job_id)
         return list(job.outputs) if job else []
-
-
-def _check_still_there(job: Job) -> None:
-    """A file deleted before its job ran fails with that reason; a file
-    replaced since (new inode) is transcribed as it is now."""
-    try:
-        current = FileIdentity.of(job.source)
-    except FileNotFoundError:
-        raise MediaError(job.source, "file vanished before it could be transcribed") from None
-    except OSError as exc:
-        raise MediaError(job.source, f"cannot read file: {exc.strerror}") from None
-    if (current.device, current.inode) != (job.identity.device, job.identity.inode):
-        log.info("job.source_replaced", job_id=job.id, inbox=job.spec.inbox, file=job.spec.rel_path)
 
 
 def _is_oom(exc: BaseException) -> bool:
