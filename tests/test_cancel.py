@@ -2,8 +2,8 @@
 cancel folder and with `whisperd cancel ID|PATH`, for queued and running jobs.
 
 Every test runs `whisperd run` in a subprocess with the real tiny.en model on
-real espeak-ng speech. The long clip (the SENTENCES twice, about 90 s of
-speech) keeps a worker busy long enough to cancel it mid-transcription.
+real espeak-ng speech. The long clip (the SENTENCES three times, about 130 s
+of speech) keeps a worker busy long enough to cancel it mid-transcription.
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ CANCEL_SECONDS = 15.0
 
 @pytest.fixture(scope="module")
 def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """About 90 s of speech (the SENTENCES spoken twice), made once per module."""
+    """About 130 s of speech (the SENTENCES spoken three times), made once per module."""
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng not installed (apt-get install espeak-ng)")
     clip = tmp_path_factory.mktemp("long-clip") / "long.wav"
     subprocess.run(
         ["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(clip), "--stdin"],
-        input=" ".join(SENTENCES * 2).encode("utf-8"),
+        input=" ".join(SENTENCES * 3).encode("utf-8"),
         check=True,
         capture_output=True,
     )
@@ -241,7 +241,7 @@ def test_whisperd_cancel_by_id_and_by_path_for_queued_and_running_jobs(
     daemon = daemon_factory()
     daemon.start()
     daemon.drop(long_clip, "first.wav")
-    wait_until_transcribing(daemon, "first.wav")
+    daemon.wait_for_state("first.wav", JobState.RUNNING, timeout=30)
     for name in ("queued-by-id", "queued-by-path"):
         daemon.drop(speech(SENTENCES[3], name))
     by_id = daemon.wait_for_state("queued-by-id.wav", JobState.QUEUED, timeout=30)
@@ -258,8 +258,7 @@ def test_whisperd_cancel_by_id_and_by_path_for_queued_and_running_jobs(
         daemon.wait_for(lambda n=name: (daemon.cancel / n).is_file(), timeout=30.0, what=f"{name} in cancel/")
 
     # Running, by id.
-    first = daemon.job_for("first.wav")
-    assert first is not None and first.state is JobState.RUNNING
+    first = wait_until_transcribing(daemon, "first.wav")
     reply = daemon.cli("cancel", str(first.id))
     assert reply.returncode == 0 and "is running" in reply.stdout, reply
     assert_cancelled_cleanly(daemon, "first.wav")

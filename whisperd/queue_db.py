@@ -237,6 +237,28 @@ def _job_from_row(row: Row[Any]) -> Job:
     )
 
 
+def _new_row(spec: JobSpec, identity: FileIdentity, now: float) -> dict[str, Any]:
+    """Columns of a new job row, less its state and attempt limit."""
+    return {
+        "inbox": spec.inbox,
+        "rel_path": spec.rel_path,
+        "source": spec.source,
+        "spec_json": json.dumps(spec.to_dict(), sort_keys=True),
+        "file_device": _to_int64(identity.device),
+        "file_inode": _to_int64(identity.inode),
+        "file_size": identity.size,
+        "file_mtime_ns": identity.mtime_ns,
+        "priority": spec.priority,
+        "attempts": 0,
+        "not_before": now,
+        "created_at": now,
+        "outputs_json": "[]",
+        "progress": 0.0,
+        "cancel_requested": False,
+        "updated_at": now,
+    }
+
+
 def _cleared_claim() -> dict[str, Any]:
     """Columns reset when a running job goes back to the queue."""
     return {"claim_token": None, "worker": None, "device": None, "lease_expires": None}
@@ -436,24 +458,7 @@ class JobStore:
             return _job_from_row(existing), False
         result = conn.execute(
             JOBS.insert().values(
-                inbox=spec.inbox,
-                rel_path=spec.rel_path,
-                source=spec.source,
-                spec_json=json.dumps(spec.to_dict(), sort_keys=True),
-                file_device=_to_int64(identity.device),
-                file_inode=_to_int64(identity.inode),
-                file_size=identity.size,
-                file_mtime_ns=identity.mtime_ns,
-                state=JobState.QUEUED.value,
-                priority=spec.priority,
-                attempts=0,
-                max_attempts=max_attempts,
-                not_before=now,
-                created_at=now,
-                outputs_json="[]",
-                progress=0.0,
-                cancel_requested=False,
-                updated_at=now,
+                **_new_row(spec, identity, now), state=JobState.QUEUED.value, max_attempts=max_attempts
             )
         )
         job_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
@@ -867,26 +872,11 @@ class JobStore:
         with self._writing() as conn:
             result = conn.execute(
                 JOBS.insert().values(
-                    inbox=spec.inbox,
-                    rel_path=spec.rel_path,
-                    source=spec.source,
-                    spec_json=json.dumps(spec.to_dict(), sort_keys=True),
-                    file_device=_to_int64(identity.device),
-                    file_inode=_to_int64(identity.inode),
-                    file_size=identity.size,
-                    file_mtime_ns=identity.mtime_ns,
+                    **_new_row(spec, identity, moment),
                     state=JobState.FAILED.value,
-                    priority=spec.priority,
-                    attempts=0,
                     max_attempts=1,
-                    not_before=moment,
-                    created_at=moment,
                     finished_at=moment,
                     last_error=reason,
-                    outputs_json="[]",
-                    progress=0.0,
-                    cancel_requested=False,
-                    updated_at=moment,
                 )
             )
             key = result.inserted_primary_key
