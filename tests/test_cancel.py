@@ -54,6 +54,8 @@ def wait_until_transcribing(daemon: DaemonUnderTest, rel_path: str) -> Job:
 
     def transcribing() -> bool:
         job = daemon.job_for(rel_path)
+        if job is not None and not job.state.is_active:
+            raise AssertionError(f"{rel_path} ended {job.state.value} ({job.last_error}) before it could be cancelled")
         return job is not None and job.state is JobState.RUNNING and job.progress > 0
 
     daemon.wait_for(transcribing, timeout=120.0, what=f"{rel_path} transcribing")

@@ -194,7 +194,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             after = store.request_cancel(job.id, reason="cancelled with whisperd cancel")
             if after is None:
                 continue
-            if after.state is JobState.CANCELLED:
+            if not job.state.is_active:  # ended before this call: say so, never "cancelled"
+                print(f"job {after.id} already {after.state.value}; nothing to cancel")
+            elif after.state is JobState.CANCELLED:
                 print(f"job {after.id} cancelled ({after.spec.rel_path})")
             elif after.state is JobState.RUNNING:
                 print(f"job {after.id} is running; it stops within seconds ({after.spec.rel_path})")

@@ -369,13 +369,21 @@ def _build(cls: type[T], table: Mapping[str, Any], where: str, source: str, base
         if name not in table:
             if fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
                 raise ConfigError(source, key, "is required")
+            if fld.metadata.get("path") and isinstance(fld.default, str):
+                # A default folder is relative to the config file too, not to
+                # wherever whisperd happens to be started from.
+                values[name] = _resolve(fld.default, base)
             continue
         value = _coerce(table[name], hints[name], key, source)
         _check(value, fld.metadata, key, source)
         if fld.metadata.get("path"):
-            value = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+            value = _resolve(value, base)
         values[name] = value
     return cls(**values)
+
+
+def _resolve(path: str, base: str) -> str:
+    return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:

@@ -8,6 +8,7 @@ in reverse. Signal handlers only set events; the loop acts on them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import signal
@@ -39,6 +40,24 @@ HOUSEKEEPING_SECONDS = 5.0
 # A finished job's source is moved by its worker; the daemon's sweep only
 # takes over (crash, kill) once the worker has had this long.
 DISPOSE_AFTER_SECONDS = 10.0
+# READY waits for the files found at start to become jobs: settle_seconds
+# plus this much for looking at and queueing them; after it, READY anyway.
+START_SCAN_MARGIN_SECONDS = 10.0
+# While running jobs drain on stop, ask systemd for more time at most this
+# often, each time for what is left of the grace period plus the margin.
+EXTEND_TIMEOUT_EVERY_SECONDS = 1.0
+EXTEND_TIMEOUT_MARGIN_SECONDS = 5.0
+# Settings a reload applies at once (to jobs queued from then on). Every other
+# setting outside the [[inbox]] tables takes effect at the next restart.
+RELOADABLE_SETTINGS = frozenset({"daemon.shutdown_grace_seconds", "models.default", "workers.max_attempts"})
+
+
+def watchdog_ping_seconds(watchdog_timeout: float | None) -> float:
+    """How often to send WATCHDOG=1: half of systemd's WatchdogSec, so one
+    late ping is not fatal (never less often than housekeeping runs)."""
+    if watchdog_timeout is None:
+        return HOUSEKEEPING_SECONDS
+    return min(HOUSEKEEPING_SECONDS, watchdog_timeout / 2)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +91,11 @@ class Daemon:
         self._metrics: Metrics | None = None
         self._server: MetricsServer | None = None
         self._next_housekeeping = 0.0
+        self._next_watchdog = 0.0
+        self._watchdog_every = watchdog_ping_seconds(self._notifier.watchdog_interval())
+        self._last_extend = float("-inf")
+        # watcher.events_seen totals already added to the metrics.
+        self._watcher_events_counted: dict[str, int] = {}
         self._host = socket.gethostname()
 
     # -- lifecycle -------------------------------------------------------------
@@ -137,6 +161,12 @@ class Daemon:
             on_rejected=self._on_rejected,
         )
         self._watcher.start()  # watches first, then scans what is already there
+        # READY promises that files dropped while whisperd was down are jobs.
+        if not self._watcher.wait_start_settled(config.daemon.settle_seconds + START_SCAN_MARGIN_SECONDS):
+            log.warning(
+                "daemon.start_scan_pending",
+                hint="files found at start are still settling; they are queued once they stop changing",
+            )
         log.info(
             "daemon.ready",
             inboxes=list(self._inboxes),
@@ -152,6 +182,9 @@ class Daemon:
             self._signals.reload.clear()
             self.reload()
         assert self._pool is not None and self._store is not None
+        # Before supervise() replaces a dead worker, so a pass that finds one
+        # sends no keep-alive (and the next pass, 0.2 s later, does).
+        self._keep_alive(now)
         self._pool.supervise(now)
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + HOUSEKEEPING_SECONDS
@@ -166,7 +199,7 @@ class Daemon:
             self._watcher = None
         if self._pool is not None:
             grace = 0.0 if self._signals.force.is_set() else self._config.daemon.shutdown_grace_seconds
-            self._pool.stop(grace, on_wait=self._while_draining)
+            self._pool.stop(grace, on_wait=self._while_draining, cut_short=self._signals.force.is_set)
             self._pool = None
         if self._server is not None:
             self._server.stop()
@@ -185,18 +218,35 @@ class Daemon:
         self._signals.stop.set()
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config; inboxes come and go, running jobs stay."""
+        """SIGHUP: re-read the config; inboxes come and go, running jobs stay.
+        systemd hears RELOADING=1 first and READY=1 when done, failed or not."""
+        self._notifier.reloading()
+        try:
+            self._reload_config()
+        finally:
+            self._notifier.ready(self._status_line())
+
+    def _reload_config(self) -> None:
         try:
             fresh = load_config(self._config.source)
-        except ConfigError as exc:
-            log.error("config.reload_failed", error=str(exc))
+            self._make_folders(fresh.inboxes)
+        except (ConfigError, OSError) as exc:
+            log.error(
+                "config.reload_failed", error=str(exc), hint="the previous configuration stays in force"
+            )
             return
-        self._make_folders(fresh.inboxes)
+        pending = _restart_only_changes(self._config, fresh)
         self._config = fresh
         self._inboxes = {i.name: i for i in fresh.inboxes}
         if self._watcher is not None:
             self._watcher.set_specs([self._watch_spec(i) for i in fresh.inboxes])
         log.info("config.reloaded", inboxes=list(self._inboxes))
+        if pending:
+            log.warning(
+                "config.restart_needed",
+                settings=pending,
+                hint="these changes take effect at the next restart",
+            )
 
     # -- start-up -----------------------------------------------------------------
 
@@ -324,16 +374,36 @@ class Daemon:
                 )
             if self._metrics is not None and self._watcher.last_rescan is not None:
                 self._metrics.rescan_completed(time.time() - (time.monotonic() - self._watcher.last_rescan))
-        if self._pool.alive_count() == self._pool.size():
-            self._notifier.watchdog()  # only while every worker is alive
+            self._count_watcher_events(self._watcher)
         self._notifier.status(self._status_line())
+
+    def _keep_alive(self, now: float) -> None:
+        """WATCHDOG=1 every _watchdog_every seconds, only while every worker
+        is alive: a pool that cannot keep its workers up lets systemd step in."""
+        assert self._pool is not None
+        if now < self._next_watchdog or self._pool.alive_count() != self._pool.size():
+            return
+        self._next_watchdog = now + self._watchdog_every
+        self._notifier.watchdog()
+
+    def _count_watcher_events(self, watcher: Watcher) -> None:
+        if self._metrics is None:
+            return
+        seen = watcher.events_seen
+        for kind, total in seen.items():
+            self._metrics.watcher_event(kind, total - self._watcher_events_counted.get(kind, 0))
+        self._watcher_events_counted = seen
 
     def _dispose_finished(self, store: JobStore, *, older_than: float) -> None:
         for job in store.undisposed(older_than=older_than):
             dispose_source(store, job)
 
     def _while_draining(self, remaining: float) -> None:
-        self._notifier.extend_timeout(remaining + 5.0)
+        """Called by the pool every 0.1 s while running jobs finish."""
+        now = self._clock()
+        if now - self._last_extend >= EXTEND_TIMEOUT_EVERY_SECONDS:
+            self._last_extend = now
+            self._notifier.extend_timeout(remaining + EXTEND_TIMEOUT_MARGIN_SECONDS)
 
     def _status_line(self) -> str:
         if self._store is None:
@@ -476,6 +546,19 @@ def _match_cancelled_file(store: JobStore, inbox: str, path: str, identity: File
         and os.path.basename(job.spec.rel_path) == name
         and job.identity.size == identity.size
     ][:1]
+
+
+def _restart_only_changes(old: Config, new: Config) -> list[str]:
+    """Dotted names of changed settings that a reload cannot apply."""
+    changed = []
+    for section in ("daemon", "models", "workers", "metrics"):
+        before, after = getattr(old, section), getattr(new, section)
+        for setting in dataclasses.fields(before):
+            key = f"{section}.{setting.name}"
+            same = getattr(before, setting.name) == getattr(after, setting.name)
+            if not same and key not in RELOADABLE_SETTINGS:
+                changed.append(key)
+    return changed
 
 
 def _log_json(log_format: str) -> bool | None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from whisperd import logs
 from whisperd.config import WorkersConfig
+from whisperd.errors import WhisperdError
 from whisperd.jobs import Job, JobState
 from whisperd.nvml import DeviceProbe
 from whisperd.queue_db import JobStore
@@ -51,10 +52,18 @@ class Slot:
 
 def plan_slots(workers: WorkersConfig, gpu_indexes: Sequence[int]) -> list[Slot]:
     """Slots for the configured devices: every GPU ("auto") or the listed
-    ones, `jobs_per_device` each; the CPU where there is no GPU."""
+    ones, `jobs_per_device` each; the CPU where there is no GPU. A listed GPU
+    that is not there is an error (its worker could never run a job)."""
     if workers.devices == "cpu" or (workers.devices == "auto" and not gpu_indexes):
         return [Slot(name=f"cpu-{n}", device="cpu") for n in range(workers.cpu_slots)]
     chosen: list[int] = list(gpu_indexes) if isinstance(workers.devices, str) else list(workers.devices)
+    missing = [index for index in chosen if index not in gpu_indexes]
+    if missing:
+        found = ", ".join(str(i) for i in gpu_indexes) or "none"
+        raise WhisperdError(
+            f"workers.devices lists GPU {', '.join(str(i) for i in missing)}, which NVML does not see "
+            f'(GPUs found: {found}); list only present GPUs, or use "auto" or "cpu"'
+        )
     return [
         Slot(name=f"gpu{index}-{n}", device=f"cuda:{index}", gpu_index=index)
         for index in chosen
@@ -67,6 +76,10 @@ class HealthPolicy:
     """When the pool calls a device or a worker sick (see config.WorkersConfig)."""
 
     interval_seconds: float = 15.0
+    # A worker that has not yet proved itself alive once is still starting
+    # (importing torch, initialising CUDA), which can take long on a busy
+    # host: it gets at least this long before it is called silent.
+    startup_seconds: float = 120.0
     # A job whose progress has not moved for the longer of these is hung.
     hung_min_seconds: float = 300.0
     hung_audio_factor: float = 2.0
@@ -81,7 +94,17 @@ class HealthPolicy:
 
 
 def default_cpu_threads(slots: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, slots))
+    """The cores this process may run on, shared out among the slots."""
+    return max(1, _usable_cores() // max(1, slots))
+
+
+def _usable_cores() -> int:
+    # The affinity mask, not os.cpu_count(): a process pinned to a few cores
+    # (taskset, cpusets) must not size its thread pools for the whole host.
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @dataclass(kw_only=True)
@@ -96,8 +119,12 @@ class _SlotState:
     # Monotonic times: process start, last proof of life (canary).
     started_at: float = 0.0
     alive_at: float = 0.0
-    # Running job id -> (progress last seen, monotonic time it last moved).
-    progress_seen: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # Whether this process has proved itself alive at least once.
+    proven: bool = False
+    # Claim token of the running attempt -> (progress last seen, monotonic
+    # time it last moved). Keyed by attempt, not job: a retried job starts
+    # again from zero progress and must not inherit the old attempt's clock.
+    progress_seen: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 class WorkerPool:
@@ -136,15 +163,26 @@ class WorkerPool:
         for state in self._slots:
             self._spawn(state)
 
-    def stop(self, grace_seconds: float, on_wait: Callable[[float], None] | None = None) -> None:
+    def stop(
+        self,
+        grace_seconds: float,
+        on_wait: Callable[[float], None] | None = None,
+        cut_short: Callable[[], bool] | None = None,
+    ) -> None:
         """Let running jobs finish within grace_seconds, then kill the workers
-        and hand their jobs back to the queue (attempt not counted)."""
+        and hand their jobs back to the queue (attempt not counted).
+        cut_short() turning true ends the grace at once (a second SIGTERM)."""
         self._stopping = True
         for state in self._slots:
             state.channel.stop.set()
             state.channel.wake.set()
         deadline = self._clock() + grace_seconds
-        while any(self._alive(s) for s in self._slots) and self._clock() < deadline:
+
+        def waiting() -> bool:
+            in_grace = self._clock() < deadline and not (cut_short is not None and cut_short())
+            return in_grace and any(self._alive(s) for s in self._slots)
+
+        while waiting():
             if on_wait is not None:
                 on_wait(deadline - self._clock())
             self._drain_events()
@@ -233,7 +271,10 @@ class WorkerPool:
         if not job_id:
             state.progress_seen.clear()
             last_sign = max(state.alive_at, state.started_at)
-            if now - last_sign > self._health.silent_worker_seconds:
+            limit = self._health.silent_worker_seconds
+            if not state.proven:
+                limit = max(limit, self._health.startup_seconds)
+            if now - last_sign > limit:
                 log.error("worker.silent", slot=state.slot.name, seconds=round(now - last_sign, 1))
                 self._kill(state)
                 self._restart(state, "unhealthy")
@@ -242,9 +283,10 @@ class WorkerPool:
         job = self._store.get(job_id)
         if job is None or job.state is not JobState.RUNNING:
             return
-        seen = state.progress_seen.get(job_id)
+        attempt = job.claim_token or ""
+        seen = state.progress_seen.get(attempt)
         if seen is None or job.progress > seen[0]:
-            state.progress_seen = {job_id: (job.progress, now)}
+            state.progress_seen = {attempt: (job.progress, now)}
             return
         stalled = now - seen[1]
         if stalled > self._health.hung_after(job.audio_seconds):
@@ -305,6 +347,7 @@ class WorkerPool:
         process.start()
         state.process = process
         state.started_at = state.alive_at = self._clock()
+        state.proven = False
         log.info("worker.started", slot=state.slot.name, device=state.slot.device, pid=process.pid)
 
     @staticmethod
@@ -342,7 +385,13 @@ class WorkerPool:
             if job.cancel_requested:
                 self._finish_cancelled(job)
                 continue
-            new_state = self._store.retry_or_fail(job.id, job.claim_token, error=error)
+            new_state = self._store.retry_or_fail(
+                job.id,
+                job.claim_token,
+                error=error,
+                base_delay=state.settings.retry_base_seconds,
+                max_delay=state.settings.retry_max_seconds,
+            )
             log.warning(
                 "job.retry" if new_state is JobState.QUEUED else "job.failed",
                 job_id=job.id,
@@ -430,6 +479,7 @@ class WorkerPool:
                 continue
             if fields.get("ok"):
                 state.alive_at = self._clock()
+                state.proven = True
             else:
                 log.error("worker.canary_failed", slot=state.slot.name, error=fields.get("error"))
                 # The next health check restarts it.

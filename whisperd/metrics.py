@@ -42,8 +42,18 @@ CANCEL_PHASES = ("queued", "running")
 REJECT_REASONS = ("symlink", "too_large", "too_long", "not_media", "empty", "unreadable", "duplicate")
 RESTART_REASONS = ("crashed", "cancel_kill", "hung", "unhealthy")
 UNLOAD_REASONS = ("idle", "pressure", "oom", "shutdown")
-# watchdog's event types, plus "overflow" for a kernel queue overflow.
-WATCHER_EVENT_KINDS = ("created", "modified", "moved", "deleted", "closed", "opened", "overflow")
+# watchdog's event types (closed_no_write: a file opened for reading was
+# closed), plus "overflow" for a kernel queue overflow.
+WATCHER_EVENT_KINDS = (
+    "created",
+    "modified",
+    "moved",
+    "deleted",
+    "closed",
+    "closed_no_write",
+    "opened",
+    "overflow",
+)
 OTHER = "other"
 
 # Histogram buckets, in the metric's unit. Jobs run from seconds (a voice
@@ -225,8 +235,11 @@ class Metrics:
     def device_health_changed(self, device: str, healthy: bool) -> None:
         self._device_healthy.labels(device).set(1 if healthy else 0)
 
-    def watcher_event(self, kind: str) -> None:
-        self._watcher_events.labels(self._bounded("watcher event kind", kind, WATCHER_EVENT_KINDS)).inc()
+    def watcher_event(self, kind: str, count: int = 1) -> None:
+        """`count` events of one kind (the daemon reports them in batches)."""
+        if count > 0:
+            kind = self._bounded("watcher event kind", kind, WATCHER_EVENT_KINDS)
+            self._watcher_events.labels(kind).inc(count)
 
     def rescan_completed(self, timestamp: float) -> None:
         self._last_rescan.set(timestamp)

