@@ -203,22 +203,17 @@ _KEY = re.compile(r"^(\w+)\s*=")
 
 
 def _documented_keys(text: str) -> dict[str, dict[str, bool]]:
-    """Per section, each key set in the file and whether a comment documents it:
-    a comment line right above it, or above the run of keys it belongs to
-    (`retry_base_seconds` and `retry_max_seconds` under one comment)."""
+    """Per section, each key set in the file and whether the line right
+    above it is a comment (every key documents itself)."""
     found: dict[str, dict[str, bool]] = {}
     section = ""
-    documented = False
+    previous = ""
     for line in (raw.strip() for raw in text.splitlines()):
-        if line.startswith("#"):
-            documented = True
-            continue
         if match := _SECTION.match(line):
-            section, documented = match.group(1), False
+            section = match.group(1)
         elif match := _KEY.match(line):
-            found.setdefault(section, {})[match.group(1)] = documented
-        else:
-            documented = False  # a blank line ends a comment's reach
+            found.setdefault(section, {})[match.group(1)] = previous.startswith("#")
+        previous = line
     return found
 
 

@@ -437,12 +437,17 @@ def test_a_finished_job_shows_in_a_real_scrape_and_in_json_logs(
 
     texts: list[str] = []
 
-    def scraped_with_watcher_events() -> bool:
-        # Watcher events are added to the metrics by the daemon's housekeeping (every 5 s).
+    def scraped_after_the_events_arrived() -> bool:
+        # The worker's events reach the daemon on its next pass (0.2 s), the
+        # watcher's on its next housekeeping (5 s): a scrape may precede both.
         texts[:] = [scrape(port)]
-        return (value(texts[0], "whisperd_watcher_events_total", kind="moved") or 0) > 0
+        finished = value(texts[0], "whisperd_jobs_finished_total", inbox="main", outcome="done")
+        return (
+            finished is not None
+            and value(texts[0], "whisperd_watcher_events_total", kind="moved") is not None
+        )
 
-    daemon.wait_for(scraped_with_watcher_events, timeout=30.0, what="watcher events in a scrape")
+    daemon.wait_for(scraped_after_the_events_arrived, timeout=30.0, what="job and watcher events in a scrape")
     text = texts[0]
 
     checked = subprocess.run(

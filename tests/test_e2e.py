@@ -167,6 +167,8 @@ MEDIA = (
     ("mkv", True),
     ("webm", True),
 )
+# Checked for exact parity with openai-whisper: plain audio, and a video's audio track.
+PARITY_FORMATS = ("wav", "mp4")
 
 
 def test_every_common_format_is_transcribed_in_one_run(
@@ -180,7 +182,8 @@ def test_every_common_format_is_transcribed_in_one_run(
     daemon.start()
     sources: dict[str, tuple[Path, str]] = {}
     for n, (fmt, video) in enumerate(MEDIA):
-        spoken = SENTENCES[n % len(SENTENCES)]
+        # Full 8-15 s sentences where parity is checked, short ones elsewhere.
+        spoken = SENTENCES[n % len(SENTENCES)] if fmt in PARITY_FORMATS else SHORT[n % len(SHORT)]
         clip = speech(spoken, f"clip_{fmt}", fmt, video=video)
         daemon.drop(clip)
         sources[clip.name] = (clip, spoken)
@@ -198,7 +201,7 @@ def test_every_common_format_is_transcribed_in_one_run(
 
     # The daemon's transcript is exactly openai-whisper's, for a plain audio
     # file and for the audio track of a video.
-    for name in ("clip_wav.wav", "clip_mp4.mp4"):
+    for name in (f"clip_{fmt}.{fmt}" for fmt in PARITY_FORMATS):
         expected = reference(models_dir / "tiny.en.pt", sources[name][0], **DEFAULT_OPTIONS)
         job = daemon.job_for(name)
         assert job is not None

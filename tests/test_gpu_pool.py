@@ -282,7 +282,6 @@ def test_a_cpu_budget_fitting_one_model_unloads_the_least_recently_used_one(
     third = transcribe(daemon, "b", clip, "third.wav")
     busy = computing_threads(before, thread_cpu_ticks(pid))
     assert len(busy) == 1, f"threads that computed (ticks): {busy}"
-    print("FIG budget busy", busy, "measured", measured, "rtf", [e.get("realtime_factor") for e in daemon.events("job.done")])  # TMPPRINT
 
     for job in (first, second, third):
         assert_ran_on_cpu(job)
@@ -313,7 +312,6 @@ def test_without_a_budget_both_models_stay_loaded_and_torch_uses_the_configured_
     jobs.append(transcribe(daemon, "a", clip, "third.wav"))
     busy = computing_threads(before, thread_cpu_ticks(pid))
     assert len(busy) == 2, f"threads that computed (ticks): {busy}"
-    print("FIG nobudget busy", busy, "rtf", [e.get("realtime_factor") for e in daemon.events("job.done")])  # TMPPRINT
     assert [e["model"] for e in daemon.events("model.loaded")] == ["tiny.en", "tiny-b"]  # no reload
 
     for job in jobs:
@@ -342,7 +340,6 @@ def test_an_idle_model_is_unloaded_and_the_worker_gives_its_memory_back(
         timeout=10.0,
         what=f"worker RSS below {wanted / MiB:.0f} MiB (was {with_model / MiB:.0f} MiB with the model)",
     )
-    print("FIG idle rss", with_model / MiB, vm_rss_bytes(pid) / MiB, "model", model_bytes / MiB)  # TMPPRINT
     assert the_worker_pid(daemon) == pid  # the same process, not a restart
 
     # The next job loads the model again and runs as before.

@@ -40,6 +40,10 @@ HOUSEKEEPING_SECONDS = 5.0
 # A finished job's source is moved by its worker; the daemon's sweep only
 # takes over (crash, kill) once the worker has had this long.
 DISPOSE_AFTER_SECONDS = 10.0
+# Files that settle together are queued this many per transaction: one commit
+# (one fsync) per batch, while the write lock is never held long enough to
+# delay a worker's claim or heartbeat noticeably; workers are woken per batch.
+ENQUEUE_BATCH = 200
 # READY waits for the files found at start to become jobs: settle_seconds
 # plus this much for looking at and queueing them; after it, READY anyway.
 START_SCAN_MARGIN_SECONDS = 10.0
@@ -157,6 +161,7 @@ class Daemon:
             settle_seconds=config.daemon.settle_seconds,
             rescan_seconds=config.daemon.rescan_seconds,
             on_settled=self._on_settled,
+            on_settled_many=self._on_settled_many,
             on_cancel=self._on_cancel,
             on_rejected=self._on_rejected,
         )
@@ -414,20 +419,31 @@ class Daemon:
     # -- callbacks from the watcher's settle thread -----------------------------------
 
     def _on_settled(self, spec: WatchSpec, path: str, identity: FileIdentity) -> None:
+        self._on_settled_many(spec, [(path, identity)])
+
+    def _on_settled_many(self, spec: WatchSpec, files: list[tuple[str, FileIdentity]]) -> None:
         inbox = self._inboxes.get(spec.name)
         store = self._store
         if inbox is None or store is None:
             return
-        rel_path = os.path.relpath(path, inbox.path)
-        job_spec = inbox.job_spec(rel_path, self._config.models.default)
-        job, created = store.enqueue(job_spec, identity, max_attempts=self._config.workers.max_attempts)
-        if not created:
-            return
-        log.info("job.queued", job_id=job.id, inbox=inbox.name, file=rel_path, model=job_spec.model)
+        default_model = self._config.models.default
+        for first in range(0, len(files), ENQUEUE_BATCH):
+            items = [
+                (inbox.job_spec(os.path.relpath(path, inbox.path), default_model), identity)
+                for path, identity in files[first : first + ENQUEUE_BATCH]
+            ]
+            queued = store.enqueue_many(items, max_attempts=self._config.workers.max_attempts)
+            created = [job for job, is_new in queued if is_new]
+            for job in created:
+                self._note_queued(job)
+            if created and self._pool is not None:
+                self._pool.wake()
+
+    def _note_queued(self, job: Job) -> None:
+        spec = job.spec
+        log.info("job.queued", job_id=job.id, inbox=spec.inbox, file=spec.rel_path, model=spec.model)
         if self._metrics is not None:
-            self._metrics.job_queued(inbox.name)
-        if self._pool is not None:
-            self._pool.wake()
+            self._metrics.job_queued(spec.inbox)
 
     def _on_cancel(self, spec: WatchSpec, path: str, identity: FileIdentity) -> None:
         store = self._store

@@ -3,7 +3,9 @@
 The watcher turns file-system activity into three kinds of callback:
 
 - ``on_settled(spec, path, identity)``: a media file in an inbox has stopped
-  changing (size and mtime unchanged for ``settle_seconds``);
+  changing (size and mtime unchanged for ``settle_seconds``); or, when
+  ``on_settled_many`` is given, ``on_settled_many(spec, [(path, identity), ...])``
+  with every file of one inbox that settled in the same step;
 - ``on_cancel(spec, path, identity)``: the same, for a file in the inbox's
   cancel folder;
 - ``on_rejected(spec, path, reason)``: a file the inbox refuses (symbolic links).
@@ -124,6 +126,7 @@ class WatchSpec:
 
 
 SettledCallback = Callable[[WatchSpec, str, FileIdentity], None]
+SettledManyCallback = Callable[[WatchSpec, list[tuple[str, FileIdentity]]], None]
 RejectedCallback = Callable[[WatchSpec, str, str], None]
 
 
@@ -251,7 +254,10 @@ class Watcher:
     ``settle_seconds``: how long size and mtime must stay unchanged before a file
     is delivered. ``rescan_seconds``: period of the full walk that catches events
     the kernel dropped and revives dead observers (0 disables it). ``clock`` is
-    the monotonic time source used for settling and rescans.
+    the monotonic time source used for settling and rescans. ``on_settled_many``,
+    when given, replaces ``on_settled``: files of one inbox that settle in the
+    same step are handed over in one call, so that a thousand files dropped
+    at once can be queued in one transaction instead of a thousand.
     """
 
     def __init__(
@@ -264,6 +270,7 @@ class Watcher:
         on_cancel: SettledCallback,
         on_rejected: RejectedCallback,
         clock: Callable[[], float] = time.monotonic,
+        on_settled_many: SettledManyCallback | None = None,
     ) -> None:
         if settle_seconds < 0:
             raise ValueError(f"settle_seconds must be >= 0, got {settle_seconds!r}")
@@ -272,6 +279,7 @@ class Watcher:
         self._settle_seconds = settle_seconds
         self._rescan_seconds = rescan_seconds
         self._on_settled = on_settled
+        self._on_settled_many = on_settled_many
         self._on_cancel = on_cancel
         self._on_rejected = on_rejected
         self._clock = clock
@@ -517,22 +525,51 @@ class Watcher:
         return [_Delivery(spec=spec, path=path, kind=_Kind.INBOX, reason=reason)]
 
     def _deliver(self, deliveries: list[_Delivery]) -> None:
-        """Run callbacks outside the state lock; a failure is logged and, for a
-        settled file, forgotten so that the next rescan offers it again."""
+        """Run callbacks outside the state lock, in order; with on_settled_many,
+        a run of settled files of one inbox goes in one call."""
+        batch: list[_Delivery] = []
         for item in deliveries:
-            try:
-                if item.identity is None:
-                    self._on_rejected(item.spec, item.path, item.reason)
-                elif item.kind is _Kind.CANCEL:
-                    self._on_cancel(item.spec, item.path, item.identity)
-                else:
-                    self._on_settled(item.spec, item.path, item.identity)
-            except Exception:
-                logger.exception("watcher callback failed for %s (inbox %s)", item.path, item.spec.name)
-                if item.identity is not None:
-                    with self._state_lock:
-                        if self._delivered.get(item.path) == item.identity:
-                            del self._delivered[item.path]
+            batchable = self._on_settled_many is not None and item.identity is not None
+            batchable = batchable and item.kind is _Kind.INBOX
+            if batchable and (not batch or batch[0].spec.name == item.spec.name):
+                batch.append(item)
+                continue
+            self._deliver_batch(batch)
+            batch = [item] if batchable else []
+            if not batchable:
+                self._deliver_one(item)
+        self._deliver_batch(batch)
+
+    def _deliver_one(self, item: _Delivery) -> None:
+        """A failure is logged and, for a settled file, forgotten so that the
+        next rescan offers it again."""
+        try:
+            if item.identity is None:
+                self._on_rejected(item.spec, item.path, item.reason)
+            elif item.kind is _Kind.CANCEL:
+                self._on_cancel(item.spec, item.path, item.identity)
+            else:
+                self._on_settled(item.spec, item.path, item.identity)
+        except Exception:
+            logger.exception("watcher callback failed for %s (inbox %s)", item.path, item.spec.name)
+            self._forget_delivered([item])
+
+    def _deliver_batch(self, batch: list[_Delivery]) -> None:
+        if not batch or self._on_settled_many is None:
+            return
+        files = [(item.path, item.identity) for item in batch if item.identity is not None]
+        try:
+            self._on_settled_many(batch[0].spec, files)
+        except Exception:
+            inbox = batch[0].spec.name
+            logger.exception("watcher callback failed for %d files (inbox %s)", len(files), inbox)
+            self._forget_delivered(batch)
+
+    def _forget_delivered(self, items: list[_Delivery]) -> None:
+        with self._state_lock:
+            for item in items:
+                if item.identity is not None and self._delivered.get(item.path) == item.identity:
+                    del self._delivered[item.path]
 
     def _note_start_progress(self) -> None:
         """Runs after callbacks returned, so a handed-over file is a job by now."""
