@@ -366,11 +366,15 @@ class DaemonProcess:
         self.wait_for(lambda: bool(self.events(name)), timeout=timeout, what=f"log event {name}")
         return time.time()
 
-    def wait_for(self, predicate: Callable[[], bool], *, timeout: float, what: str, poll: float = 0.05) -> None:
+    def wait_for(
+        self, predicate: Callable[[], bool], *, timeout: float, what: str, poll: float = 0.05
+    ) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
             if self._process is not None and self._process.poll() is not None:
-                raise RuntimeError(f"whisperd exited ({self._process.returncode}) waiting for {what}; see {self.log_path}")
+                raise RuntimeError(
+                    f"whisperd exited ({self._process.returncode}) waiting for {what}; see {self.log_path}"
+                )
             if time.monotonic() > deadline:
                 raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}; see {self.log_path}")
             time.sleep(poll)
@@ -457,14 +461,16 @@ def wait_for_files(paths: Sequence[Path], *, timeout: float, failed_dir: Path | 
             detail = notes[0].read_text(errors="replace")[:500] if notes else ""
             raise RuntimeError(f"a job failed (see {failed_dir}):\n{detail}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f} s; still missing: {[str(p) for p in missing[:5]]}")
+            raise RuntimeError(
+                f"timed out after {timeout:.0f} s; still missing: {[str(p) for p in missing[:5]]}"
+            )
         time.sleep(0.05)
     return max(p.stat().st_mtime for p in paths)
 
 
 def open_db(path: Path) -> sqlite3.Connection:
-    """A plain reader on the daemon's SQLite job store."""
-    connection = sqlite3.connect(str(path), timeout=30.0)
+    """A plain reader on the daemon's SQLite job store (callers serialise its use)."""
+    connection = sqlite3.connect(str(path), timeout=30.0, check_same_thread=False)
     connection.execute("PRAGMA busy_timeout=30000")
     return connection
 
@@ -485,7 +491,12 @@ def summary(values: Sequence[float]) -> dict[str, float]:
     ordered = sorted(values)
     middle = len(ordered) // 2
     median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-    return {"min": round(ordered[0], 3), "median": round(median, 3), "max": round(ordered[-1], 3), "n": len(ordered)}
+    return {
+        "min": round(ordered[0], 3),
+        "median": round(median, 3),
+        "max": round(ordered[-1], 3),
+        "n": len(ordered),
+    }
 
 
 def write_json(path: Path, data: Any) -> None:

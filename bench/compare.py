@@ -96,7 +96,9 @@ def run_engine(clips: list[Path], model_file: Path, out: Path) -> dict[str, Any]
     }
 
 
-def _drop_and_wait(daemon: bl.DaemonProcess, clips: list[Path], prefix: str, staging: Path) -> tuple[float, float]:
+def _drop_and_wait(
+    daemon: bl.DaemonProcess, clips: list[Path], prefix: str, staging: Path
+) -> tuple[float, float]:
     config = daemon.config
     names = [f"{prefix}-{clip.name}" for clip in clips]
     staged = bl.stage(clips, names, staging)
@@ -181,9 +183,7 @@ def analyse(rounds: list[dict[str, dict[str, Any]]], audio_seconds: float) -> di
         "whisperd_cold": times("whisperd", "cold_seconds"),
     }
     wall = {name: bl.summary(values) for name, values in series.items()}
-    throughput = {
-        name: bl.summary([audio_seconds / v for v in values]) for name, values in series.items()
-    }
+    throughput = {name: bl.summary([audio_seconds / v for v in values]) for name, values in series.items()}
 
     def paired(numerator: str, denominator: str) -> dict[str, float]:
         # Throughput ratio per round (numerator's time / denominator's time, same round).
@@ -267,7 +267,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds after the warm-up round")
     parser.add_argument("--clips", type=int, default=8, help="number of clips (5-15 s each)")
     parser.add_argument("--settle", type=float, default=0.3, help="whisperd settle_seconds")

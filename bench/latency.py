@@ -75,9 +75,13 @@ def one_drop(daemon: bl.DaemonProcess, db: Any, clip: Path, name: str, settle: f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--settle", type=float, default=2.0, help="whisperd settle_seconds (default: config's)")
+    parser.add_argument(
+        "--settle", type=float, default=2.0, help="whisperd settle_seconds (default: config's)"
+    )
     parser.add_argument("--gap", type=float, default=1.0, help="idle seconds between drops")
     parser.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
     parser.add_argument("--quiet-load", type=float, default=0.7)

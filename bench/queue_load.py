@@ -44,9 +44,13 @@ def states(db: Any, prefix: str) -> dict[str, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--files", type=int, default=2000)
-    parser.add_argument("--settle", type=float, default=2.0, help="whisperd settle_seconds (default: config's)")
+    parser.add_argument(
+        "--settle", type=float, default=2.0, help="whisperd settle_seconds (default: config's)"
+    )
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
     parser.add_argument("--quiet-load", type=float, default=0.7)
@@ -59,7 +63,9 @@ def main() -> None:
     quiet = bl.wait_for_quiet(threshold=args.quiet_load, max_wait=args.max_wait, enabled=not args.no_wait)
     machine = bl.machine_info()
     root = Path(tempfile.mkdtemp(prefix="whisperd-queue-"))
-    config = bl.DaemonConfig(root=root, models_dir=models_dir, settle_seconds=args.settle, shutdown_grace_seconds=2.0)
+    config = bl.DaemonConfig(
+        root=root, models_dir=models_dir, settle_seconds=args.settle, shutdown_grace_seconds=2.0
+    )
     prefix = "q-"
     names = [f"{prefix}{n:05d}.wav" for n in range(args.files)]
     timeline: list[tuple[float, int]] = []
@@ -75,10 +81,10 @@ def main() -> None:
             bl.say(f"dropping {len(staged)} files")
             started = bl.drop(staged, config.inbox)
             renamed = time.time() - started
-            rows = distinct = 0
+            rows = 0
             while rows < len(names) and time.time() - started < args.timeout:
                 time.sleep(0.1)
-                rows, distinct = count_rows(db, prefix)
+                rows, _ = count_rows(db, prefix)
                 timeline.append((round(time.time() - started, 2), rows))
             all_queued = time.time() - started
             bl.say(f"{rows} jobs after {all_queued:.2f} s; looking again in 5 s for duplicates")
@@ -111,7 +117,9 @@ def main() -> None:
         "daemon_memory_after": memory_after,
         "target": {
             "all_jobs_within_seconds": TARGET_SECONDS,
-            "met": rows == len(names) and all_queued <= TARGET_SECONDS and rows_later == distinct_later == len(names),
+            "met": rows == len(names)
+            and all_queued <= TARGET_SECONDS
+            and rows_later == distinct_later == len(names),
         },
         "timeline": timeline,
     }

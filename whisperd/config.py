@@ -215,7 +215,10 @@ class InboxConfig:
     allow_symlinks: bool = field(
         default=False, metadata=_doc("Accept symbolic links (never ones pointing out of the inbox).")
     )
-    max_size_mb: float = field(default=0.0, metadata=_doc("Refuse larger files (0: no limit).", minimum=0.0))
+    max_size_mb: float = field(
+        default=0.0,
+        metadata=_doc("Refuse files larger than this many MB (10^6 bytes; 0: no limit).", minimum=0.0),
+    )
     max_duration_seconds: float = field(
         default=0.0, metadata=_doc("Refuse longer audio (0: no limit).", minimum=0.0)
     )
@@ -262,7 +265,7 @@ class InboxConfig:
             done_dir=self.done,
             failed_dir=self.failed,
             priority=self.priority,
-            max_size_bytes=int(self.max_size_mb * 1024 * 1024),
+            max_size_bytes=int(self.max_size_mb * 1_000_000),  # MB as media.py reports it
             max_duration_seconds=self.max_duration_seconds,
         )
 

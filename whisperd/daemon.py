@@ -24,7 +24,7 @@ from whisperd import __version__, logs, outputs
 from whisperd.config import Config, InboxConfig, load_config
 from whisperd.errors import ConfigError, WhisperdError
 from whisperd.gpu_pool import HealthPolicy, Slot, WorkerPool, default_cpu_threads, plan_slots
-from whisperd.jobs import FileIdentity, Job, JobState
+from whisperd.jobs import FileIdentity, Job, JobSpec, JobState
 from whisperd.metrics import Metrics, MetricsServer, RunningJobView
 from whisperd.nvml import DeviceProbe, NvmlProbe
 from whisperd.queue_db import JobStore
@@ -101,6 +101,9 @@ class Daemon:
         # watcher.events_seen totals already added to the metrics.
         self._watcher_events_counted: dict[str, int] = {}
         self._host = socket.gethostname()
+        # (inbox, rel_path) -> a settled file waiting for the job at its path to end.
+        self._deferred: dict[tuple[str, str], tuple[JobSpec, FileIdentity]] = {}
+        self._deferred_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -372,6 +375,7 @@ class Daemon:
                 state=job.state.value,
             )
         self._dispose_finished(self._store, older_than=DISPOSE_AFTER_SECONDS)
+        self._enqueue_deferred(self._store)
         if self._watcher is not None:
             for name in self._watcher.dead_inboxes():
                 log.error(
@@ -429,15 +433,53 @@ class Daemon:
         default_model = self._config.models.default
         for first in range(0, len(files), ENQUEUE_BATCH):
             items = [
-                (inbox.job_spec(os.path.relpath(path, inbox.path), default_model), identity)
+                (
+                    inbox.job_spec(os.path.relpath(path, inbox.path), default_model),
+                    _own_identity(path, identity),
+                )
                 for path, identity in files[first : first + ENQUEUE_BATCH]
             ]
             queued = store.enqueue_many(items, max_attempts=self._config.workers.max_attempts)
+            self._defer_replacements(items, queued)
             created = [job for job, is_new in queued if is_new]
             for job in created:
                 self._note_queued(job)
             if created and self._pool is not None:
                 self._pool.wake()
+
+    def _defer_replacements(
+        self, items: list[tuple[JobSpec, FileIdentity]], queued: list[tuple[Job, bool]]
+    ) -> None:
+        """A new file at the path of a job still active (the old one was
+        replaced): it gets its own job once that job has ended."""
+        with self._deferred_lock:
+            for (spec, identity), (job, is_new) in zip(items, queued, strict=True):
+                if not is_new and (job.identity.device, job.identity.inode) != (
+                    identity.device,
+                    identity.inode,
+                ):
+                    self._deferred[(spec.inbox, spec.rel_path)] = (spec, identity)
+
+    def _enqueue_deferred(self, store: JobStore) -> None:
+        with self._deferred_lock:
+            waiting = list(self._deferred.items())
+        for key, (spec, identity) in waiting:
+            try:
+                current = FileIdentity.of(spec.source)
+            except OSError:
+                current = None
+            if current is None or (current.device, current.inode) != (identity.device, identity.inode):
+                with self._deferred_lock:
+                    self._deferred.pop(key, None)  # gone, or replaced again (the watcher reports that)
+                continue
+            job, created = store.enqueue(spec, current, max_attempts=self._config.workers.max_attempts)
+            if job.identity.inode == current.inode:
+                with self._deferred_lock:
+                    self._deferred.pop(key, None)
+            if created:
+                self._note_queued(job)
+                if self._pool is not None:
+                    self._pool.wake()
 
     def _note_queued(self, job: Job) -> None:
         spec = job.spec
@@ -575,6 +617,17 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
             if not same and key not in RELOADABLE_SETTINGS:
                 changed.append(key)
     return changed
+
+
+def _own_identity(path: str, identity: FileIdentity) -> FileIdentity:
+    """A symbolic link is its own job's file: the link is what moves to
+    done/, so the job records the link's identity, not its target's."""
+    if os.path.islink(path):
+        try:
+            return FileIdentity.of(path)
+        except OSError:
+            return identity
+    return identity
 
 
 def _log_json(log_format: str) -> bool | None:

@@ -1,6 +1,6 @@
 """Logging setup: structlog for whisperd, stdlib logging routed through it (layer L2).
 
-Under systemd stderr goes to the journal, so a stream that is not a terminal
+Logs go to stdout, which systemd hands to the journal; a stream that is not a terminal
 gets one JSON object per line; a terminal gets a readable, coloured console
 format. Both carry an ISO-8601 UTC timestamp, the level, the logger name and
 the event name.
@@ -58,14 +58,14 @@ class Event:
 
 
 def configure(level: str = "info", *, json: bool | None = None, stream: TextIO | None = None) -> None:
-    """Send structlog and stdlib logging to `stream` (stderr by default).
+    """Send structlog and stdlib logging to `stream` (stdout by default).
 
     level: one of LEVELS, any case. json: True for JSON lines, False for the
     console format, None to pick JSON unless the stream is a terminal.
     Calling it again replaces the earlier setup.
     """
     numeric_level = _parse_level(level)
-    target = sys.stderr if stream is None else stream
+    target = sys.stdout if stream is None else stream
     use_json = not _is_terminal(target) if json is None else json
 
     structlog.configure(
@@ -77,6 +77,8 @@ def configure(level: str = "info", *, json: bool | None = None, stream: TextIO |
         cache_logger_on_first_use=False,
     )
     _install_root_handler(target, numeric_level, _renderer(use_json))
+    # watchdog logs every inotify event at debug level: far too much to keep.
+    logging.getLogger("watchdog").setLevel(max(numeric_level, logging.INFO))
     # Python warnings (torch's, whisper's "FP16 is not supported on CPU")
     # become log lines instead of raw text on stderr.
     logging.captureWarnings(True)

@@ -560,7 +560,12 @@ class Worker:
             session.checkpoint()
             loaded = self._cache.get(job.spec.model)
             session.checkpoint()
-            result = self._transcribe(loaded, audio, claim, session)
+            try:
+                result = self._transcribe(loaded, audio, claim, session)
+            finally:
+                # A cancelled or failed run used the model too: its idle time
+                # starts now, not when that run began.
+                loaded.last_used = time.monotonic()
             written = self._write_outputs(claim, result, audio_seconds, session)
             self._crash_if("after_outputs")
             if not self._store.finish(job.id, token, state=JobState.DONE, outputs=written):
