@@ -191,6 +191,19 @@ def peak_rss_mb(pid: int) -> float | None:
     return None if kb is None else kb / 1024
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and of the children it has reaped
+    (ffmpeg, ffprobe), from /proc/PID/stat; 0.0 if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    # utime, stime, cutime, cstime are fields 14-17; the name (field 2) may hold spaces.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    ticks = sum(int(value) for value in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def children_of(pid: int) -> list[int]:
     found: list[int] = []
     for entry in Path("/proc").iterdir():
@@ -225,11 +238,13 @@ def command_name(pid: int) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class ChildRun:
-    """A finished child process: wall seconds, exit code, its own peak RSS."""
+    """A finished child process: wall seconds, exit code, its own peak RSS, and
+    the CPU time of it and of the children it reaped."""
 
     seconds: float
     exit_code: int
     peak_rss_mb: float
+    cpu_seconds: float
     stdout: str
 
 
@@ -247,7 +262,11 @@ def run_child(argv: Sequence[str], *, cwd: Path | None = None) -> ChildRun:
     process.stdout.close()
     # ru_maxrss is in kB on Linux.
     return ChildRun(
-        seconds=seconds, exit_code=process.returncode, peak_rss_mb=usage.ru_maxrss / 1024, stdout=stdout
+        seconds=seconds,
+        exit_code=process.returncode,
+        peak_rss_mb=usage.ru_maxrss / 1024,
+        cpu_seconds=usage.ru_utime + usage.ru_stime,
+        stdout=stdout,
     )
 
 
@@ -293,7 +312,7 @@ class DaemonConfig:
 
     def write(self) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
-        sections = {
+        sections: dict[str, dict[str, Any]] = {
             "daemon": {
                 "state_dir": str(self.root / "state"),
                 "settle_seconds": self.settle_seconds,
@@ -306,7 +325,7 @@ class DaemonConfig:
             "workers": {"devices": "cpu", "cpu_slots": 1, **self.workers},
             "metrics": {"enabled": True, "port": 0},
         }
-        inbox = {
+        inbox: dict[str, Any] = {
             "name": "bench",
             "path": str(self.inbox),
             "output": str(self.output),
@@ -400,6 +419,10 @@ class DaemonProcess:
             "tree_peak_rss_mb": round(sum(r[1] for r in rows.values()), 1),
             "processes": len(tree),
         }
+
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the daemon, its workers and what they reaped."""
+        return sum(cpu_seconds(pid) for pid in self.tree())
 
     def stop(self, timeout: float = 60.0) -> int:
         if self._process is None:

@@ -51,7 +51,7 @@ TARGETS = {
 
 
 def run_cli(clips: list[Path], model_file: Path, out: Path) -> dict[str, Any]:
-    total, peak = 0.0, 0.0
+    total, peak, cpu = 0.0, 0.0, 0.0
     for clip in clips:
         run = bl.run_child(
             [
@@ -75,8 +75,9 @@ def run_cli(clips: list[Path], model_file: Path, out: Path) -> dict[str, Any]:
         if run.exit_code != 0 or not (out / f"{clip.stem}.txt").is_file():
             raise RuntimeError(f"whisper CLI failed on {clip} (exit {run.exit_code})")
         total += run.seconds
+        cpu += run.cpu_seconds
         peak = max(peak, run.peak_rss_mb)
-    return {"seconds": total, "peak_rss_mb": peak}
+    return {"seconds": total, "cpu_seconds": cpu, "peak_rss_mb": peak}
 
 
 def run_engine(clips: list[Path], model_file: Path, out: Path) -> dict[str, Any]:
@@ -92,6 +93,8 @@ def run_engine(clips: list[Path], model_file: Path, out: Path) -> dict[str, Any]
         "process_seconds": run.seconds,
         "load_seconds": report["load_seconds"],
         "import_seconds": report["import_seconds"],
+        "cpu_seconds": report["loop_cpu_seconds"],
+        "process_cpu_seconds": run.cpu_seconds,
         "peak_rss_mb": run.peak_rss_mb,
     }
 
@@ -115,14 +118,17 @@ def run_whisperd(clips: list[Path], models_dir: Path, root: Path, settle: float)
     try:
         ready = daemon.wait_for_event("daemon.ready")
         _cold_drop, cold_last = _drop_and_wait(daemon, clips, "cold", root / "staging")
+        cpu_before_warm = daemon.cpu_seconds()
         warm_drop, warm_last = _drop_and_wait(daemon, clips, "warm", root / "staging")
         memory = daemon.memory()
+        warm_cpu = daemon.cpu_seconds() - cpu_before_warm
     finally:
         daemon.stop()
     return {
         "seconds": warm_last - warm_drop,
         "cold_seconds": cold_last - daemon.started_at,
         "start_to_ready_seconds": ready - daemon.started_at,
+        "cpu_seconds": warm_cpu,
         "peak_rss_mb": memory["tree_peak_rss_mb"],
         "memory": memory,
     }
@@ -196,6 +202,14 @@ def analyse(rounds: list[dict[str, dict[str, Any]]], audio_seconds: float) -> di
         "whisperd_cold_vs_cli": paired("cli", "whisperd_cold"),
         "engine_loop_vs_cli": paired("cli", "engine_loop"),
     }
+    # CPU seconds per round (user + system, ffmpeg included): less sensitive to
+    # other load on the machine than wall time.
+    cpu = {
+        "cli": bl.summary(times("cli", "cpu_seconds")),
+        "engine_loop": bl.summary(times("engine", "cpu_seconds")),
+        "whisperd_warm": bl.summary(times("whisperd", "cpu_seconds")),
+    }
+    cpu_ratio = bl.summary([r["engine"]["cpu_seconds"] / r["whisperd"]["cpu_seconds"] for r in rounds])
     peak_rss = {
         "cli": bl.summary([r["cli"]["peak_rss_mb"] for r in rounds]),
         "engine": bl.summary([r["engine"]["peak_rss_mb"] for r in rounds]),
@@ -211,6 +225,8 @@ def analyse(rounds: list[dict[str, dict[str, Any]]], audio_seconds: float) -> di
         "wall_seconds": wall,
         "audio_seconds_per_second": throughput,
         "throughput_ratios": ratios,
+        "cpu_seconds": cpu,
+        "cpu_efficiency_whisperd_vs_engine_loop": cpu_ratio,
         "peak_rss_mb": peak_rss,
         "targets": targets,
     }

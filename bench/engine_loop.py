@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of the ffmpeg processes it has reaped."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def main() -> None:
@@ -29,6 +36,7 @@ def main() -> None:
     imported = time.perf_counter()
     model = whisper.load_model(args.model, device="cpu")
     loaded = time.perf_counter()
+    cpu_before_loop = cpu_seconds()
     write_txt = get_writer("txt", args.output_dir)
     per_file = []
     for path in args.files:
@@ -44,6 +52,7 @@ def main() -> None:
                 "import_seconds": imported - started,
                 "load_seconds": loaded - imported,
                 "loop_seconds": finished - loaded,
+                "loop_cpu_seconds": cpu_seconds() - cpu_before_loop,
                 "per_file_seconds": per_file,
             }
         )

@@ -323,9 +323,9 @@ class Meter:
         self.gpus = gpus
         self.snapshots: dict[str, dict[str, Any]] = {}
 
-    def take(self, label: str, daemon: Daemon) -> dict[str, Any]:
+    def take(self, label: str, daemon: Daemon | None) -> dict[str, Any]:
         workers = {}
-        for slot, worker in daemon.worker_pids().items():
+        for slot, worker in (daemon.worker_pids() if daemon else {}).items():
             pid = worker["pid"]
             gpu = {str(i): _mib(self.probe.read_process_gpu_memory(i, pid)) for i in self.gpus}
             workers[slot] = {"pid": pid, "alive": _alive(pid), "gpu_mib": gpu, "rss_mib": _rss_mib(pid)}
@@ -342,6 +342,11 @@ class Meter:
         self.snapshots[label] = snapshot
         say(f"memory [{label}]: {_memory_line(snapshot)}")
         return snapshot
+
+    def device_used_mib(self, label: str) -> float | None:
+        """Memory in use on the first GPU in a snapshot (all processes)."""
+        devices = list(self.snapshots[label]["devices"].values())
+        return devices[0]["used_mib"] if devices else None
 
     def worker_mib(self, label: str) -> float | None:
         """The (first) worker's GPU memory in a snapshot, else its RSS on the CPU."""
@@ -520,6 +525,7 @@ def _devices_memory_cancel(
         inboxes,
         {"model_idle_unload_seconds": args.idle_seconds, "cancel_grace_seconds": 10.0},
     )
+    meter.take("before whisperd", None)
     say(f"starting whisperd (devices = auto), log: {daemon.log_path}")
     daemon.start()
     try:
@@ -695,8 +701,11 @@ def _eviction(
     big, small = max(estimates.values()), min(estimates.values())
     workers: dict[str, Any] = {}
     if gpus:
-        context = meter.worker_mib("workers started") or 0.0
-        free = (meter.probe.read(gpus[0]).memory_free_bytes or 0) / MiB - context
+        # The worker's own CUDA context will take its share of what is free now.
+        context = (meter.device_used_mib("workers started") or 0.0) - (
+            meter.device_used_mib("before whisperd") or 0.0
+        )
+        free = meter.probe.read(gpus[0]).memory_free_bytes / MiB - context
         workers["memory_reserve_mb"] = max(0, int(free - (big + small / 2) / MiB))
     else:
         workers["cpu_memory_budget_mb"] = math.ceil((big + small / 2) / MiB)

@@ -163,17 +163,14 @@ def main() -> None:
                     bl.drop(staged, config.inbox)
                     expected = [config.output / f"s{n:05d}.json" for n in wave]
                     bl.wait_for_files(expected, timeout=600, failed_dir=config.failed)
-                    daemon.wait_for(
-                        lambda target=wave[-1] + 1: done_count() >= target, timeout=60, what="jobs done"
-                    )
+                    total = wave[-1] + 1
+                    daemon.wait_for(lambda: done_count() >= total, timeout=60, what="jobs done")  # noqa: B023
                     time.sleep(0.5)  # the worker moves the last source, then goes idle
                     idle_after_wave.append({"wave": index, **sampler.sample()})
                     elapsed = time.monotonic() - started
                     if index == 0:
                         estimate = elapsed * len(waves)
-                        bl.say(
-                            f"warm-up wave done in {elapsed:.0f} s; the whole soak takes about {estimate:.0f} s"
-                        )
+                        bl.say(f"warm-up wave took {elapsed:.0f} s; the whole soak about {estimate:.0f} s")
                     bl.say(f"wave {index}: {idle_after_wave[-1]}")
             finally:
                 sampler.stop()

@@ -325,6 +325,32 @@ def test_file_replaced_before_it_runs_is_transcribed_as_replaced_once(
     assert len(jobs_for(daemon, "swap.wav")) == 1
 
 
+def test_file_replaced_while_it_runs_gets_a_job_of_its_own_afterwards(
+    daemon: DaemonUnderTest, clips: ClipFactory
+) -> None:
+    inbox = folders(daemon)["path"]
+    daemon.drop(clips(BUSY_TEXT, "relay"))
+    first = daemon.wait_for_state("relay.wav", JobState.RUNNING)
+    replacement = clips(SENTENCES[2], "relay-replacement").read_bytes()
+    write_into(inbox, "relay.wav", replacement)
+
+    # The running job transcribes what it opened; the new file is not lost:
+    # once that job ends it becomes a job of its own.
+    def two_jobs_done() -> bool:
+        jobs = jobs_for(daemon, "relay.wav")
+        return len(jobs) == 2 and all(j.state is JobState.DONE for j in jobs)
+
+    daemon.wait_for(two_jobs_done, timeout=240, what="the replacement's own job to end done")
+    newest = max(jobs_for(daemon, "relay.wav"), key=lambda j: j.id)
+    assert newest.id != first.id
+    assert wer(SENTENCES[2], transcript(newest)) < 0.5
+    assert not os.path.lexists(inbox / "relay.wav")
+    # The first file was unlinked by the replacing rename; only the new one is left to move.
+    done = folders(daemon)["done"]
+    assert sorted(p.name for p in done.glob("relay*.wav")) == ["relay.wav"]
+    assert (done / "relay.wav").read_bytes() == replacement
+
+
 def test_file_written_slowly_becomes_one_job_with_its_final_size(
     daemon: DaemonUnderTest, clips: ClipFactory
 ) -> None:

@@ -7,9 +7,11 @@ already passes through:
 
 - its progress bar (tqdm), updated once per 30-s decoding window, which gives
   the fraction of the audio done;
-- a forward pre-hook on the encoder and decoder modules, run before every
-  window's encoding and every decoded token, where a cancel is noticed within
-  one token's compute time instead of one window's.
+- a forward pre-hook on the encoder and decoder and on each of their
+  residual blocks, run before every window's encoding, every decoded token
+  and every layer of either, where a cancel is noticed within one layer's
+  compute time: a whole encoder pass takes over a second on a busy CPU (far
+  longer with big models), more than the pool's cancel grace period.
 
 The control's `checkpoint()` may raise (JobCancelled, LeaseLost); the
 exception unwinds transcribe() and the model stays usable for the next job.
@@ -195,10 +197,8 @@ def _controlled(model: whisper.Whisper, control: JobControl) -> Iterator[None]:
     def before_forward(_module: torch.nn.Module, _inputs: Any) -> None:
         control.checkpoint()
 
-    hooks = [
-        model.encoder.register_forward_pre_hook(before_forward),
-        model.decoder.register_forward_pre_hook(before_forward),
-    ]
+    checkpointed = [model.encoder, *model.encoder.blocks, model.decoder, *model.decoder.blocks]
+    hooks = [layer.register_forward_pre_hook(before_forward) for layer in checkpointed]
     original = getattr(module, "tqdm")  # noqa: B009 - the attribute is swapped, not just read
     setattr(module, "tqdm", _ProgressBarModule(control))  # noqa: B010
     try:

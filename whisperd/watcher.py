@@ -7,7 +7,10 @@ The watcher turns file-system activity into three kinds of callback:
   ``on_settled_many`` is given, ``on_settled_many(spec, [(path, identity), ...])``
   with every file of one inbox that settled in the same step;
 - ``on_cancel(spec, path, identity)``: the same, for a file in the inbox's
-  cancel folder;
+  cancel folder; a file that arrives there with an mtime already
+  ``settle_seconds`` old (moved from the inbox, or copied with ``cp -p``) is
+  delivered at first sight: it settled in the inbox, and a cancel should not
+  wait for it twice;
 - ``on_rejected(spec, path, reason)``: a file the inbox refuses (symbolic links).
 
 It never touches the job store; the daemon wires the callbacks to it. Delivery
@@ -254,7 +257,8 @@ class Watcher:
     ``settle_seconds``: how long size and mtime must stay unchanged before a file
     is delivered. ``rescan_seconds``: period of the full walk that catches events
     the kernel dropped and revives dead observers (0 disables it). ``clock`` is
-    the monotonic time source used for settling and rescans. ``on_settled_many``,
+    the monotonic time source used for settling and rescans; ``wall_clock`` the
+    time that mtimes are compared with (cancel folder). ``on_settled_many``,
     when given, replaces ``on_settled``: files of one inbox that settle in the
     same step are handed over in one call, so that a thousand files dropped
     at once can be queued in one transaction instead of a thousand.
@@ -271,6 +275,7 @@ class Watcher:
         on_rejected: RejectedCallback,
         clock: Callable[[], float] = time.monotonic,
         on_settled_many: SettledManyCallback | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if settle_seconds < 0:
             raise ValueError(f"settle_seconds must be >= 0, got {settle_seconds!r}")
@@ -283,6 +288,7 @@ class Watcher:
         self._on_cancel = on_cancel
         self._on_rejected = on_rejected
         self._clock = clock
+        self._wall_clock = wall_clock
         self._tick = min(_MAX_TICK_SECONDS, max(_MIN_TICK_SECONDS, settle_seconds / 4))
 
         # Written by watchdog threads, drained by the settle thread.
@@ -507,10 +513,19 @@ class Watcher:
                     self._start_backlog.discard(path)  # still being written
                 candidate.identity = look.identity
                 candidate.since = now
-            elif now - candidate.since >= self._settle_seconds:
-                del self._tracking[path]
-                deliveries.extend(self._settled(spec, candidate.kind, path, look.identity))
+                if not (candidate.kind is _Kind.CANCEL and self._unchanged_for_settle(look.identity)):
+                    continue
+            elif now - candidate.since < self._settle_seconds:
+                continue
+            del self._tracking[path]
+            deliveries.extend(self._settled(spec, candidate.kind, path, look.identity))
         return deliveries
+
+    def _unchanged_for_settle(self, identity: FileIdentity) -> bool:
+        """True when the file's own mtime is settle_seconds old: nothing wrote
+        to it since, so one look is enough (a move keeps the mtime, and a copy
+        that keeps it sets it only once the data is written)."""
+        return identity.mtime_ns / 1e9 <= self._wall_clock() - self._settle_seconds
 
     def _settled(self, spec: WatchSpec, kind: _Kind, path: str, identity: FileIdentity) -> list[_Delivery]:
         if self._delivered.get(path) == identity:
