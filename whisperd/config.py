@@ -150,7 +150,10 @@ class WorkersConfig:
         ),
     )
     cpu_fallback: bool = field(
-        default=False, metadata=_doc("After a CUDA out-of-memory on every GPU, run the job on the CPU.")
+        default=False,
+        metadata=_doc(
+            "After CUDA runs out of memory twice on a job (other models unloaded in between), finish it on the CPU."
+        ),
     )
     health_interval_seconds: float = field(
         default=15.0, metadata=_doc("How often devices and workers are health-checked.", minimum=0.1)
