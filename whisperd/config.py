@@ -152,7 +152,8 @@ class WorkersConfig:
     cpu_fallback: bool = field(
         default=False,
         metadata=_doc(
-            "After CUDA runs out of memory twice on a job (other models unloaded in between), finish it on the CPU."
+            "After CUDA runs out of memory twice on a job (other models unloaded in between), "
+            "finish it on the CPU."
         ),
     )
     health_interval_seconds: float = field(
