@@ -190,6 +190,46 @@ def test_a_file_moved_into_cancel_is_taken_at_once_a_new_file_after_settling(tmp
         watcher.stop()
 
 
+def test_a_file_moved_to_cancel_and_straight_back_is_a_new_drop(tmp_path: Path) -> None:
+    """Real observers: the file is cancelled at once and, moved back before
+    the watcher could see the inbox path empty, settles again as a new drop."""
+    inbox, cancel = tmp_path / "inbox", tmp_path / "cancel"
+    inbox.mkdir()
+    cancel.mkdir()
+    seen: list[tuple[str, str]] = []
+
+    def recorder(kind: str) -> Callable[[WatchSpec, str, FileIdentity], None]:
+        return lambda _spec, path, _identity: seen.append((kind, os.path.basename(path)))
+
+    watcher = Watcher(
+        [WatchSpec(name="main", root=str(inbox), cancel_dir=str(cancel))],
+        settle_seconds=0.3,
+        rescan_seconds=0.0,
+        on_settled=recorder("settled"),
+        on_cancel=recorder("cancel"),
+        on_rejected=lambda *_args: None,
+    )
+    watcher.start()
+    try:
+        temp = inbox / ".talk.wav.part"
+        temp.write_bytes(b"RIFF....WAVEfmt ")
+        os.rename(temp, inbox / "talk.wav")
+        wait_until(lambda: seen == [("settled", "talk.wav")], "the drop to settle")
+        os.rename(inbox / "talk.wav", cancel / "talk.wav")
+        wait_until(lambda: ("cancel", "talk.wav") in seen, "the cancel")
+        os.rename(cancel / "talk.wav", inbox / "talk.wav")
+        wait_until(lambda: seen.count(("settled", "talk.wav")) == 2, "the file moved back to settle again")
+    finally:
+        watcher.stop()
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
 # --------------------------------------------------------------------------- queued jobs
 
 
@@ -314,7 +354,8 @@ def test_cancelling_a_finished_job_changes_nothing_and_says_so(
 def test_whisperd_cancel_by_id_and_by_path_for_queued_and_running_jobs(
     daemon: DaemonUnderTest, long_clip: Path, speech: SpeechFactory
 ) -> None:
-    # Queue in a known order: two long jobs, then two short ones behind them.
+    # Queue in a known order: two long jobs, then two short ones behind them
+    # (they stay queued while either long job runs).
     daemon.drop(long_clip, "cli-first.wav")
     daemon.wait_for_state("cli-first.wav", JobState.RUNNING, timeout=30)
     daemon.drop(long_clip, "cli-second.wav")
@@ -324,14 +365,7 @@ def test_whisperd_cancel_by_id_and_by_path_for_queued_and_running_jobs(
     by_id = daemon.wait_for_state("cli-by-id.wav", JobState.QUEUED, timeout=30)
     daemon.wait_for_state("cli-by-path.wav", JobState.QUEUED, timeout=30)
 
-    # Running, by id.
-    first = wait_until_transcribing(daemon, "cli-first.wav")
-    reply = daemon.cli("cancel", str(first.id))
-    assert reply.returncode == 0 and "is running" in reply.stdout, reply
-    assert_cancelled_cleanly(daemon, "cli-first.wav")
-
-    # Queued (behind cli-second, which runs now), by id and by path.
-    wait_until_transcribing(daemon, "cli-second.wav")
+    # Queued, by id and by path.
     reply = daemon.cli("cancel", str(by_id.id))
     assert reply.returncode == 0 and f"job {by_id.id} cancelled" in reply.stdout, reply
     reply = daemon.cli("cancel", str(daemon.inbox / "cli-by-path.wav"))
@@ -339,15 +373,24 @@ def test_whisperd_cancel_by_id_and_by_path_for_queued_and_running_jobs(
     for name in ("cli-by-id.wav", "cli-by-path.wav"):
         job = daemon.wait_for_state(name, JobState.CANCELLED, timeout=CANCEL_SECONDS)
         assert job.attempts == 0 and job.started_at is None
-        # Cancelled without a move, the file is put into cancel/ by the daemon.
-        daemon.wait_for((daemon.cancel / name).is_file, timeout=30.0, what=f"{name} in cancel/")
+
+    # Running, by id.
+    first = wait_until_transcribing(daemon, "cli-first.wav")
+    reply = daemon.cli("cancel", str(first.id))
+    assert reply.returncode == 0 and "is running" in reply.stdout, reply
+    assert_cancelled_cleanly(daemon, "cli-first.wav")
 
     # Running, by path (relative to the current folder, as a user types it).
+    wait_until_transcribing(daemon, "cli-second.wav")
     relative = os.path.relpath(daemon.inbox / "cli-second.wav")
     reply = daemon.cli("cancel", relative)
-    assert reply.returncode == 0 and "is running" in reply.stdout, reply
+    assert reply.returncode == 0 and "is running" in reply.stdout, (reply, daemon.job_for("cli-second.wav"))
     assert_cancelled_cleanly(daemon, "cli-second.wav")
 
+    # Cancelled without a move, the queued files are put into cancel/ by the
+    # daemon's sweep (within seconds).
+    for name in ("cli-by-id.wav", "cli-by-path.wav"):
+        daemon.wait_for((daemon.cancel / name).is_file, timeout=30.0, what=f"{name} in cancel/")
     reply = daemon.cli("cancel", str(first.id))
     assert reply.returncode == 0 and "already cancelled" in reply.stdout, reply
 

@@ -295,6 +295,11 @@ class Watcher:
         self._pending_lock = threading.Lock()
         self._pending_files: dict[str, tuple[str, float | None]] = {}  # path -> (inbox, event time)
         self._pending_folders: dict[str, str] = {}  # folder -> inbox
+        # Paths a file arrived at (created, or the target of a move): a new
+        # drop there, even of a file just moved away and back, which the
+        # settle thread may never have seen gone (watchdog reports the move
+        # out of a watched folder up to half a second late).
+        self._pending_arrivals: set[str] = set()
         self._events_seen: dict[str, int] = {}
 
         # Everything below is guarded by _state_lock (settle thread, rescan, set_specs).
@@ -440,18 +445,21 @@ class Watcher:
             if dest:
                 self._note_file(inbox, src, None)
                 self._note_file(inbox, dest, now)
+                self._pending_arrivals.add(dest)
             else:
                 self._note_file(inbox, src, None if kind == EVENT_TYPE_DELETED else now)
+                if kind == EVENT_TYPE_CREATED:
+                    self._pending_arrivals.add(src)
 
     def _note_file(self, inbox: str, path: str, at: float | None) -> None:
         if is_candidate_name(path):
             self._pending_files[path] = (inbox, at)
 
-    def _drain_pending(self) -> tuple[dict[str, tuple[str, float | None]], dict[str, str]]:
+    def _drain_pending(self) -> tuple[dict[str, tuple[str, float | None]], dict[str, str], set[str]]:
         with self._pending_lock:
-            files, folders = self._pending_files, self._pending_folders
-            self._pending_files, self._pending_folders = {}, {}
-        return files, folders
+            files, folders, arrivals = self._pending_files, self._pending_folders, self._pending_arrivals
+            self._pending_files, self._pending_folders, self._pending_arrivals = {}, {}, set()
+        return files, folders, arrivals
 
     # ----------------------------------------------------------------- settling
 
@@ -460,7 +468,9 @@ class Watcher:
         tracked path once, deliver those that have settled."""
         now = self._clock() if now is None else now
         with self._state_lock:
-            files, folders = self._drain_pending()
+            files, folders, arrivals = self._drain_pending()
+            for path in arrivals:
+                pass
             for folder, inbox in folders.items():
                 self._take_folder(inbox, folder, now)
             for path, (inbox, at) in files.items():
