@@ -162,6 +162,38 @@ def wait_for_quiet(
     }
 
 
+def _machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (/proc/stat)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    # user nice system idle iowait irq softirq steal ...: all but idle and iowait.
+    ticks = [int(value) for value in fields[:8]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    """CPU seconds of this process and everything it started, reaped or alive."""
+    times = os.times()
+    live = sum(cpu_seconds(pid) for pid in process_tree(os.getpid())[1:])
+    return times.user + times.system + times.children_user + times.children_system + live
+
+
+class ForeignLoad:
+    """How much CPU other people's processes used while a benchmark ran (the
+    machine is shared): machine busy time minus this benchmark's own."""
+
+    def __init__(self) -> None:
+        self._machine = _machine_busy_seconds()
+        self._own = _own_seconds()
+        self._wall = time.monotonic()
+
+    def cores(self) -> float:
+        """Average number of cores others kept busy since this was made."""
+        machine = _machine_busy_seconds() - self._machine
+        own = _own_seconds() - self._own
+        wall = max(1e-6, time.monotonic() - self._wall)
+        return max(0.0, machine - own) / wall
+
+
 def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 

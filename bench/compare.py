@@ -183,9 +183,9 @@ def parity(work: Path) -> dict[str, Any]:
 
 
 def one_round(
-    index: int, clips: list[Path], model_dir: Path, work_root: Path, settle: float
+    index: int, clips: list[Path], model_dir: Path, work: Path, settle: float
 ) -> dict[str, dict[str, Any]]:
-    work = work_root / f"round{index}"
+    """Every approach once, in an order that rotates from round to round."""
     model_file = model_dir / f"{bl.MODEL_NAME}.pt"
     order = APPROACHES[index % 3 :] + APPROACHES[: index % 3]
     results: dict[str, dict[str, Any]] = {}
@@ -193,17 +193,50 @@ def one_round(
         folder = work / approach
         folder.mkdir(parents=True)
         bl.say(f"round {index}: {approach}")
+        others = bl.ForeignLoad()
         if approach == "cli":
             results[approach] = run_cli(clips, model_file, folder)
         elif approach == "engine":
             results[approach] = run_engine(clips, model_file, folder)
         else:
             results[approach] = run_whisperd(clips, model_dir, folder, settle)
-        bl.say(f"round {index}: {approach}: {results[approach]['seconds']:.2f} s")
+        results[approach]["foreign_cores"] = round(others.cores(), 3)
+        bl.say(
+            f"round {index}: {approach}: {results[approach]['seconds']:.2f} s "
+            f"(other processes used {results[approach]['foreign_cores']:.2f} cores meanwhile)"
+        )
     results["order"] = {"approaches": list(order)}
     results["parity"] = parity(work)
     results["load_average"] = {"after": [round(x, 2) for x in os.getloadavg()]}
     return results
+
+
+def quiet_round(
+    index: int,
+    clips: list[Path],
+    model_dir: Path,
+    work_root: Path,
+    settle: float,
+    *,
+    limit: float,
+    tries: int,
+) -> dict[str, dict[str, Any]]:
+    """A round during which other processes kept at most `limit` cores busy
+    on average (the machine is shared); a noisier one is run again, up to
+    `tries` times in all, and the quietest is kept."""
+    kept: dict[str, dict[str, Any]] | None = None
+    for attempt in range(1, tries + 1):
+        results = one_round(index, clips, model_dir, work_root / f"round{index}-try{attempt}", settle)
+        noise = max(results[a]["foreign_cores"] for a in APPROACHES)
+        results["noise"] = {"foreign_cores_max": noise, "attempt": attempt}
+        if kept is None or noise < kept["noise"]["foreign_cores_max"]:
+            kept = results
+        if noise <= limit:
+            break
+        bl.say(f"round {index}: other processes used up to {noise:.2f} cores; running it again")
+        time.sleep(30)
+    assert kept is not None
+    return kept
 
 
 def analyse(rounds: list[dict[str, dict[str, Any]]], audio_seconds: float) -> dict[str, Any]:
@@ -253,6 +286,7 @@ def analyse(rounds: list[dict[str, dict[str, Any]]], audio_seconds: float) -> di
         for name, goal in TARGETS.items()
     }
     return {
+        "foreign_cores_during_rounds": bl.summary([r["noise"]["foreign_cores_max"] for r in rounds]),
         "wall_seconds": wall,
         "audio_seconds_per_second": throughput,
         "throughput_ratios": ratios,
@@ -324,6 +358,13 @@ def main() -> None:
     parser.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
     parser.add_argument("--quiet-load", type=float, default=0.7, help="1-min load average counted as quiet")
     parser.add_argument("--max-wait", type=float, default=1200.0, help="longest wait for a quiet machine (s)")
+    parser.add_argument(
+        "--noise-limit",
+        type=float,
+        default=0.25,
+        help="run a round again if other processes kept more than this many cores busy during it",
+    )
+    parser.add_argument("--tries", type=int, default=3, help="runs of a noisy round, the quietest kept")
     parser.add_argument("--out", type=Path, default=bl.RESULTS / "compare.json")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
     args = parser.parse_args()
@@ -338,8 +379,11 @@ def main() -> None:
     started = time.time()
     try:
         bl.say("warm-up round (not counted)")
-        one_round(0, clips, models_dir, work, args.settle)
-        rounds = [one_round(i, clips, models_dir, work, args.settle) for i in range(1, args.repeats + 1)]
+        one_round(0, clips, models_dir, work / "warm-up", args.settle)
+        rounds = [
+            quiet_round(i, clips, models_dir, work, args.settle, limit=args.noise_limit, tries=args.tries)
+            for i in range(1, args.repeats + 1)
+        ]
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

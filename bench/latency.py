@@ -96,6 +96,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="whisperd-latency-"))
     config = bl.DaemonConfig(root=root, models_dir=models_dir, settle_seconds=args.settle)
     runs: list[dict[str, float]] = []
+    others = bl.ForeignLoad()
     try:
         with bl.DaemonProcess(config) as daemon:
             daemon.wait_for_event("daemon.ready")
@@ -123,6 +124,7 @@ def main() -> None:
         "machine": machine,
         "machine_after": {"load_average": [round(x, 2) for x in os.getloadavg()]},
         "quiet_wait": quiet,
+        "foreign_cores_during_run": round(others.cores(), 3),
         "settle_seconds": args.settle,
         "clip_seconds": round(bl.wav_seconds(clip), 2),
         "runs": len(runs),

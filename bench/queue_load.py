@@ -79,6 +79,7 @@ def main() -> None:
             memory_before = daemon.memory()
             db = bl.open_db(config.db_path)
             bl.say(f"dropping {len(staged)} files")
+            others = bl.ForeignLoad()
             started = bl.drop(staged, config.inbox)
             renamed = time.time() - started
             rows = 0
@@ -87,6 +88,7 @@ def main() -> None:
                 rows, _ = count_rows(db, prefix)
                 timeline.append((round(time.time() - started, 2), rows))
             all_queued = time.time() - started
+            foreign = others.cores()
             bl.say(f"{rows} jobs after {all_queued:.2f} s; looking again in 5 s for duplicates")
             time.sleep(5.0)
             rows_later, distinct_later = count_rows(db, prefix)
@@ -103,6 +105,7 @@ def main() -> None:
         "machine": machine,
         "machine_after": {"load_average": [round(x, 2) for x in os.getloadavg()]},
         "quiet_wait": quiet,
+        "foreign_cores_while_queueing": round(foreign, 3),
         "files": len(names),
         "settle_seconds": args.settle,
         "rename_seconds": round(renamed, 3),

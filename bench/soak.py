@@ -144,6 +144,7 @@ def main() -> None:
     ]
     idle_after_wave: list[dict[str, Any]] = []
     started = time.monotonic()
+    others = bl.ForeignLoad()
     try:
         with bl.DaemonProcess(config) as daemon:
             daemon.wait_for_event("daemon.ready")
@@ -186,6 +187,7 @@ def main() -> None:
         "machine": machine,
         "machine_after": {"load_average": [round(x, 2) for x in os.getloadavg()]},
         "quiet_wait": quiet,
+        "foreign_cores_during_run": round(others.cores(), 3),
         "jobs": args.jobs,
         "wave": args.wave,
         "clip_seconds": round(bl.wav_seconds(clip), 2),

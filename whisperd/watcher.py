@@ -470,7 +470,7 @@ class Watcher:
         with self._state_lock:
             files, folders, arrivals = self._drain_pending()
             for path in arrivals:
-                pass
+                self._delivered.pop(path, None)  # whatever was there before, this is a new drop
             for folder, inbox in folders.items():
                 self._take_folder(inbox, folder, now)
             for path, (inbox, at) in files.items():
