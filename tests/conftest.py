@@ -223,10 +223,12 @@ def _synthesised(cache: Path, text: str, fmt: str, voice: str, speed: int, video
         _replace_atomically(lambda temp: _espeak(text, voice, speed, temp), spoken)
     clip = cache / f"{hashlib.sha256(json.dumps([voice_key, fmt, video]).encode()).hexdigest()[:20]}.{fmt}"
     if not clip.exists():
+
+        def encode(temp: Path) -> None:
+            subprocess.run(_ffmpeg_args(spoken, fmt, video, temp), check=True, capture_output=True)
+
         _replace_atomically(
-            lambda temp: subprocess.run(
-                _ffmpeg_args(spoken, fmt, video, temp), check=True, capture_output=True
-            ),
+            encode,
             clip,
         )
     return clip

@@ -203,9 +203,9 @@ def test_every_common_format_is_transcribed_in_one_run(
     # file and for the audio track of a video.
     for name in (f"clip_{fmt}.{fmt}" for fmt in PARITY_FORMATS):
         expected = reference(models_dir / "tiny.en.pt", sources[name][0], **DEFAULT_OPTIONS)
-        job = daemon.job_for(name)
-        assert job is not None
-        assert read(outputs_by_format(job)["txt"]) == whisper_txt(expected, tmp_path)
+        parity_job = daemon.job_for(name)
+        assert parity_job is not None
+        assert read(outputs_by_format(parity_job)["txt"]) == whisper_txt(expected, tmp_path)
         assert json.loads(read(outputs_by_format(job)["json"]))["text"] == expected["text"]
 
     status = daemon.cli("status")

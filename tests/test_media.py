@@ -43,7 +43,7 @@ def _tone(path: Path, seconds: float, frequency: int = 440) -> Path:
 
 def _wav_seconds(path: Path) -> float:
     with wave.open(str(path)) as wav:
-        return wav.getnframes() / wav.getframerate()
+        return float(wav.getnframes()) / float(wav.getframerate())
 
 
 def _decoded_seconds(path: Path | str) -> float:

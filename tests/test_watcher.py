@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,7 +122,7 @@ def drop(path: Path, data: bytes = b"RIFF....WAVEfmt ") -> Path:
     return path
 
 
-def spec_with_mode(base: Path, mode: str, **options: object) -> Inbox:
+def spec_with_mode(base: Path, mode: str, **options: Any) -> Inbox:
     return make_inbox(base, mode=mode, poll_interval=0.2, **options)
 
 
