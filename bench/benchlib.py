@@ -321,6 +321,9 @@ class DaemonConfig:
     rescan_seconds: float = 60.0
     shutdown_grace_seconds: float = 10.0
     workers: dict[str, Any] = field(default_factory=dict)
+    # A folder holding another `whisperd` package to run instead of this
+    # checkout's (to measure a change: before against after); None: this one.
+    source: Path | None = None
 
     @property
     def inbox(self) -> Path:
@@ -393,9 +396,11 @@ class DaemonProcess:
         path = self.config.write()
         self._log = self.log_path.open("ab")
         self.started_at = time.time()
+        source = self.config.source or REPO
         self._process = subprocess.Popen(
             [PYTHON, "-m", "whisperd.cli", "run", "--config", str(path)],
-            cwd=REPO,
+            cwd=self.config.root,
+            env={**os.environ, "PYTHONPATH": str(source)},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

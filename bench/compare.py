@@ -37,6 +37,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,18 +127,24 @@ def _wait_idle(daemon: bl.DaemonProcess, count: int) -> None:
     time.sleep(1.0)
 
 
-def _first_start(daemon: bl.DaemonProcess, prefix: str) -> float:
-    """When the first job of a drop was claimed (the job store's started_at)."""
+def _job_times(daemon: bl.DaemonProcess, prefix: str) -> tuple[float, float]:
+    """When the first job of a drop was claimed, and the sum of its jobs'
+    durations (claimed to done, from the job store)."""
     db = bl.open_db(daemon.config.db_path)
     try:
-        query = "SELECT min(started_at) FROM jobs WHERE rel_path LIKE ?"
-        return float(db.execute(query, (prefix + "%",)).fetchone()[0])
+        query = "SELECT min(started_at), sum(finished_at - started_at) FROM jobs WHERE rel_path LIKE ?"
+        first, total = db.execute(query, (prefix + "%",)).fetchone()
+        return float(first), float(total)
     finally:
         db.close()
 
 
-def run_whisperd(clips: list[Path], models_dir: Path, root: Path, settle: float) -> dict[str, Any]:
-    config = bl.DaemonConfig(root=root, models_dir=models_dir, settle_seconds=settle, formats=("txt",))
+def run_whisperd(
+    clips: list[Path], models_dir: Path, root: Path, settle: float, source: Path | None
+) -> dict[str, Any]:
+    config = bl.DaemonConfig(
+        root=root, models_dir=models_dir, settle_seconds=settle, formats=("txt",), source=source
+    )
     daemon = bl.DaemonProcess(config)
     daemon.start()
     try:
@@ -148,13 +155,14 @@ def run_whisperd(clips: list[Path], models_dir: Path, root: Path, settle: float)
         warm_drop, warm_last = _drop_and_wait(daemon, clips, "warm", root / "staging")
         memory = daemon.memory()
         warm_cpu = daemon.cpu_seconds() - cpu_before_warm
-        warm_first_start = _first_start(daemon, "warm-")
+        warm_first_start, warm_job_seconds = _job_times(daemon, "warm-")
     finally:
         daemon.stop()
     return {
         "seconds": warm_last - warm_drop,
         "busy_seconds": warm_last - warm_first_start,
         "drop_to_first_start_seconds": warm_first_start - warm_drop,
+        "job_seconds": warm_job_seconds,
         "cold_seconds": cold_last - daemon.started_at,
         "start_to_ready_seconds": ready - daemon.started_at,
         "cpu_seconds": warm_cpu,
@@ -182,10 +190,22 @@ def parity(work: Path) -> dict[str, Any]:
     }
 
 
-def one_round(
-    index: int, clips: list[Path], model_dir: Path, work: Path, settle: float
-) -> dict[str, dict[str, Any]]:
+@dataclass(frozen=True, kw_only=True)
+class Setup:
+    """What every round runs on."""
+
+    clips: list[Path]
+    # Folder holding tiny.en.pt.
+    models_dir: Path
+    # whisperd's settle_seconds.
+    settle: float
+    # Another whisperd package to run as the daemon (before/after); None: this checkout.
+    source: Path | None
+
+
+def one_round(index: int, setup: Setup, work: Path) -> dict[str, dict[str, Any]]:
     """Every approach once, in an order that rotates from round to round."""
+    clips, model_dir = setup.clips, setup.models_dir
     model_file = model_dir / f"{bl.MODEL_NAME}.pt"
     order = APPROACHES[index % 3 :] + APPROACHES[: index % 3]
     results: dict[str, dict[str, Any]] = {}
@@ -199,7 +219,7 @@ def one_round(
         elif approach == "engine":
             results[approach] = run_engine(clips, model_file, folder)
         else:
-            results[approach] = run_whisperd(clips, model_dir, folder, settle)
+            results[approach] = run_whisperd(clips, model_dir, folder, setup.settle, setup.source)
         results[approach]["foreign_cores"] = round(others.cores(), 3)
         bl.say(
             f"round {index}: {approach}: {results[approach]['seconds']:.2f} s "
@@ -212,21 +232,14 @@ def one_round(
 
 
 def quiet_round(
-    index: int,
-    clips: list[Path],
-    model_dir: Path,
-    work_root: Path,
-    settle: float,
-    *,
-    limit: float,
-    tries: int,
+    index: int, setup: Setup, work_root: Path, *, limit: float, tries: int
 ) -> dict[str, dict[str, Any]]:
     """A round during which other processes kept at most `limit` cores busy
     on average (the machine is shared); a noisier one is run again, up to
     `tries` times in all, and the quietest is kept."""
     kept: dict[str, dict[str, Any]] | None = None
     for attempt in range(1, tries + 1):
-        results = one_round(index, clips, model_dir, work_root / f"round{index}-try{attempt}", settle)
+        results = one_round(index, setup, work_root / f"round{index}-try{attempt}")
         noise = max(results[a]["foreign_cores"] for a in APPROACHES)
         results["noise"] = {"foreign_cores_max": noise, "attempt": attempt}
         if kept is None or noise < kept["noise"]["foreign_cores_max"]:
@@ -249,6 +262,7 @@ def analyse(rounds: list[dict[str, dict[str, Any]]], audio_seconds: float) -> di
         "engine_process": times("engine", "process_seconds"),
         "whisperd_warm": times("whisperd"),
         "whisperd_busy": times("whisperd", "busy_seconds"),
+        "whisperd_jobs": times("whisperd", "job_seconds"),
         "whisperd_cold": times("whisperd", "cold_seconds"),
     }
     wall = {name: bl.summary(values) for name, values in series.items()}
@@ -261,6 +275,7 @@ def analyse(rounds: list[dict[str, dict[str, Any]]], audio_seconds: float) -> di
     ratios = {
         "whisperd_vs_engine_loop": paired("engine_loop", "whisperd_warm"),
         "whisperd_busy_vs_engine_loop": paired("engine_loop", "whisperd_busy"),
+        "whisperd_jobs_vs_engine_loop": paired("engine_loop", "whisperd_jobs"),
         "whisperd_vs_cli": paired("cli", "whisperd_warm"),
         "whisperd_cold_vs_engine_process": paired("engine_process", "whisperd_cold"),
         "whisperd_cold_vs_cli": paired("cli", "whisperd_cold"),
@@ -367,6 +382,12 @@ def main() -> None:
     parser.add_argument("--tries", type=int, default=3, help="runs of a noisy round, the quietest kept")
     parser.add_argument("--out", type=Path, default=bl.RESULTS / "compare.json")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
+    parser.add_argument(
+        "--whisperd-source",
+        type=Path,
+        default=None,
+        help="folder holding another whisperd package to run as the daemon (a copy from before a change)",
+    )
     args = parser.parse_args()
 
     models_dir = bl.prepare_model()
@@ -379,9 +400,10 @@ def main() -> None:
     started = time.time()
     try:
         bl.say("warm-up round (not counted)")
-        one_round(0, clips, models_dir, work / "warm-up", args.settle)
+        setup = Setup(clips=clips, models_dir=models_dir, settle=args.settle, source=args.whisperd_source)
+        one_round(0, setup, work / "warm-up")
         rounds = [
-            quiet_round(i, clips, models_dir, work, args.settle, limit=args.noise_limit, tries=args.tries)
+            quiet_round(i, setup, work, limit=args.noise_limit, tries=args.tries)
             for i in range(1, args.repeats + 1)
         ]
     finally:
@@ -396,6 +418,7 @@ def main() -> None:
         "quiet_wait": quiet,
         "repeats": args.repeats,
         "settle_seconds": args.settle,
+        "whisperd_source": str(args.whisperd_source or bl.REPO),
         "clips": {
             "count": len(clips),
             "audio_seconds": round(audio_seconds, 2),

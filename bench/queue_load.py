@@ -56,6 +56,12 @@ def main() -> None:
     parser.add_argument("--quiet-load", type=float, default=0.7)
     parser.add_argument("--max-wait", type=float, default=1200.0)
     parser.add_argument("--out", type=Path, default=bl.RESULTS / "queue_load.json")
+    parser.add_argument(
+        "--whisperd-source",
+        type=Path,
+        default=None,
+        help="folder holding another whisperd package to run as the daemon (a copy from before a change)",
+    )
     args = parser.parse_args()
 
     models_dir = bl.prepare_model()
@@ -64,7 +70,11 @@ def main() -> None:
     machine = bl.machine_info()
     root = Path(tempfile.mkdtemp(prefix="whisperd-queue-"))
     config = bl.DaemonConfig(
-        root=root, models_dir=models_dir, settle_seconds=args.settle, shutdown_grace_seconds=2.0
+        root=root,
+        models_dir=models_dir,
+        settle_seconds=args.settle,
+        shutdown_grace_seconds=2.0,
+        source=args.whisperd_source,
     )
     prefix = "q-"
     names = [f"{prefix}{n:05d}.wav" for n in range(args.files)]
@@ -108,6 +118,7 @@ def main() -> None:
         "foreign_cores_while_queueing": round(foreign, 3),
         "files": len(names),
         "settle_seconds": args.settle,
+        "whisperd_source": str(args.whisperd_source or bl.REPO),
         "rename_seconds": round(renamed, 3),
         "seconds_to_first_job": first,
         "seconds_to_all_jobs": round(all_queued, 2),
