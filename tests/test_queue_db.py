@@ -540,6 +540,30 @@ class TestJobStoreContract:
         assert store.output_owner("/out/talk") is None
         assert store.output_owner("/out/failed.txt") is None
 
+    def test_outputs_of_jobs_finished_before_v3_still_have_owners(self, url: str, inbox: Inbox) -> None:
+        # A v2 database, its done job's outputs known only from outputs_json.
+        old = JobStore.open(url, migrations=MIGRATIONS[:2])
+        try:
+            job = enqueue(old, inbox, "talk.mp3")
+        finally:
+            old.close()
+        engine = sa.create_engine(url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    sa.text("UPDATE jobs SET state = 'done', outputs_json = :outputs WHERE id = :id"),
+                    {"outputs": '["/out/talk.txt", "/out/talk.srt"]', "id": job.id},
+                )
+        finally:
+            engine.dispose()
+
+        upgraded = JobStore.open(url)
+        try:
+            assert upgraded.output_owner("/out/talk.srt") == "talk.mp3"
+            assert upgraded.output_owner("/out/talk.vtt") is None
+        finally:
+            upgraded.close()
+
     def test_model_memory_is_remembered_and_updated(self, store: JobStore) -> None:
         assert store.model_memory("tiny.en", "H100") is None
         store.record_model_memory("tiny.en", "H100", 500_000_000)

@@ -150,8 +150,38 @@ def _migration_2_source_disposal(conn: Connection) -> None:
     )
 
 
+def _define_job_outputs(metadata: sa.MetaData) -> sa.Table:
+    """One row per output path of a job, indexed by path: which source owns
+    an output name is then one index look-up, however many jobs the store
+    has kept (outputs_json stays the job's own record)."""
+    job_outputs = sa.Table(
+        "job_outputs",
+        metadata,
+        sa.Column("job_id", sa.Integer, nullable=False),
+        sa.Column("path", sa.Text, nullable=False),
+    )
+    sa.Index("ix_job_outputs_path", job_outputs.c.path)
+    sa.Index("ix_job_outputs_job", job_outputs.c.job_id)
+    return job_outputs
+
+
+def _migration_3_output_index(conn: Connection) -> None:
+    metadata = sa.MetaData()
+    job_outputs = _define_job_outputs(metadata)
+    metadata.create_all(conn, checkfirst=False)
+    conn.exec_driver_sql("CREATE INDEX ix_jobs_undisposed ON jobs (state, disposed_at)")
+    rows = conn.exec_driver_sql("SELECT id, outputs_json FROM jobs WHERE outputs_json <> '[]'").all()
+    values = [{"job_id": job_id, "path": path} for job_id, text in rows for path in json.loads(text)]
+    if values:
+        conn.execute(job_outputs.insert(), values)
+
+
 # Applied in order; the schema version is the number applied. Append, never edit.
-MIGRATIONS: tuple[Migration, ...] = (_migration_1_create_tables, _migration_2_source_disposal)
+MIGRATIONS: tuple[Migration, ...] = (
+    _migration_1_create_tables,
+    _migration_2_source_disposal,
+    _migration_3_output_index,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # The tables as the current code reads and writes them.
@@ -160,6 +190,7 @@ JOBS, MODEL_MEMORY = _define_v1(_METADATA)
 for _name, _type in _V2_COLUMNS:
     JOBS.append_column(sa.Column(_name, _type))
 sa.Index("ix_jobs_undisposed", JOBS.c.state, JOBS.c.disposed_at)
+JOB_OUTPUTS = _define_job_outputs(_METADATA)
 SCHEMA_TABLE = sa.Table(
     "whisperd_schema",
     _METADATA,
@@ -257,6 +288,12 @@ def _new_row(spec: JobSpec, identity: FileIdentity, now: float) -> dict[str, Any
         "cancel_requested": False,
         "updated_at": now,
     }
+
+
+def _record_outputs(conn: Connection, job_id: int, outputs: Sequence[str]) -> None:
+    conn.execute(JOB_OUTPUTS.delete().where(JOB_OUTPUTS.c.job_id == job_id))
+    if outputs:
+        conn.execute(JOB_OUTPUTS.insert(), [{"job_id": job_id, "path": path} for path in outputs])
 
 
 def _cleared_claim() -> dict[str, Any]:
@@ -602,7 +639,10 @@ class JobStore:
         sees them before the job is done); False if the token no longer holds."""
         values = {"outputs_json": json.dumps(list(outputs)), "updated_at": _clock(now)}
         with self._writing() as conn:
-            return self._fenced_update(conn, job_id, token, values)
+            if not self._fenced_update(conn, job_id, token, values):
+                return False
+            _record_outputs(conn, job_id, outputs)
+            return True
 
     def finish(
         self,
@@ -638,6 +678,8 @@ class JobStore:
             values["eta_seconds"] = 0.0
         with self._writing() as conn:
             if self._fenced_update(conn, job_id, token, values):
+                if outputs:
+                    _record_outputs(conn, job_id, outputs)
                 return True
             job = self._fetch(conn, job_id)
         return job is not None and job.claim_token == token and job.state is state
@@ -841,19 +883,19 @@ class JobStore:
     def output_owner(self, path: str) -> str | None:
         """rel_path of the newest done or running job whose outputs include
         `path`, so two sources never write the same output file."""
-        # Narrow with a substring match on the JSON text, then check exactly.
         query = (
-            sa.select(JOBS)
+            sa.select(JOBS.c.rel_path)
+            .select_from(JOB_OUTPUTS.join(JOBS, JOBS.c.id == JOB_OUTPUTS.c.job_id))
             .where(
+                JOB_OUTPUTS.c.path == path,
                 JOBS.c.state.in_([JobState.DONE.value, JobState.RUNNING.value]),
-                JOBS.c.outputs_json.contains(json.dumps(path), autoescape=True),
             )
             .order_by(JOBS.c.id.desc())
+            .limit(1)
         )
-        for job in self._select_jobs(query):
-            if path in job.outputs:
-                return job.spec.rel_path
-        return None
+        with self._reading() as conn:
+            owner = conn.execute(query).scalar()
+        return None if owner is None else str(owner)
 
     # ------------------------------------------------------- source disposal ---
 
