@@ -206,7 +206,7 @@ def test_every_common_format_is_transcribed_in_one_run(
         parity_job = daemon.job_for(name)
         assert parity_job is not None
         assert read(outputs_by_format(parity_job)["txt"]) == whisper_txt(expected, tmp_path)
-        assert json.loads(read(outputs_by_format(job)["json"]))["text"] == expected["text"]
+        assert json.loads(read(outputs_by_format(parity_job)["json"]))["text"] == expected["text"]
 
     status = daemon.cli("status")
     assert status.returncode == 0, status.stderr
