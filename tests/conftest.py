@@ -282,3 +282,19 @@ def daemon_factory(tmp_path: Path, models_dir: Path) -> Iterator[Callable[..., D
     yield make
     for daemon in made:
         daemon.close()
+
+
+@pytest.fixture(scope="session")
+def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 130 s of speech (the SENTENCES spoken three times), made once per
+    session: long enough to cancel, stop or watch while it runs."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng not installed (apt-get install espeak-ng)")
+    clip = tmp_path_factory.mktemp("long-clip") / "long.wav"
+    subprocess.run(
+        ["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(clip), "--stdin"],
+        input=" ".join(SENTENCES * 3).encode("utf-8"),
+        check=True,
+        capture_output=True,
+    )
+    return clip

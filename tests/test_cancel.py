@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,21 +30,6 @@ DaemonFactory = Callable[..., DaemonUnderTest]
 CANCEL_SECONDS = 15.0
 # Info level: the watchdog's debug lines would bury the job events.
 QUIET = {"log_level": "info"}
-
-
-@pytest.fixture(scope="module")
-def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """About 130 s of speech (the SENTENCES spoken three times), made once per module."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng not installed (apt-get install espeak-ng)")
-    clip = tmp_path_factory.mktemp("long-clip") / "long.wav"
-    subprocess.run(
-        ["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(clip), "--stdin"],
-        input=" ".join(SENTENCES * 3).encode("utf-8"),
-        check=True,
-        capture_output=True,
-    )
-    return clip
 
 
 @pytest.fixture(scope="module")

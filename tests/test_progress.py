@@ -5,14 +5,11 @@ durations and realtime factors of `whisperd jobs`."""
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import wave
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import SENTENCES
 from daemon_harness import DaemonUnderTest
 
 from whisperd.jobs import JobState
@@ -20,21 +17,6 @@ from whisperd.jobs import JobState
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 DaemonFactory = Callable[..., DaemonUnderTest]
-
-
-@pytest.fixture(scope="module")
-def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """About 130 s of speech (the SENTENCES spoken three times), made once per module."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng not installed (apt-get install espeak-ng)")
-    clip = tmp_path_factory.mktemp("long-clip") / "long.wav"
-    subprocess.run(
-        ["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(clip), "--stdin"],
-        input=" ".join(SENTENCES * 3).encode("utf-8"),
-        check=True,
-        capture_output=True,
-    )
-    return clip
 
 
 def test_progress_rises_with_an_eta_and_status_and_jobs_show_it(
