@@ -8,6 +8,7 @@ synthesised clips) are cached in $WHISPERD_BENCH_CACHE, else
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -564,3 +565,23 @@ def write_json(path: Path, data: Any) -> None:
     temp = path.with_name(f".{path.name}.tmp")
     temp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(temp, path)
+
+
+def add_run_arguments(
+    parser: argparse.ArgumentParser, *, out_name: str, whisperd_source: bool = False
+) -> None:
+    """The options every benchmark shares: waiting for a quiet machine,
+    where the JSON goes, and (where offered) which whisperd to run."""
+    parser.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
+    parser.add_argument("--quiet-load", type=float, default=0.7, help="1-min load average counted as quiet")
+    parser.add_argument("--max-wait", type=float, default=1200.0, help="longest wait for a quiet machine (s)")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS / out_name, help="JSON results (default: %(default)s)"
+    )
+    if whisperd_source:
+        parser.add_argument(
+            "--whisperd-source",
+            type=Path,
+            default=None,
+            help="folder holding another whisperd package to run as the daemon (a copy from before a change)",
+        )

@@ -370,9 +370,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds after the warm-up round")
     parser.add_argument("--clips", type=int, default=8, help="number of clips (5-15 s each)")
     parser.add_argument("--settle", type=float, default=0.3, help="whisperd settle_seconds")
-    parser.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
-    parser.add_argument("--quiet-load", type=float, default=0.7, help="1-min load average counted as quiet")
-    parser.add_argument("--max-wait", type=float, default=1200.0, help="longest wait for a quiet machine (s)")
     parser.add_argument(
         "--noise-limit",
         type=float,
@@ -380,14 +377,8 @@ def main() -> None:
         help="run a round again if other processes kept more than this many cores busy during it",
     )
     parser.add_argument("--tries", type=int, default=3, help="runs of a noisy round, the quietest kept")
-    parser.add_argument("--out", type=Path, default=bl.RESULTS / "compare.json")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
-    parser.add_argument(
-        "--whisperd-source",
-        type=Path,
-        default=None,
-        help="folder holding another whisperd package to run as the daemon (a copy from before a change)",
-    )
+    bl.add_run_arguments(parser, out_name="compare.json", whisperd_source=True)
     args = parser.parse_args()
 
     models_dir = bl.prepare_model()

@@ -83,10 +83,7 @@ def main() -> None:
         "--settle", type=float, default=2.0, help="whisperd settle_seconds (default: config's)"
     )
     parser.add_argument("--gap", type=float, default=1.0, help="idle seconds between drops")
-    parser.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
-    parser.add_argument("--quiet-load", type=float, default=0.7)
-    parser.add_argument("--max-wait", type=float, default=1200.0)
-    parser.add_argument("--out", type=Path, default=bl.RESULTS / "latency.json")
+    bl.add_run_arguments(parser, out_name="latency.json", whisperd_source=False)
     args = parser.parse_args()
 
     models_dir = bl.prepare_model()

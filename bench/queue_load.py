@@ -52,16 +52,7 @@ def main() -> None:
         "--settle", type=float, default=2.0, help="whisperd settle_seconds (default: config's)"
     )
     parser.add_argument("--timeout", type=float, default=300.0)
-    parser.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
-    parser.add_argument("--quiet-load", type=float, default=0.7)
-    parser.add_argument("--max-wait", type=float, default=1200.0)
-    parser.add_argument("--out", type=Path, default=bl.RESULTS / "queue_load.json")
-    parser.add_argument(
-        "--whisperd-source",
-        type=Path,
-        default=None,
-        help="folder holding another whisperd package to run as the daemon (a copy from before a change)",
-    )
+    bl.add_run_arguments(parser, out_name="queue_load.json", whisperd_source=True)
     args = parser.parse_args()
 
     models_dir = bl.prepare_model()

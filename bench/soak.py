@@ -122,10 +122,7 @@ def main() -> None:
         "--wave", type=int, default=25, help="files dropped at once; the first wave is the warm-up"
     )
     parser.add_argument("--settle", type=float, default=0.5)
-    parser.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
-    parser.add_argument("--quiet-load", type=float, default=0.7)
-    parser.add_argument("--max-wait", type=float, default=1200.0)
-    parser.add_argument("--out", type=Path, default=bl.RESULTS / "soak.json")
+    bl.add_run_arguments(parser, out_name="soak.json", whisperd_source=False)
     args = parser.parse_args()
 
     models_dir = bl.prepare_model()
