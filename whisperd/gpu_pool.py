@@ -312,9 +312,6 @@ class WorkerPool:
                 return True
         return False
 
-    def worker_ids(self) -> list[str]:
-        return [s.settings.worker_id for s in self._slots]
-
     def alive_count(self) -> int:
         return sum(1 for s in self._slots if self._alive(s))
 

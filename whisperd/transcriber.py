@@ -121,10 +121,6 @@ def empty_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def cuda_device_count() -> int:
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def device_kind(device: str) -> str:
     """What memory calibration is keyed by: "cpu", or the GPU's model name."""
     if device.startswith("cuda"):

@@ -335,9 +335,6 @@ class ModelCache:
         for name in list(self._models):
             self.unload(name, reason)
 
-    def loaded_names(self) -> list[str]:
-        return list(self._models)
-
     def _report_loaded(self) -> None:
         _emit(self._channel, "models_loaded", device=self._settings.device, models=list(self._models))
 
