@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from daemon_harness import DaemonUnderTest
 
 from whisperd import models
@@ -298,3 +299,41 @@ def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
         capture_output=True,
     )
     return clip
+
+
+# The real PostgreSQL the job store's tests run against (README: how to point elsewhere).
+POSTGRES_URL = os.environ.get(
+    "WHISPERD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture
+def postgres_schema_url() -> Iterator[str]:
+    """A job store URL on the real PostgreSQL, in a fresh schema of its own.
+    Skipped with the reason when the server is unreachable, except under CI,
+    where PostgreSQL is mandatory and its absence fails the test."""
+    admin = sa.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+    schema = f"whisperd_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        reason = f"PostgreSQL at {POSTGRES_URL} is not reachable: {exc.orig}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """One job store per backend: a fresh SQLite file, a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/state/jobs.db"
+    return str(request.getfixturevalue("postgres_schema_url"))

@@ -5,50 +5,21 @@ transaction (enqueue_many), each file exactly once."""
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from whisperd.jobs import FileIdentity, JobSpec, JobState
 from whisperd.queue_db import JobStore
 from whisperd.watcher import Watcher, WatchSpec
 
-POSTGRES_URL = os.environ.get("WHISPERD_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SETTLE = 0.5
 
 
 @pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh schema on the real PostgreSQL."""
-    admin = sa.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
-    try:
-        with admin.begin() as conn:
-            schema = f"whisperd_batch_{uuid.uuid4().hex[:12]}"
-            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        reason = f"PostgreSQL at {POSTGRES_URL} is not reachable: {exc.orig}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    try:
-        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/state/jobs.db"
-    else:
-        url = str(request.getfixturevalue("postgres_url"))
-    opened = JobStore.open(url)
+def store(store_url: str) -> Iterator[JobStore]:
+    opened = JobStore.open(store_url)
     yield opened
     opened.close()
 

@@ -6,7 +6,6 @@ import os
 import shutil
 import sqlite3
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,52 +16,13 @@ from whisperd.errors import LeaseLost, WhisperdError
 from whisperd.jobs import Claim, FileIdentity, Job, JobSpec, JobState
 from whisperd.queue_db import MIGRATIONS, SCHEMA_VERSION, JobStore
 
-POSTGRES_URL = os.environ.get("WHISPERD_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 T0 = 1_700_000_000.0
 LEASE = 30.0
 
 
-def postgres_unreachable_reason() -> str | None:
-    engine = sa.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect():
-            return None
-    except sa.exc.OperationalError as exc:
-        return f"PostgreSQL at {POSTGRES_URL} is not reachable: {exc.orig}"
-    finally:
-        engine.dispose()
-
-
 @pytest.fixture
-def postgres_schema_url() -> Iterator[str]:
-    """A job store URL on the real PostgreSQL, in a fresh schema of its own."""
-    reason = postgres_unreachable_reason()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    schema = f"whisperd_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(POSTGRES_URL)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/state/jobs.db"
-    return str(request.getfixturevalue("postgres_schema_url"))
-
-
-@pytest.fixture
-def store(url: str) -> Iterator[JobStore]:
-    opened = JobStore.open(url)
+def store(store_url: str) -> Iterator[JobStore]:
+    opened = JobStore.open(store_url)
     yield opened
     opened.close()
 
@@ -540,14 +500,14 @@ class TestJobStoreContract:
         assert store.output_owner("/out/talk") is None
         assert store.output_owner("/out/failed.txt") is None
 
-    def test_outputs_of_jobs_finished_before_v3_still_have_owners(self, url: str, inbox: Inbox) -> None:
+    def test_outputs_of_jobs_finished_before_v3_still_have_owners(self, store_url: str, inbox: Inbox) -> None:
         # A v2 database, its done job's outputs known only from outputs_json.
-        old = JobStore.open(url, migrations=MIGRATIONS[:2])
+        old = JobStore.open(store_url, migrations=MIGRATIONS[:2])
         try:
             job = enqueue(old, inbox, "talk.mp3")
         finally:
             old.close()
-        engine = sa.create_engine(url)
+        engine = sa.create_engine(store_url)
         try:
             with engine.begin() as conn:
                 conn.execute(
@@ -557,7 +517,7 @@ class TestJobStoreContract:
         finally:
             engine.dispose()
 
-        upgraded = JobStore.open(url)
+        upgraded = JobStore.open(store_url)
         try:
             assert upgraded.output_owner("/out/talk.srt") == "talk.mp3"
             assert upgraded.output_owner("/out/talk.vtt") is None
@@ -574,14 +534,14 @@ class TestJobStoreContract:
 
     # -------------------------------------------------- lifetime / schema ---
 
-    def test_jobs_survive_close_and_open(self, url: str, inbox: Inbox) -> None:
-        store = JobStore.open(url)
+    def test_jobs_survive_close_and_open(self, store_url: str, inbox: Inbox) -> None:
+        store = JobStore.open(store_url)
         queued = enqueue(store, inbox, "queued.wav")
         enqueue(store, inbox, "running.wav", priority=9)
         taken = claim(store)
         store.close()
 
-        reopened = JobStore.open(url)
+        reopened = JobStore.open(store_url)
         try:
             assert reopened.get(queued.id) == queued
             assert reopened.get(taken.job.id) == taken.job
@@ -600,21 +560,21 @@ class TestJobStoreContract:
         assert store.get(job.id).identity == identity  # type: ignore[union-attr]
         assert [j.id for j in store.find_active_by_identity(identity)] == [job.id]
 
-    def test_old_database_is_upgraded_in_place(self, url: str, inbox: Inbox) -> None:
-        store = JobStore.open(url)
+    def test_old_database_is_upgraded_in_place(self, store_url: str, inbox: Inbox) -> None:
+        store = JobStore.open(store_url)
         jobs = [enqueue(store, inbox, f"clip-{i}.wav") for i in range(3)]
         store.close()
 
         def add_language_column(conn: sa.Connection) -> None:
             conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN detected_language TEXT"))
 
-        upgraded = JobStore.open(url, migrations=(*MIGRATIONS, add_language_column))
+        upgraded = JobStore.open(store_url, migrations=(*MIGRATIONS, add_language_column))
         try:
             assert [upgraded.get(j.id) for j in jobs] == jobs
         finally:
             upgraded.close()
 
-        engine = sa.create_engine(url)
+        engine = sa.create_engine(store_url)
         try:
             columns = {c["name"] for c in sa.inspect(engine).get_columns("jobs")}
             with engine.connect() as conn:
@@ -626,7 +586,7 @@ class TestJobStoreContract:
 
         # This code only knows v1 and must refuse to touch the newer database.
         with pytest.raises(WhisperdError) as refused:
-            JobStore.open(url)
+            JobStore.open(store_url)
         assert (
             f"database schema v{SCHEMA_VERSION + 1} is newer than this whisperd (v{SCHEMA_VERSION})"
             in str(refused.value)

@@ -6,74 +6,32 @@ import json
 import multiprocessing
 import os
 import traceback
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 
 from whisperd.jobs import FileIdentity, JobSpec, JobState
 from whisperd.queue_db import SCHEMA_VERSION, JobStore
 
-POSTGRES_URL = os.environ.get("WHISPERD_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PROCESSES = 4
 JOBS = 200
 # Generous: the children normally finish in a few seconds.
 JOIN_TIMEOUT = 120.0
 
 
-def postgres_unreachable_reason() -> str | None:
-    engine = sa.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect():
-            return None
-    except sa.exc.OperationalError as exc:
-        return f"PostgreSQL at {POSTGRES_URL} is not reachable: {exc.orig}"
-    finally:
-        engine.dispose()
-
-
-@pytest.fixture
-def postgres_schema_url() -> Iterator[str]:
-    """A job store URL on the real PostgreSQL, in a fresh schema of its own."""
-    reason = postgres_unreachable_reason()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    schema = f"whisperd_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(POSTGRES_URL)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/state/jobs.db"
-    return str(request.getfixturevalue("postgres_schema_url"))
-
-
 # ---------------------------------------------------------------- children ---
 # Module-level so the spawn start method can import them in a fresh interpreter.
 
 
-def claim_and_finish_until_empty(url: str, worker: str, start: Any, report: str) -> None:
+def claim_and_finish_until_empty(store_url: str, worker: str, start: Any, report: str) -> None:
     """Claim and finish jobs as fast as possible; write what happened to `report`."""
     claimed: list[tuple[int, str]] = []
     errors: list[str] = []
     store = None
     try:
-        store = JobStore.open(url)
+        store = JobStore.open(store_url)
         start.wait(60)  # every child is connected: now they race
         while len(errors) < 5:
             try:
@@ -93,12 +51,12 @@ def claim_and_finish_until_empty(url: str, worker: str, start: Any, report: str)
         Path(report).write_text(json.dumps({"claimed": claimed, "errors": errors}))
 
 
-def open_and_enqueue(url: str, inbox_root: str, name: str, start: Any, report: str) -> None:
+def open_and_enqueue(store_url: str, inbox_root: str, name: str, start: Any, report: str) -> None:
     """Open a store (maybe creating its schema) at the same moment as others."""
     errors: list[str] = []
     try:
         start.wait(60)  # all at once, to race on creating the schema
-        store = JobStore.open(url)
+        store = JobStore.open(store_url)
         try:
             spec = JobSpec(inbox="talks", inbox_root=inbox_root, rel_path=name, model="tiny.en")
             store.enqueue(spec, FileIdentity.of(os.path.join(inbox_root, name)), max_attempts=3)
@@ -143,9 +101,9 @@ def make_inbox(tmp_path: Path, count: int) -> tuple[Path, list[str]]:
 # ------------------------------------------------------------------- tests ---
 
 
-def test_four_processes_claim_every_job_exactly_once(url: str, tmp_path: Path) -> None:
+def test_four_processes_claim_every_job_exactly_once(store_url: str, tmp_path: Path) -> None:
     root, names = make_inbox(tmp_path, JOBS)
-    store = JobStore.open(url)
+    store = JobStore.open(store_url)
     try:
         ids = set()
         for name in names:
@@ -154,7 +112,7 @@ def test_four_processes_claim_every_job_exactly_once(url: str, tmp_path: Path) -
             ids.add(job.id)
 
         reports = run_children(
-            claim_and_finish_until_empty, [(url, f"worker-{i}") for i in range(PROCESSES)], tmp_path
+            claim_and_finish_until_empty, [(store_url, f"worker-{i}") for i in range(PROCESSES)], tmp_path
         )
 
         errors = [error for report in reports for error in report["errors"]]
@@ -168,19 +126,19 @@ def test_four_processes_claim_every_job_exactly_once(url: str, tmp_path: Path) -
         store.close()
 
 
-def test_processes_opening_a_fresh_database_together_all_succeed(url: str, tmp_path: Path) -> None:
+def test_processes_opening_a_fresh_database_together_all_succeed(store_url: str, tmp_path: Path) -> None:
     root, names = make_inbox(tmp_path, PROCESSES)
 
-    reports = run_children(open_and_enqueue, [(url, str(root), name) for name in names], tmp_path)
+    reports = run_children(open_and_enqueue, [(store_url, str(root), name) for name in names], tmp_path)
 
     errors = [error for report in reports for error in report["errors"]]
     assert errors == [], "\n".join(errors)
-    store = JobStore.open(url)
+    store = JobStore.open(store_url)
     try:
         assert store.counts()[JobState.QUEUED] == PROCESSES
     finally:
         store.close()
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(store_url)
     try:
         with engine.connect() as conn:
             versions = conn.execute(sa.text("SELECT version FROM whisperd_schema")).scalars().all()

@@ -622,7 +622,9 @@ class Worker:
             self._store.finish(job.id, token, state=JobState.FAILED, error=str(exc))
             return JobState.FAILED, str(exc), audio_seconds
         except Exception as exc:  # noqa: BLE001 - any other failure (disk full, CUDA, a bug) is retried
-            if _is_oom(exc):
+            from whisperd import transcriber
+
+            if transcriber.is_out_of_memory(exc):
                 self._cache.clear("oom")
             error = f"{type(exc).__name__}: {exc}"
             state = self._store.retry_or_fail(
@@ -717,10 +719,6 @@ class Worker:
     def _planned(self, job_id: int) -> list[str]:
         job = self._store.get(job_id)
         return list(job.outputs) if job else []
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return "out of memory" in str(exc).lower()
 
 
 def remove_outputs(paths: list[str]) -> None:
