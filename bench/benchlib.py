@@ -322,6 +322,10 @@ class DaemonConfig:
     rescan_seconds: float = 60.0
     shutdown_grace_seconds: float = 10.0
     workers: dict[str, Any] = field(default_factory=dict)
+    # Keys for the [[inbox]] table ("bench"), over the defaults above.
+    inbox_options: dict[str, Any] = field(default_factory=dict)
+    # More inboxes: name -> keys; each gets the folders root/NAME/{inbox,output,...}.
+    extra_inboxes: dict[str, dict[str, Any]] = field(default_factory=dict)
     # A folder holding another `whisperd` package to run instead of this
     # checkout's (to measure a change: before against after); None: this one.
     source: Path | None = None
@@ -370,9 +374,15 @@ class DaemonConfig:
             "failed": str(self.failed),
             "formats": list(self.formats),
             "language": self.language,
+            **self.inbox_options,
         }
         parts = [f"[{name}]\n{_toml_table(values)}" for name, values in sections.items()]
         parts.append("[[inbox]]\n" + _toml_table(inbox))
+        for name, options in self.extra_inboxes.items():
+            folders = {key: str(self.root / name / key) for key in ("output", "cancel", "done", "failed")}
+            table: dict[str, Any] = {"name": name, "path": str(self.root / name / "inbox"), **folders}
+            table.update(formats=list(self.formats), language=self.language, **options)
+            parts.append("[[inbox]]\n" + _toml_table(table))
         path = self.root / "config.toml"
         path.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
         return path
@@ -536,6 +546,18 @@ def open_db(path: Path) -> sqlite3.Connection:
     return connection
 
 
+def job_times(daemon: DaemonProcess, prefix: str) -> tuple[float, float]:
+    """When the first job of a drop was claimed, and the sum of its jobs'
+    durations (claimed to done, from the job store)."""
+    db = open_db(daemon.config.db_path)
+    try:
+        query = "SELECT min(started_at), sum(finished_at - started_at) FROM jobs WHERE rel_path LIKE ?"
+        first, total = db.execute(query, (prefix + "%",)).fetchone()
+        return float(first), float(total)
+    finally:
+        db.close()
+
+
 # --------------------------------------------------------------------------- statistics
 
 
@@ -560,11 +582,54 @@ def summary(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+def provenance() -> dict[str, Any]:
+    """What made a result: the commit of this checkout (and whether the tree
+    had uncommitted changes), the script and its arguments."""
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
+        return run.stdout.strip() if run.returncode == 0 else ""
+
+    return {
+        "commit": git("rev-parse", "HEAD") or "unknown",
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "script": str(Path(sys.argv[0]).resolve().relative_to(REPO))
+        if Path(sys.argv[0]).resolve().is_relative_to(REPO)
+        else sys.argv[0],
+        "argv": sys.argv[1:],
+    }
+
+
 def write_json(path: Path, data: Any) -> None:
+    """Write a result; a dict gets a `provenance` block (commit, script)."""
+    if isinstance(data, dict) and "provenance" not in data:
+        data = {"provenance": provenance(), **data}
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.tmp")
     temp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(temp, path)
+
+
+def whisperd_source(revision: str | None) -> Path | None:
+    """The package folder to run as the daemon for `--whisperd-rev` (None: this checkout)."""
+    if revision is None:
+        return None
+    import tempfile
+
+    return checkout_revision(revision, Path(tempfile.mkdtemp(prefix="whisperd-rev-")))
+
+
+def checkout_revision(revision: str, into: Path) -> Path:
+    """The `whisperd` package as it was at a git revision of this repository,
+    unpacked under `into` (a "before" that anyone can rebuild from the repo)."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", revision, "whisperd"],
+        capture_output=True,
+        check=True,
+    )
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
 
 
 def add_run_arguments(
@@ -580,8 +645,8 @@ def add_run_arguments(
     )
     if whisperd_source:
         parser.add_argument(
-            "--whisperd-source",
-            type=Path,
+            "--whisperd-rev",
             default=None,
-            help="folder holding another whisperd package to run as the daemon (a copy from before a change)",
+            help="git revision of this repository whose whisperd package runs as the daemon "
+            "(a 'before' figure: e.g. the commit before a change)",
         )

@@ -3,12 +3,15 @@ stopped job and a calm worker.
 
 Starts `whisperd run` once (CPU, tiny.en, the shipped defaults except the
 folders) and repeats: drop a long clip (about 90 s of espeak-ng speech),
-wait until the job runs and reports progress, move the file into cancel/,
-then time until both hold: the job is `cancelled` in the job store, and the
-worker that ran it has given its memory back (RSS at most the idle level
-measured after a warm-up job, plus a slack) or is gone (killed).
+wait until the job reaches a point (`start`: running, nothing decoded yet;
+`early`: progress reported; `late`: two thirds decoded), cancel it one of
+three ways (`move`: the file moved into cancel/; `copy`: a copy of it put
+there; `cli`: `whisperd cancel ID`), then time until both hold: the job
+is `cancelled` in the job store, and the worker that ran it has given its
+memory back (RSS at most the idle level measured after a warm-up job, plus
+a slack) or is gone (killed).
 
-    .venv/bin/python bench/cancel_latency.py [--runs 10] [--settle-seconds S]
+    .venv/bin/python bench/cancel_latency.py [--runs 3] [--ways move,copy,cli] [--points start,early,late]
 
 Prints p50/p95/max, with where the time went (file settle and match, the
 worker stopping, memory), and writes bench/results/cancel_latency.json.
@@ -36,6 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import benchlib as bl
+
 from whisperd.jobs import Job, JobState
 from whisperd.queue_db import JobStore
 
@@ -59,11 +64,19 @@ POLL_SECONDS = 0.01
 GIVE_UP_SECONDS = 20.0
 
 
+WAYS = ("move", "copy", "cli")
+# Where in the job the cancel comes: the least progress it must have reported.
+POINTS = {"start": 0.0, "early": 1e-9, "late": 0.6}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Run:
-    """One cancel, in seconds from the move into cancel/."""
+    """One cancel, in seconds from the user's action (move, copy or command)."""
 
     job_id: int
+    # How the cancel was asked for (WAYS) and when in the job (POINTS).
+    way: str
+    point: str
     # The daemon matched the file to the job and asked the worker to stop (log: job.cancelling).
     matched: float | None
     # The job store says cancelled.
@@ -140,7 +153,7 @@ class Daemon:
     """`whisperd run` in a subprocess, with its JSON log lines kept."""
 
     def __init__(self, config: Path, root: Path) -> None:
-        self._config = config
+        self.config = config
         self.root = root
         self.events: list[dict[str, Any]] = []
         self._process: subprocess.Popen[str] | None = None
@@ -149,7 +162,7 @@ class Daemon:
 
     def start(self) -> None:
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "whisperd.cli", "run", "--config", str(self._config)],
+            [sys.executable, "-m", "whisperd.cli", "run", "--config", str(self.config)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -262,15 +275,34 @@ def _warm_up(daemon: Daemon, clip: Path) -> float:
     return rss
 
 
-def _one_cancel(daemon: Daemon, clip: Path, number: int, idle_rss: float, slack_mb: float) -> Run:
+def _ask_to_cancel(daemon: Daemon, name: str, job: Job, way: str) -> None:
+    inbox, cancel = daemon.root / "inbox" / name, daemon.root / "cancel" / name
+    if way == "move":
+        os.rename(inbox, cancel)
+    elif way == "copy":
+        shutil.copy2(inbox, cancel)
+    else:
+        subprocess.run(
+            [sys.executable, "-m", "whisperd.cli", "cancel", str(job.id), "--config", str(daemon.config)],
+            check=True,
+            capture_output=True,
+        )
+
+
+def _one_cancel(
+    daemon: Daemon, clip: Path, number: int, idle_rss: float, slack_mb: float, way: str, point: str
+) -> Run:
     name = f"long-{number:03d}.wav"
     daemon.drop(clip, name)
+    least = POINTS[point]
 
-    def transcribing() -> bool:
+    def at_point() -> bool:
         job = daemon.job(name)
-        return job is not None and job.state is JobState.RUNNING and job.progress > 0
+        if job is None or job.state is not JobState.RUNNING:
+            return False
+        return job.progress >= least if least > 0 else True
 
-    daemon.wait(transcribing, 300.0, f"{name} to run")
+    daemon.wait(at_point, 300.0, f"{name} to reach {point}")
     job = daemon.job(name)
     assert job is not None
     pid = daemon.worker_pid(job)
@@ -278,7 +310,7 @@ def _one_cancel(daemon: Daemon, clip: Path, number: int, idle_rss: float, slack_
 
     moved_at = time.time()
     started = time.monotonic()
-    os.rename(daemon.root / "inbox" / name, daemon.root / "cancel" / name)
+    _ask_to_cancel(daemon, name, job, way)
     cancelled_after: float | None = None
     memory_after: float | None = None
     rss_after: float | None = None
@@ -304,6 +336,8 @@ def _one_cancel(daemon: Daemon, clip: Path, number: int, idle_rss: float, slack_
     matched = daemon.find("job.cancelling", job_id=job.id)
     return Run(
         job_id=job.id,
+        way=way,
+        point=point,
         matched=_log_time(matched[0]) - moved_at if matched else None,
         cancelled=cancelled_after,
         memory_back=memory_after,
@@ -353,10 +387,13 @@ def _report(runs: list[Run], settings: dict[str, Any], out: Path) -> dict[str, A
             "move_to_memory_back": _summary([r.memory_back for r in runs]),
         },
         "workers_killed": sum(r.killed for r in runs),
+        "by_way_and_point": {
+            f"{way}/{point}": _summary([r.total for r in runs if (r.way, r.point) == (way, point)])
+            for way, point in sorted({(r.way, r.point) for r in runs})
+        },
         "runs": [asdict(r) for r in runs],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    bl.write_json(out, result)
     return result
 
 
@@ -372,13 +409,19 @@ def _print(result: dict[str, Any], out: Path) -> None:
     for part, values in result["parts_seconds"].items():
         if values:
             print(f"  {part:<32} {_spread(values)}")
+    for case, values in result["by_way_and_point"].items():
+        print(f"  {case:<32} {_spread(values)}")
     print(f"  workers killed: {result['workers_killed']}; target p95 < {TARGET_P95_SECONDS:.1f} s: {verdict}")
     print(f"  written to {out}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=10, help="cancels to time (default: %(default)s)")
+    parser.add_argument(
+        "--runs", type=int, default=3, help="cancels per way and point (default: %(default)s)"
+    )
+    parser.add_argument("--ways", default=",".join(WAYS), help="comma-separated, of %(default)s")
+    parser.add_argument("--points", default=",".join(POINTS), help="comma-separated, of %(default)s")
     parser.add_argument(
         "--settle-seconds",
         type=float,
@@ -394,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", help="folder holding tiny.en.pt (default: import the bundled tiny.en)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results (default: %(default)s)")
     args = parser.parse_args(argv)
+    unknown = set(args.ways.split(",")) - set(WAYS) | set(args.points.split(",")) - set(POINTS)
+    if unknown:
+        parser.error(f"unknown way or point: {', '.join(sorted(unknown))}")
     for tool in ("espeak-ng", "ffmpeg"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is needed (apt-get install {tool})")
@@ -409,8 +455,10 @@ def main(argv: list[str] | None = None) -> int:
             load_before = os.getloadavg()[0]
             idle_rss = _warm_up(daemon, long_clip)
             runs = []
-            for number in range(args.runs):
-                runs.append(_one_cancel(daemon, long_clip, number, idle_rss, args.rss_slack_mb))
+            cases = [(w, p) for w in args.ways.split(",") for p in args.points.split(",")]
+            for number in range(args.runs * len(cases)):
+                way, point = cases[number % len(cases)]
+                runs.append(_one_cancel(daemon, long_clip, number, idle_rss, args.rss_slack_mb, way, point))
                 _wait_idle(daemon)
         finally:
             daemon.stop()

@@ -4,7 +4,7 @@ whisper.transcribe on every file in turn, writing txt like the CLI does.
 Run by compare.py; prints one JSON object (seconds for import, load, loop and
 each file) on stdout.
 
-    .venv/bin/python bench/engine_loop.py --model MODEL.pt --output-dir DIR FILE...
+    .venv/bin/python bench/engine_loop.py --model MODEL.pt --output-dir DIR [--beam-size 5] FILE...
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="path of an openai-whisper checkpoint")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--language", default="en")
+    parser.add_argument("--beam-size", type=int, default=0, help="0: greedy (whisperd's default)")
     parser.add_argument("files", nargs="+")
     args = parser.parse_args()
 
@@ -42,7 +43,8 @@ def main() -> None:
     for path in args.files:
         before = time.perf_counter()
         # transcribe()'s defaults: greedy decoding, temperature fallback 0.0..1.0.
-        result = whisper.transcribe(model, path, fp16=False, language=args.language, verbose=None)
+        beam = {"beam_size": args.beam_size} if args.beam_size else {}
+        result = whisper.transcribe(model, path, fp16=False, language=args.language, verbose=None, **beam)
         write_txt(result, path)
         per_file.append(time.perf_counter() - before)
     finished = time.perf_counter()

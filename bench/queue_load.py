@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0)
     bl.add_run_arguments(parser, out_name="queue_load.json", whisperd_source=True)
     args = parser.parse_args()
+    source = bl.whisperd_source(args.whisperd_rev)
 
     models_dir = bl.prepare_model()
     clip = bl.synthesise(bl.SHORT_PHRASE)
@@ -65,7 +66,7 @@ def main() -> None:
         models_dir=models_dir,
         settle_seconds=args.settle,
         shutdown_grace_seconds=2.0,
-        source=args.whisperd_source,
+        source=source,
     )
     prefix = "q-"
     names = [f"{prefix}{n:05d}.wav" for n in range(args.files)]
@@ -109,7 +110,7 @@ def main() -> None:
         "foreign_cores_while_queueing": round(foreign, 3),
         "files": len(names),
         "settle_seconds": args.settle,
-        "whisperd_source": str(args.whisperd_source or bl.REPO),
+        "whisperd_rev": args.whisperd_rev or "this checkout",
         "rename_seconds": round(renamed, 3),
         "seconds_to_first_job": first,
         "seconds_to_all_jobs": round(all_queued, 2),

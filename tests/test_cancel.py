@@ -410,7 +410,7 @@ def test_cancel_never_kills_the_worker_of_another_job(daemon_factory: DaemonFact
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_cancel_racing_the_end_of_a_job_gives_done_or_cancelled_never_both(
-    daemon: DaemonUnderTest, speech: SpeechFactory
+    daemon: DaemonUnderTest, speech: SpeechFactory, long_clip: Path
 ) -> None:
     clip = speech(SENTENCES[4], "race")
     # Two runs without a cancel: the first may load the model, the second
@@ -421,26 +421,50 @@ def test_cancel_racing_the_end_of_a_job_gives_done_or_cancelled_never_both(
     assert timed.started_at is not None and timed.finished_at is not None
     run_seconds = timed.finished_at - timed.started_at
 
-    ended: dict[str, JobState] = {}
-    for attempt, share in enumerate((0.6, 0.75, 0.9, 1.0, 1.1), start=1):
+    # Each cancel lands in one of three windows, which the store's answer to
+    # the request says: "queued" (not started: cancelled at once), "running"
+    # (flagged for the worker, which stops, or had already committed to
+    # finishing), "ended" (already done: the request changes nothing).
+    # The first attempt cancels a long recording as soon as it runs (must end
+    # cancelled), the last one waits for the end (must end done); those
+    # between aim at the end of a run of the short clip.
+    seen: dict[str, tuple[str, JobState]] = {}
+    aims = [(long_clip, 0.0), *((clip, share) for share in (0.75, 0.9, 1.0, 1.1)), (clip, None)]
+    for attempt, (source, share) in enumerate(aims, start=1):
         name = f"race-{attempt}.wav"
-        daemon.drop(clip, name)
+        daemon.drop(source, name)
         job = daemon.wait_for_state(name, JobState.RUNNING, JobState.DONE, timeout=60.0)
         assert job.started_at is not None
-        time.sleep(max(0.0, job.started_at + run_seconds * share - time.time()))
-        daemon.store.request_cancel(job.id, reason="race test")  # what `whisperd cancel ID` does
-        ended[name] = daemon.wait_for_state(name, JobState.DONE, JobState.CANCELLED, timeout=60.0).state
-    time.sleep(1.0)  # a late flip or a late file would show by now
+        if share is None:
+            daemon.wait_for_state(name, JobState.DONE, timeout=120.0)
+        else:
+            time.sleep(max(0.0, job.started_at + run_seconds * share - time.time()))
+        answer = daemon.store.request_cancel(job.id, reason="race test")  # what `whisperd cancel ID` does
+        assert answer is not None
+        window = {JobState.QUEUED: "queued", JobState.RUNNING: "running"}.get(answer.state, "ended")
+        assert window != "running" or answer.cancel_requested, answer
+        end = daemon.wait_for_state(name, JobState.DONE, JobState.CANCELLED, timeout=60.0).state
+        seen[name] = (window, end)
 
-    for name, state in ended.items():
+    # A later job done on the same (single) worker: a late flip of a race job,
+    # or a late output or move, would have happened before it.
+    daemon.drop(clip, "race-after.wav")
+    daemon.wait_for_state("race-after.wav", JobState.DONE, timeout=120.0)
+
+    assert seen["race-1.wav"] == ("running", JobState.CANCELLED), seen
+    assert seen["race-6.wav"] == ("ended", JobState.DONE), seen
+    for name, (window, state) in seen.items():
+        # A request after the end never changes it; one before the start always cancels.
+        assert window != "ended" or state is JobState.DONE, seen
+        assert window != "queued" or state is JobState.CANCELLED, seen
         after = daemon.job_for(name)
-        assert after is not None and after.state is state, ended
+        assert after is not None and after.state is state, seen
         stem = Path(name).stem
         if state is JobState.DONE:
             assert_complete_outputs(daemon, stem)
         else:
-            assert outputs_named(daemon, stem) == [], ended
+            assert outputs_named(daemon, stem) == [], seen
         # The source goes where the end state says, never both ways.
         where = daemon.done if state is JobState.DONE else daemon.cancel
-        daemon.wait_for((where / name).is_file, timeout=30.0, what=f"{name} in {where}")
+        assert (where / name).is_file(), (name, where, seen)
         assert not (daemon.done / name).exists() or not (daemon.cancel / name).exists()

@@ -33,6 +33,17 @@ done = "done"
 failed = "failed"
 """
 
+# A second inbox with folders of its own.
+SECOND_INBOX = """
+[[inbox]]
+name = "calls"
+path = "in2"
+output = "out2"
+cancel = "cancel2"
+done = "done2"
+failed = "failed2"
+"""
+
 
 @dataclass(frozen=True)
 class BadConfig:
@@ -58,6 +69,11 @@ BAD_CONFIGS = {
     "bad format": BadConfig(
         INBOX + "formats = ['txt', 'docx']\n", "inbox[0].formats", "'docx' is not one of"
     ),
+    "hallucination guard without word timings": BadConfig(
+        INBOX + "hallucination_silence_threshold = 2.0\n",
+        "inbox[0].hallucination_silence_threshold",
+        "needs word_timestamps = true",
+    ),
     "below minimum": BadConfig(
         "[daemon]\nsettle_seconds = -1\n" + INBOX, "daemon.settle_seconds", "at least"
     ),
@@ -72,6 +88,17 @@ BAD_CONFIGS = {
         INBOX + INBOX.replace('"in"', '"in2"').replace('"out"', '"out2"'), "inbox[1].name", "used twice"
     ),
     "inbox not an array": BadConfig(INBOX.replace("[[inbox]]", "[inbox]"), "inbox", "[[inbox]]"),
+    "output shared by two inboxes": BadConfig(
+        INBOX + SECOND_INBOX.replace('"out2"', '"out"'), "inbox[1].output", "overlaps the output folder"
+    ),
+    "done nested in another inbox's done": BadConfig(
+        INBOX + SECOND_INBOX.replace('"done2"', '"done/second"'), "inbox[1].done", "overlaps the done folder"
+    ),
+    "failed holding another inbox's output": BadConfig(
+        INBOX.replace('"out"', '"shared/out"') + SECOND_INBOX.replace('"failed2"', '"shared"'),
+        "inbox[1].failed",
+        "overlaps the output folder",
+    ),
     "bad TOML": BadConfig("[daemon\nlog_level = 'info'\n", "", "not valid TOML"),
 }
 
@@ -169,7 +196,7 @@ def test_check_config_prints_the_effective_config_resolved_against_the_file(tmp_
     # What was set, and the defaults of what was not.
     assert effective["workers"]["max_attempts"] == 5
     assert inbox["language"] == "en"
-    assert inbox["formats"] == ["txt", "srt", "vtt", "json"]
+    assert inbox["formats"] == ["txt", "srt", "vtt", "json", "tsv"]  # the documented default
     assert effective["daemon"]["settle_seconds"] == 2.0
     # Every key is shown, so the output documents the whole effective config.
     keys = describe_keys()

@@ -8,14 +8,13 @@ promtool. The journal's side is the daemon's output: JSON lines.
 
 from __future__ import annotations
 
-import itertools
+import datetime
 import json
 import multiprocessing
 import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import tempfile
 import threading
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import SENTENCES, SpeechFactory
+from conftest import SENTENCES, SpeechFactory, require_tool
 from daemon_harness import DaemonUnderTest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
@@ -213,6 +212,8 @@ def test_ready_comes_after_start_up_reconciliation_then_status_watchdog_and_stop
     assert not stale.exists()
     assert event_index(daemon, "output.temp_removed") < event_index(daemon, "daemon.ready")
     assert event_index(daemon, "job.queued") < event_index(daemon, "daemon.ready")
+    # A worker has imported torch and opened the store before READY, too.
+    assert event_index(daemon, "worker.ready") < event_index(daemon, "daemon.ready")
     assert "STATUS" in ready.fields
 
     daemon.wait_for_state("waiting.wav", JobState.DONE)
@@ -225,12 +226,12 @@ def test_ready_comes_after_start_up_reconciliation_then_status_watchdog_and_stop
         what="a STATUS line with the finished job",
     )
 
-    # WatchdogSec=2: a keep-alive about every second, well inside the timeout.
+    # WatchdogSec=2: keep-alives keep coming once the daemon is ready, and none
+    # before (how often they come is the unit test of watchdog_ping_seconds).
     notify_socket.wait_for("WATCHDOG", "1", count=6, timeout=30.0)
-    pings = [m.monotonic for m in notify_socket.messages("WATCHDOG", "1") if m.monotonic >= ready.monotonic]
-    gaps = [later - earlier for earlier, later in itertools.pairwise(pings)]
-    assert max(gaps) < WATCHDOG_USEC / 1_000_000, gaps
-    assert statistics.median(gaps) <= 1.5, gaps
+    received = [m.fields.keys() for m in notify_socket.messages()]
+    first_ping = next(i for i, keys in enumerate(received) if "WATCHDOG" in keys)
+    assert first_ping > next(i for i, keys in enumerate(received) if "READY" in keys), received
 
     assert daemon.stop(signal.SIGTERM) == 0
     stopping = notify_socket.wait_for("STOPPING", "1", timeout=10.0)
@@ -290,8 +291,9 @@ def test_sigterm_during_a_long_job_extends_the_stop_timeout_while_it_drains_quie
 
     stopping = notify_socket.wait_for("STOPPING", "1", timeout=5.0)
     extends = [m for m in notify_socket.messages("EXTEND_TIMEOUT_USEC") if m.monotonic >= stopping.monotonic]
-    # About one a second for the grace period (the pool waits in 0.1 s steps).
-    assert 2 <= len(extends) <= grace + 2, extends
+    # Renewed while the grace period runs (about once a second), so systemd
+    # does not kill a daemon that is still draining.
+    assert len(extends) >= 2, extends
     assert all(0 < int(m.fields["EXTEND_TIMEOUT_USEC"]) <= (grace + 5) * 1_000_000 for m in extends)
     # The job did not fit in the grace period: it waits in the queue, attempt not spent.
     job = daemon.job_for("long.wav")
@@ -327,13 +329,16 @@ def test_no_keep_alive_while_a_worker_is_dead(
         # A ping is due, but the pass finds the worker dead: none is sent, and
         # the pass starts a new worker; the next pass pings again.
         daemon.loop_once(now=time.monotonic() + 1.0)
-        time.sleep(0.3)  # let a datagram that should not exist arrive
-        assert len(notify_socket.messages("WATCHDOG")) == 1
         daemon.loop_once(now=time.monotonic() + 1.0)
-        notify_socket.wait_for("WATCHDOG", "1", count=2, timeout=5.0)
     finally:
         daemon.stop()
         setup.close()
+    # Datagrams from one socket arrive in order: once STOPPING is here, every
+    # ping sent before it is too. Two means the dead-worker pass sent none.
+    notify_socket.wait_for("STOPPING", "1", timeout=5.0)
+    received = [m.fields for m in notify_socket.messages()]
+    before_stop = received[: next(i for i, fields in enumerate(received) if "STOPPING" in fields)]
+    assert [fields["WATCHDOG"] for fields in before_stop if "WATCHDOG" in fields] == ["1", "1"], received
 
 
 # --------------------------------------------------------------------------- SIGHUP
@@ -377,11 +382,17 @@ def test_sighup_adds_and_removes_inboxes_without_touching_the_running_job(
     assert str(daemon.config_path) in failed["error"]
     notify_socket.wait_for("READY", "1", count=3)
 
-    # Removing an inbox stops watching it.
+    # Removing an inbox stops watching it. `whisperd reload` (the unit's
+    # ExecReload) returns only once the daemon has reloaded.
     daemon.inboxes.remove(second)
     daemon.write_config()
-    daemon.send_signal(signal.SIGHUP)
-    daemon.wait_for_event("config.reloaded", inboxes=["main"])
+    reply = daemon.cli("reload")
+    returned = time.time()
+    assert reply.returncode == 0, reply
+    reload_event = daemon.wait_for_event("config.reloaded", inboxes=["main"])
+    when = datetime.datetime.fromisoformat(reload_event["timestamp"].replace("Z", "+00:00")).timestamp()
+    assert when <= returned
+    notify_socket.wait_for("READY", "1", count=4)
     ignored = drop_into(Path(second["path"]), speech(SENTENCES[2], "ignored"))
     daemon.drop(speech(SENTENCES[3], "kept"))
     daemon.wait_for_state("kept.wav", JobState.DONE)
@@ -428,10 +439,9 @@ def test_a_reload_reports_settings_it_cannot_apply_and_refuses_a_broken_file(
 def test_a_finished_job_shows_in_a_real_scrape_and_in_json_logs(
     daemon_factory: DaemonFactory, speech: SpeechFactory
 ) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (Debian package prometheus)")
+    promtool = require_tool("promtool", "prometheus")
     daemon = daemon_factory()
+    started_at = time.time()
     daemon.start()
     daemon.drop(speech(SENTENCES[4], "scraped"))
     job = daemon.wait_for_state("scraped.wav", JobState.DONE)
@@ -465,8 +475,9 @@ def test_a_finished_job_shows_in_a_real_scrape_and_in_json_logs(
     assert value(text, "whisperd_job_queue_wait_seconds_count", inbox="main") == 1
     assert value(text, "whisperd_jobs", state="done") == 1
     assert value(text, "whisperd_jobs", state="queued") == 0
+    # The rescan this daemon ran: after it started, before the scrape.
     rescanned = value(text, "whisperd_last_rescan_timestamp_seconds") or 0
-    assert time.time() - 60 < rescanned <= time.time()
+    assert started_at <= rescanned <= time.time()
     assert value(text, "whisperd_build_info") == 1
     assert (value(text, "process_resident_memory_bytes") or 0) > 0
 
@@ -502,8 +513,12 @@ def test_the_unit_matches_what_the_daemon_does_on_stop_and_for_the_watchdog() ->
     assert service["KillMode"] == "mixed"
     # Room for the default grace period plus stopping workers and the store.
     assert float(service["TimeoutStopSec"]) >= DaemonConfig().shutdown_grace_seconds + 30
-    # The daemon pings at half the watchdog timeout.
-    watchdog = float(service["WatchdogSec"])
-    assert watchdog_ping_seconds(watchdog) <= watchdog / 2
-    assert watchdog_ping_seconds(2.0) == 1.0
-    assert service["Type"] == "notify" and service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    # The daemon pings every min(5 s, WatchdogSec/2): with the shipped unit's
+    # timeout, every 5 s (its housekeeping tick); with short timeouts, twice per timeout.
+    assert watchdog_ping_seconds(float(service["WatchdogSec"])) == 5.0
+    assert [watchdog_ping_seconds(w) for w in (2.0, 8.0, 10.0, 11.0, 600.0)] == [1.0, 4.0, 5.0, 5.0, 5.0]
+    # Without a watchdog it still wakes on the housekeeping tick.
+    assert watchdog_ping_seconds(None) == 5.0
+    # Type=notify (systemd 252 has no notify-reload); ExecReload waits for the reload.
+    assert service["Type"] == "notify"
+    assert service["ExecReload"] == "/usr/bin/whisperd reload --config /etc/whisperd/config.toml"

@@ -18,11 +18,10 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import SENTENCES, _synthesised, wer
-from daemon_harness import WHISPERD, DaemonUnderTest
+from daemon_harness import DaemonUnderTest, WrappedDaemon
 
 from whisperd.jobs import Job, JobState
 from whisperd.outputs import TMP_MARKER
@@ -42,19 +41,6 @@ DURATION_LIMIT_SECONDS = 3.0
 
 
 # --------------------------------------------------------------------------- the daemon
-
-
-class WrappedDaemon(DaemonUnderTest):
-    """The real daemon, started through a wrapper command (setpriv, unshare)."""
-
-    def __init__(self, root: Path, models_dir: Path, *, wrapper: list[str], **kwargs: Any) -> None:
-        super().__init__(root, models_dir, **kwargs)
-        self.wrapper = wrapper
-
-    def start(self, **kwargs: Any) -> None:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr("daemon_harness.WHISPERD", [*self.wrapper, *WHISPERD])
-            super().start(**kwargs)
 
 
 def _without_root_file_access() -> list[str] | None:
@@ -268,7 +254,7 @@ def test_folder_named_like_media_is_not_a_job_and_stays(daemon: DaemonUnderTest)
     # A file dropped after the folder: once it is handled, so was the folder.
     write_into(inbox, "after-folder.wav", b"")
     assert_failed(daemon, "after-folder.wav", "file is empty")
-    time.sleep(daemon.daemon_settings["rescan_seconds"] + 1.0)  # and a rescan has walked the inbox
+    daemon.wait_for_rescans(1)  # and a rescan has walked the inbox
 
     assert daemon.job_for("x.wav") is None
     assert (inbox / "x.wav").is_dir()
@@ -321,7 +307,7 @@ def test_file_replaced_before_it_runs_is_transcribed_as_replaced_once(
     assert (folders(daemon)["done"] / "swap.wav").read_bytes() == replacement
     assert_done(daemon, "busy-two.wav")
     # Rescans must not find anything left to do for it.
-    time.sleep(daemon.daemon_settings["rescan_seconds"] + 1.0)
+    daemon.wait_for_rescans(1)
     assert len(jobs_for(daemon, "swap.wav")) == 1
 
 
@@ -457,6 +443,39 @@ def test_file_over_max_duration_fails_naming_the_limit(daemon: DaemonUnderTest, 
     reason = f"over the inbox limit of {DURATION_LIMIT_SECONDS:g} s"
     job = assert_failed(daemon, "long.mp3", reason, inbox="short")
     assert "long.mp3" in (job.last_error or "")
+
+
+def _flac_hiding_its_length(path: Path, seconds: float) -> Path:
+    """A FLAC whose STREAMINFO says 0 samples (unknown length): ffprobe
+    reports no duration, so only the decode itself can find out."""
+    tone = f"sine=frequency=440:duration={seconds}"
+    argv = ["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", tone, "-ar", "16000", "-y", str(path)]
+    subprocess.run(argv, check=True)
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"fLaC"
+    # STREAMINFO follows "fLaC" and its 4-byte block header; the total sample
+    # count is the low 36 bits of its bytes 10-17.
+    data[21] &= 0xF0
+    data[22:26] = bytes(4)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_audio_that_hides_its_length_is_stopped_at_the_limit_while_decoding(
+    daemon: DaemonUnderTest, tmp_path: Path
+) -> None:
+    hidden = _flac_hiding_its_length(tmp_path / "hidden.flac", 10 * DURATION_LIMIT_SECONDS)
+    probe = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0", str(hidden)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert probe.stdout.strip() in ("", "N/A"), "the container still declares its length"
+    write_into(folders(daemon, "short")["path"], "hidden.flac", hidden.read_bytes())
+    reason = f"audio is longer than {DURATION_LIMIT_SECONDS:g} s"
+    job = assert_failed(daemon, "hidden.flac", reason, inbox="short")
+    assert "hidden.flac" in (job.last_error or "")
 
 
 # --------------------------------------------------------------------------- a full disk

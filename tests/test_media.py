@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_tool
 
 from whisperd import media
 from whisperd.errors import MediaError
@@ -26,10 +27,12 @@ NOBODY_UID = 65534
 
 
 def _ffmpeg(*args: str) -> None:
+    require_tool("ffmpeg", "ffmpeg")
     subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-y", *args], check=True)
 
 
 def _speak(path: Path, text: str = SPOKEN_TEXT) -> Path:
+    require_tool("espeak-ng", "espeak-ng")
     subprocess.run(["espeak-ng", "-w", str(path), text], check=True)
     return path
 

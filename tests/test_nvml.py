@@ -10,6 +10,7 @@ from typing import Any
 
 import pynvml
 import pytest
+from fake_nvml import ScriptedProbe, idle_reading
 
 from whisperd.nvml import (
     BAD_THROTTLE_REASON_NAMES,
@@ -20,9 +21,7 @@ from whisperd.nvml import (
     DeviceInfo,
     DeviceReading,
     NvmlProbe,
-    ScriptedProbe,
     bad_throttle_reason_names,
-    idle_reading,
 )
 
 GIB = 1024**3

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -25,7 +25,7 @@ import srt
 import webvtt
 
 from whisperd.errors import OutputError
-from whisperd.jobs import Segment, TranscriptResult, Word
+from whisperd.jobs import FileIdentity, JobSpec, JobState, Segment, TranscriptResult, Word
 from whisperd.outputs import (
     TMP_MARKER,
     choose_output_base,
@@ -43,6 +43,7 @@ from whisperd.outputs import (
     write_error_note,
     write_outputs,
 )
+from whisperd.queue_db import JobStore
 
 REPO = Path(__file__).resolve().parents[1]
 TEMP_NAME = re.compile(r"^\.(?P<final>.+)\.[0-9a-f]+" + re.escape(TMP_MARKER) + "$")
@@ -292,24 +293,51 @@ def test_convert_result_converts_text_segments_and_words() -> None:
 # ---------------------------------------------------------------- naming and writing outputs
 
 
-class FakeStore:
-    """Who owns which output path, as the job store would answer."""
+class PublishingStore:
+    """A real SQLite job store; publish() runs one real job through claim,
+    output naming (asking the store who owns a path, as the worker does),
+    writing, and done."""
 
-    def __init__(self) -> None:
-        self.owner: dict[str, str] = {}
-
-    def taken_for(self, source: str) -> Callable[[str], bool]:
-        return lambda path: self.owner.get(path, source) != source
+    def __init__(self, root: Path) -> None:
+        self.store = JobStore.open(f"sqlite:///{root}/jobs.db")
+        self.inbox = root / "inbox"
+        self._made = 0
 
     def publish(self, output_dir: Path, rel_path: str, formats: list[str]) -> list[str]:
-        base = choose_output_base(str(output_dir), rel_path, formats, self.taken_for(rel_path))
+        self._made += 1
+        spec = JobSpec(
+            inbox="main",
+            inbox_root=str(self.inbox),
+            rel_path=rel_path,
+            model="tiny.en",
+            formats=tuple(formats),
+            output_dir=str(output_dir),
+        )
+        identity = FileIdentity(device=1, inode=self._made, size=5, mtime_ns=self._made)
+        job, created = self.store.enqueue(spec, identity, max_attempts=1)
+        claim = self.store.claim(worker="w", device="cpu", lease_seconds=600)
+        assert created and claim is not None and claim.job.id == job.id
+
+        def is_taken(path: str) -> bool:
+            owner = self.store.output_owner(path)
+            return owner is not None and owner != rel_path
+
+        base = choose_output_base(str(output_dir), rel_path, formats, is_taken)
+        assert self.store.set_outputs(job.id, claim.token, [f"{base}.{fmt}" for fmt in formats])
         paths = write_outputs(base, {fmt: f"{rel_path} {fmt}\n".encode() for fmt in formats})
-        self.owner.update(dict.fromkeys(paths, rel_path))
+        assert self.store.finish(job.id, claim.token, state=JobState.DONE, outputs=paths)
         return paths
 
 
-def test_sources_sharing_a_stem_get_distinct_outputs(tmp_path: Path) -> None:
-    store, out = FakeStore(), tmp_path / "output"
+@pytest.fixture
+def publishing(tmp_path: Path) -> Iterator[PublishingStore]:
+    made = PublishingStore(tmp_path)
+    yield made
+    made.store.close()
+
+
+def test_sources_sharing_a_stem_get_distinct_outputs(tmp_path: Path, publishing: PublishingStore) -> None:
+    store, out = publishing, tmp_path / "output"
 
     mp3 = store.publish(out, "talk.mp3", ["txt", "srt"])
     wav = store.publish(out, "talk.wav", ["txt", "srt"])
@@ -336,8 +364,8 @@ def test_a_name_without_extension_moves_straight_to_numbers() -> None:
     assert base == "/out/README.2"
 
 
-def test_subfolders_are_mirrored(tmp_path: Path) -> None:
-    store, out = FakeStore(), tmp_path / "output"
+def test_subfolders_are_mirrored(tmp_path: Path, publishing: PublishingStore) -> None:
+    store, out = publishing, tmp_path / "output"
 
     paths = store.publish(out, "team/2024/talk.mp3", ["txt", "vtt"])
 
@@ -688,3 +716,26 @@ def test_move_source_across_file_systems_copies_then_unlinks(tmp_path: Path, oth
     assert os.readlink(moved_link) == "/srv/library/talk.mp3"
     assert os.listdir(other_fs_folder) == []
     assert _listing(done) == ["link.mp3", "talk (2).mp3", "talk.mp3"]
+
+
+def test_json_keeps_every_segment_field_whisper_gives_including_seek() -> None:
+    whisper_result = {
+        "text": " Hello again.",
+        "language": "en",
+        "segments": [
+            {
+                "id": 0,
+                "seek": 3000,
+                "start": 30.0,
+                "end": 31.5,
+                "text": " Hello again.",
+                "tokens": [50364, 2425],
+                "temperature": 0.0,
+                "avg_logprob": -0.3,
+                "compression_ratio": 0.8,
+                "no_speech_prob": 0.02,
+            }
+        ],
+    }
+    loaded = json.loads(render_json(TranscriptResult.from_whisper(whisper_result), {}))
+    assert {k: v for k, v in loaded.items() if k != "whisperd"} == whisper_result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sqlite3
@@ -14,7 +15,7 @@ import sqlalchemy as sa
 
 from whisperd.errors import LeaseLost, WhisperdError
 from whisperd.jobs import Claim, FileIdentity, Job, JobSpec, JobState
-from whisperd.queue_db import MIGRATIONS, SCHEMA_VERSION, JobStore
+from whisperd.queue_db import MIGRATIONS, SCHEMA_VERSION, JobStore, _new_row
 
 T0 = 1_700_000_000.0
 LEASE = 30.0
@@ -502,18 +503,21 @@ class TestJobStoreContract:
 
     def test_outputs_of_jobs_finished_before_v3_still_have_owners(self, store_url: str, inbox: Inbox) -> None:
         # A v2 database, its done job's outputs known only from outputs_json.
-        old = JobStore.open(store_url, migrations=MIGRATIONS[:2])
-        try:
-            job = enqueue(old, inbox, "talk.mp3")
-        finally:
-            old.close()
+        # The row is written as whisperd v2 wrote it: today's store reads
+        # columns added since, which a v2 table lacks.
+        JobStore.open(store_url, migrations=MIGRATIONS[:2]).close()
+        spec, identity = inbox.drop("talk.mp3", b"talk.mp3")
+        row = {
+            **_new_row(spec, identity, T0),
+            "state": JobState.DONE.value,
+            "max_attempts": 3,
+            "outputs_json": '["/out/talk.txt", "/out/talk.srt"]',
+        }
+        insert = f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join(':' + name for name in row)})"
         engine = sa.create_engine(store_url)
         try:
             with engine.begin() as conn:
-                conn.execute(
-                    sa.text("UPDATE jobs SET state = 'done', outputs_json = :outputs WHERE id = :id"),
-                    {"outputs": '["/out/talk.txt", "/out/talk.srt"]', "id": job.id},
-                )
+                conn.execute(sa.text(insert), row)
         finally:
             engine.dispose()
 
@@ -523,6 +527,52 @@ class TestJobStoreContract:
             assert upgraded.output_owner("/out/talk.vtt") is None
         finally:
             upgraded.close()
+
+    def test_the_realtime_factor_is_the_median_of_done_jobs_of_that_model_engine_and_device(
+        self, store: JobStore, inbox: Inbox
+    ) -> None:
+        assert store.realtime_factor("tiny.en", "openai-whisper", "cpu") is None
+
+        def run(
+            name: str, device: str, audio: float, decoding: float | None, *, model: str = "tiny.en"
+        ) -> Job:
+            spec, identity = inbox.drop(name, name.encode())
+            job, _ = store.enqueue(dataclasses.replace(spec, model=model), identity, max_attempts=3, now=T0)
+            taken = store.claim(worker="host-a/0", device=device, lease_seconds=LEASE, now=T0)
+            assert taken is not None and taken.job.id == job.id
+            assert store.decoding_started(job.id, taken.token, now=T0 + 1)
+            store.heartbeat(job.id, taken.token, lease_seconds=LEASE, audio_seconds=audio, now=T0 + 2)
+            assert store.finish(
+                job.id, taken.token, state=JobState.DONE, decoding_seconds=decoding, now=T0 + 3
+            )
+            done = store.get(job.id)
+            assert done is not None
+            return done
+
+        first = run("a.wav", "cpu", audio=10.0, decoding=2.0)
+        assert first.decoding_started_at == T0 + 1 and first.decoding_seconds == 2.0
+        run("b.wav", "cpu", audio=20.0, decoding=6.0)
+        run("c.wav", "cpu", audio=100.0, decoding=40.0)
+        run("d.wav", "cuda:0", audio=100.0, decoding=5.0)  # another device
+        run("e.wav", "cpu", audio=100.0, decoding=90.0, model="base")  # another model
+        run("f.wav", "cpu", audio=100.0, decoding=None)  # finished before decoding was timed
+        assert store.realtime_factor("tiny.en", "openai-whisper", "cpu") == pytest.approx(0.3)
+        assert store.realtime_factor("tiny.en", "openai-whisper", "cuda:0") == pytest.approx(0.05)
+        assert store.realtime_factor("tiny.en", "faster-whisper", "cpu") is None
+
+    def test_a_new_attempt_starts_without_the_last_ones_decoding_time(
+        self, store: JobStore, inbox: Inbox
+    ) -> None:
+        job = enqueue(store, inbox, "talk.wav")
+        first = claim(store)
+        assert store.decoding_started(job.id, first.token, now=T0 + 1)
+        store.retry_or_fail(job.id, first.token, error="boom", base_delay=0, max_delay=0, now=T0 + 2)
+        second = claim(store, now=T0 + 10)
+        again = store.get(second.job.id)
+        assert again is not None and again.attempts == 2 and again.decoding_started_at is None
+        assert not store.decoding_started(
+            job.id, first.token, now=T0 + 11
+        )  # the old attempt's token is fenced off
 
     def test_model_memory_is_remembered_and_updated(self, store: JobStore) -> None:
         assert store.model_memory("tiny.en", "H100") is None

@@ -125,9 +125,13 @@ CRASH_CASES = [
 
 @pytest.mark.parametrize(("point", "attempts"), CRASH_CASES)
 def test_daemon_killed_at_crash_point_transcribes_file_exactly_once(
-    daemon_factory: DaemonFactory, speech: SpeechFactory, point: str, attempts: int
+    daemon_database_url: str | None,
+    daemon_factory: DaemonFactory,
+    speech: SpeechFactory,
+    point: str,
+    attempts: int,
 ) -> None:
-    daemon = daemon_factory()
+    daemon = daemon_factory(database_url=daemon_database_url)
     clip = speech(SENTENCES[0], "talk")
     daemon.start(env={"WHISPERD_CRASH_POINT": point})
     daemon.drop(clip)
@@ -152,14 +156,17 @@ def test_daemon_killed_at_crash_point_transcribes_file_exactly_once(
 # --------------------------------------------------------------------------- worker kills
 
 
+@pytest.mark.parametrize("engine", ["openai-whisper", "faster-whisper"])
 def test_killed_worker_is_replaced_and_its_job_retried(
-    daemon_factory: DaemonFactory, speech: SpeechFactory
+    daemon_factory: DaemonFactory, speech: SpeechFactory, long_clip: Path, engine: str
 ) -> None:
-    daemon = daemon_factory()
-    clip = speech(SENTENCES[1], "meeting")
+    daemon = daemon_factory(inbox={"engine": engine})
+    # faster-whisper finishes a short clip in about a second: give it one
+    # long enough to be killed in the middle of.
+    clip = long_clip if engine == "faster-whisper" else speech(SENTENCES[1], "meeting")
     daemon.start()
     first_worker = worker_pid(daemon)
-    daemon.drop(clip)
+    daemon.drop(clip, "meeting.wav")
     daemon.wait_for_state("meeting.wav", JobState.RUNNING)
 
     os.kill(first_worker, signal.SIGKILL)

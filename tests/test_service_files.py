@@ -10,7 +10,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -18,9 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import require_tool
+from fake_nvml import ScriptedProbe
 
-from whisperd.metrics import Metrics, RunningJobView
-from whisperd.nvml import DeviceInfo, ScriptedProbe
+from whisperd.daemon import store_job_counts, store_running_jobs
+from whisperd.jobs import FileIdentity, JobSpec
+from whisperd.metrics import Metrics, WorkerView
+from whisperd.nvml import DeviceInfo
+from whisperd.queue_db import JobStore
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "whisperd.service"
@@ -34,10 +38,7 @@ TARGET_LABELS = {"instance", "job"}
 
 
 def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        pytest.skip(f"{tool} is not installed")
-    return path
+    return require_tool(tool, "prometheus" if tool == "promtool" else "systemd")
 
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -77,7 +78,9 @@ def unit_with_stub_binary(tmp_path: Path) -> Path:
     text = UNIT.read_text()
     assert "ExecStart=/usr/bin/whisperd run" in text
     copy = tmp_path / "whisperd.service"
-    copy.write_text(text.replace("ExecStart=/usr/bin/whisperd ", f"ExecStart={stub} "))
+    for key in ("ExecStart", "ExecReload"):
+        text = text.replace(f"{key}=/usr/bin/whisperd ", f"{key}={stub} ")
+    copy.write_text(text)
     return copy
 
 
@@ -106,7 +109,7 @@ def test_the_unit_is_a_hardened_notify_service() -> None:
         "Type": "notify",
         "NotifyAccess": "main",
         "ExecStart": "/usr/bin/whisperd run --config /etc/whisperd/config.toml",
-        "ExecReload": "/bin/kill -HUP $MAINPID",
+        "ExecReload": "/usr/bin/whisperd reload --config /etc/whisperd/config.toml",
         "Restart": "on-failure",
         "WatchdogSec": "60",
         "User": "whisperd",
@@ -222,21 +225,35 @@ def test_tmpfiles_creates_the_inbox_tree_owned_by_the_service(system_root: Path)
 
 
 @pytest.fixture(scope="module")
-def exposed() -> dict[str, set[str]]:
+def exposed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set[str]]]:
     """Every series name a scrape holds once each hook has fired -> its labels."""
     probe = ScriptedProbe([DeviceInfo(index=0, name="GPU", uuid="GPU-1", memory_total_bytes=1)])
+    # A real store with one job running on cuda:0 and one queued, read as the
+    # daemon reads it; its first read fails, as a store that is down does.
+    store = JobStore.open(f"sqlite:///{tmp_path_factory.mktemp('exposed')}/jobs.db")
+    for number in (1, 2):
+        spec = JobSpec(inbox="a", inbox_root="/srv/a", rel_path=f"{number}.wav", model="m")
+        store.enqueue(spec, FileIdentity(device=1, inode=number, size=1, mtime_ns=number), max_attempts=1)
+    claim = store.claim(worker="w", device="cuda:0", lease_seconds=600)
+    assert claim is not None
+    store.heartbeat(claim.job.id, claim.token, lease_seconds=600, progress=0.5, eta_seconds=30.0)
+    # This test's own process stands in for a worker on GPU 0: its memory is real.
+    probe.set_process_memory(0, os.getpid(), 512 * 2**20)
+    worker = WorkerView(slot="gpu0-0", device="cuda:0", gpu_index=0, pid=os.getpid())
     failures = [ConnectionError("the first scrape finds the store down")]
 
     def job_counts() -> dict[str, int]:
         if failures:
             raise failures.pop()
-        return {"queued": 1}
+        return store_job_counts(store)
 
     metrics = Metrics(
         job_counts=job_counts,
-        running_jobs=lambda: [RunningJobView(job_id=1, inbox="a", device="cuda:0", progress=0.5)],
+        running_jobs=lambda: store_running_jobs(store),
         devices=probe,
         version="test",
+        workers=lambda: [worker],
+        claimable_jobs=lambda: store.claimable_count(["a"]),
     )
     metrics.job_queued("a")
     metrics.job_started("a", "cuda:0", 1)
@@ -250,13 +267,19 @@ def exposed() -> dict[str, set[str]]:
     metrics.cpu_fallback("m")
     metrics.device_health_changed("cuda:0", healthy=True)
     metrics.watcher_event("created")
+    metrics.job_handling_failed("dispose")
+    metrics.set_inboxes_paused({"a": True})
+    metrics.jobs_pruned(3)
+    metrics.hook_delivery("a", "on_done", "delivered")
+    metrics.store_error()
     list(metrics.registry.collect())  # the failing scrape
     series: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
         assert family.samples, f"{family.name} has no sample: exercise it above"
         for sample in family.samples:
             series.setdefault(sample.name, set()).update(sample.labels)
-    return series
+    yield series
+    store.close()
 
 
 METRIC_NAME = re.compile(r"\b((?:whisperd|process)_[a-z0-9_]+)\b")
@@ -344,6 +367,8 @@ def test_the_dashboard_has_the_panels_operators_need() -> None:
         "unloads by reason",
         "worker restarts",
         "cancels",
+        "running jobs eta",
+        "worker memory",
     ):
         assert wanted in titles, wanted
 
@@ -355,13 +380,13 @@ def test_the_alert_rules_pass_promtool() -> None:
     need("promtool")
     result = run("promtool", "check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout
 
 
 def test_the_alerts_only_use_metrics_whisperd_exposes(exposed: dict[str, set[str]]) -> None:
     expressions = re.findall(r"expr: \|\n((?:\s{10}.*\n)+)|expr: (.+)", ALERTS.read_text())
     flat = [block or line for block, line in expressions]
-    assert len(flat) == 7
+    assert len(flat) == 9
     problems = {expr: check_expression(expr, exposed) for expr in flat}
     assert {expr: p for expr, p in problems.items() if p} == {}
 
@@ -402,25 +427,42 @@ def test_a_stuck_queue_alerts_after_15_minutes_and_a_moving_one_does_not(tmp_pat
     stuck = {
         "interval": "1m",
         "input_series": [
-            series("whisperd_jobs", "3x60", state="queued"),
+            series("whisperd_jobs_claimable", "3x60"),
             series("whisperd_jobs_finished_total", "5x60", inbox="a", outcome="done"),
         ],
         "alert_rule_test": [alert("WhisperdQueueStuck", "10m"), alert("WhisperdQueueStuck", "40m", STUCK)],
     }
     never_finished = {  # a daemon whose first job never ends has no finished series at all
         "interval": "1m",
-        "input_series": [series("whisperd_jobs", "3x60", state="queued")],
+        "input_series": [series("whisperd_jobs_claimable", "3x60")],
         "alert_rule_test": [alert("WhisperdQueueStuck", "20m", STUCK)],
     }
     moving = {
         "interval": "1m",
         "input_series": [
-            series("whisperd_jobs", "3x60", state="queued"),
+            series("whisperd_jobs_claimable", "3x60"),
             series("whisperd_jobs_finished_total", "0+1x60", inbox="a", outcome="done"),
         ],
         "alert_rule_test": [alert("WhisperdQueueStuck", "40m")],
     }
-    promtool_test(tmp_path, [stuck, never_finished, moving])
+    only_retrying = {  # attempts that put their job back end nothing: still stuck
+        "interval": "1m",
+        "input_series": [
+            series("whisperd_jobs_claimable", "3x60"),
+            series("whisperd_jobs_finished_total", "0+1x60", inbox="a", outcome="retry"),
+            series("whisperd_jobs_finished_total", "0+1x60", inbox="a", outcome="lease_lost"),
+        ],
+        "alert_rule_test": [alert("WhisperdQueueStuck", "40m", STUCK)],
+    }
+    other_hosts_work = {  # the store's queue is full, but of inboxes this host does not serve (or paused)
+        "interval": "1m",
+        "input_series": [
+            series("whisperd_jobs", "3x60", state="queued"),
+            series("whisperd_jobs_claimable", "0x60"),
+        ],
+        "alert_rule_test": [alert("WhisperdQueueStuck", "40m")],
+    }
+    promtool_test(tmp_path, [stuck, never_finished, moving, only_retrying, other_hosts_work])
 
 
 def test_a_high_failure_rate_alerts_and_a_few_failures_do_not(tmp_path: Path) -> None:
@@ -464,7 +506,16 @@ def test_a_high_failure_rate_alerts_and_a_few_failures_do_not(tmp_path: Path) ->
         ],
         "alert_rule_test": [alert("WhisperdJobFailureRateHigh", "25m")],
     }
-    promtool_test(tmp_path, [failing, quiet])
+    refused_files = {  # oversize/non-media files and retries are not failed jobs
+        "interval": "1m",
+        "input_series": [
+            series("whisperd_jobs_finished_total", "0+1x60", inbox="a", outcome="done"),
+            series("whisperd_jobs_finished_total", "0+5x60", inbox="a", outcome="rejected"),
+            series("whisperd_jobs_finished_total", "0+5x60", inbox="a", outcome="retry"),
+        ],
+        "alert_rule_test": [alert("WhisperdJobFailureRateHigh", "30m")],
+    }
+    promtool_test(tmp_path, [failing, quiet, refused_files])
 
 
 def test_an_unhealthy_gpu_alerts_after_5_minutes(tmp_path: Path) -> None:
@@ -524,6 +575,7 @@ def test_a_stale_rescan_alerts_but_a_fresh_start_does_not(tmp_path: Path) -> Non
         "interval": "1m",
         "input_series": [
             series("whisperd_last_rescan_timestamp_seconds", "0 60 120 180 240 300x120"),
+            series("whisperd_rescan_interval_seconds", "60x125"),
             series("process_start_time_seconds", "0x125"),
         ],
         "alert_rule_test": [
@@ -535,8 +587,117 @@ def test_a_stale_rescan_alerts_but_a_fresh_start_does_not(tmp_path: Path) -> Non
         "interval": "1m",
         "input_series": [
             series("whisperd_last_rescan_timestamp_seconds", "0+60x125"),
+            series("whisperd_rescan_interval_seconds", "60x125"),
             series("process_start_time_seconds", "0x125"),
         ],
         "alert_rule_test": [alert("WhisperdRescanStale", "120m")],
     }
-    promtool_test(tmp_path, [stale, rescanning])
+    switched_off = {  # rescan_seconds = 0 (documented): no rescan ever, no alert
+        "interval": "1m",
+        "input_series": [
+            series("whisperd_last_rescan_timestamp_seconds", "0x125"),
+            series("whisperd_rescan_interval_seconds", "0x125"),
+            series("process_start_time_seconds", "0x125"),
+        ],
+        "alert_rule_test": [alert("WhisperdRescanStale", "120m")],
+    }
+    slow_period = {  # every 2 hours: a 90-minute-old rescan is on time
+        "interval": "1m",
+        "input_series": [
+            series("whisperd_last_rescan_timestamp_seconds", "0x125"),
+            series("whisperd_rescan_interval_seconds", "7200x125"),
+            series("process_start_time_seconds", "0x125"),
+        ],
+        "alert_rule_test": [alert("WhisperdRescanStale", "100m")],
+    }
+    promtool_test(tmp_path, [stale, rescanning, switched_off, slow_period])
+
+
+def test_an_unreachable_store_alerts_after_2_minutes_and_a_short_outage_does_not(tmp_path: Path) -> None:
+    expected = {
+        "exp_labels": {"severity": "critical", **INSTANCE},
+        "exp_annotations": {
+            "summary": "whisperd on host:9310 cannot reach its job store",
+            "description": "journalctl -u whisperd shows store.unreachable with the error; "
+            "check the disk or the database server.",
+        },
+    }
+    down = {
+        "interval": "1m",
+        "input_series": [series("whisperd_store_up", "1 1 0x10")],
+        "alert_rule_test": [
+            alert("WhisperdStoreUnreachable", "3m"),
+            alert("WhisperdStoreUnreachable", "6m", expected),
+        ],
+    }
+    blip = {  # one minute away, then back
+        "interval": "1m",
+        "input_series": [series("whisperd_store_up", "1 1 0 1x10")],
+        "alert_rule_test": [alert("WhisperdStoreUnreachable", "6m")],
+    }
+    promtool_test(tmp_path, [down, blip])
+
+
+def test_stuck_sources_alert_after_15_minutes_and_none_do_not(tmp_path: Path) -> None:
+    expected = {
+        "exp_labels": {"severity": "warning", **INSTANCE},
+        "exp_annotations": {
+            "summary": "whisperd on host:9310 could not move 2 finished sources out of the inbox",
+            "description": "whisperd status lists them; fix the permissions of done/ or failed/ "
+            "and run whisperd retry ID.",
+        },
+    }
+    stuck = {
+        "interval": "1m",
+        "input_series": [series("whisperd_sources_stuck", "0 2x30")],
+        "alert_rule_test": [
+            alert("WhisperdSourcesStuck", "10m"),
+            alert("WhisperdSourcesStuck", "20m", expected),
+        ],
+    }
+    none = {"interval": "1m", "input_series": [series("whisperd_sources_stuck", "0x30")]}
+    none["alert_rule_test"] = [alert("WhisperdSourcesStuck", "20m")]
+    promtool_test(tmp_path, [stuck, none])
+
+
+def test_a_device_out_of_service_and_restarting_workers_alert(tmp_path: Path) -> None:
+    out_of_service = {
+        "interval": "1m",
+        "input_series": [series("whisperd_device_healthy", "1 0x10", device="cuda:1")],
+        "alert_rule_test": [
+            alert("WhisperdDeviceOutOfService", "3m"),
+            alert(
+                "WhisperdDeviceOutOfService",
+                "8m",
+                {
+                    "exp_labels": {"severity": "critical", "device": "cuda:1", **INSTANCE},
+                    "exp_annotations": {
+                        "summary": "whisperd stopped using cuda:1 on host:9310",
+                        "description": "Jobs run on the remaining devices (or the CPU). "
+                        "The journal says why the device was marked unhealthy.",
+                    },
+                },
+            ),
+        ],
+    }
+    restarting = {  # five restarts in ten minutes, then none
+        "interval": "1m",
+        "input_series": [series("whisperd_worker_restarts_total", "0 1 2 3 4 5x40", reason="crashed")],
+        "alert_rule_test": [
+            alert("WhisperdWorkersRestarting", "2m"),
+            alert(
+                "WhisperdWorkersRestarting",
+                "6m",
+                {
+                    "exp_labels": {"severity": "warning", "reason": "crashed", "instance": "host:9310"},
+                    "exp_annotations": {
+                        "summary": "whisperd on host:9310 restarted workers 5 times in 15 minutes (crashed)",
+                        "description": "journalctl -u whisperd shows each worker.exited event "
+                        "with its exit code.",
+                    },
+                },
+            ),
+            alert("WhisperdWorkersRestarting", "30m"),
+        ],
+    }
+    promtool_test(tmp_path, [out_of_service, restarting])

@@ -22,11 +22,15 @@ import torch
 
 from whisperd.errors import ModelImportError
 from whisperd.models import (
+    CT2_SUFFIX,
     DIM_KEYS,
+    FASTER_WHISPER,
+    OPENAI_WHISPER,
     ModelInfo,
     check_whisper_state,
     parse_ct2_model,
     standard_model_name,
+    store_ct2_folder,
     validate_model_name,
 )
 
@@ -136,27 +140,43 @@ def _checked_dims(path: str, dims: Any) -> dict[str, int]:
 
 
 def import_model(source: str, folder: str, name: str | None, *, replace: bool = False) -> ModelInfo:
-    """Store `source` (a whisper .pt file or a CTranslate2 Whisper folder) in `folder` as `<name>.pt`.
+    """Store `source` (a whisper .pt file or a CTranslate2 Whisper folder) in `folder` under `name`.
 
-    Without a name, a .pt file keeps its own name and a CTranslate2 folder gets
-    the release name its dimensions identify (`tiny.en`). An existing model of
-    that name is only overwritten with `replace`.
+    A .pt file becomes `<name>.pt` (openai-whisper). A CTranslate2 folder is
+    converted to `<name>.pt` and, when it holds what faster-whisper needs
+    offline (config.json, tokenizer.json), also kept as `<name>.ct2/`, so the
+    model serves both engines. Without a name, a .pt file keeps its own name
+    and a CTranslate2 folder gets the release name its dimensions identify
+    (`tiny.en`). An existing model of that name is only overwritten with `replace`.
     """
     if os.path.isdir(source):
         dims, state = parse_ct2_model(source)
         target = _target(folder, _ct2_default_name(source, dims) if name is None else name, replace)
+        stem = os.path.basename(target)[:-3]
+        kept = os.path.join(folder, stem + CT2_SUFFIX)
+        if os.path.exists(kept) and not replace:
+            raise ModelImportError(
+                kept, f"a model named {stem!r} already exists; delete it first to replace it"
+            )
         with _write_errors(target):
             save_checkpoint(dims, state, target)
+        ct2_folder = store_ct2_folder(source, folder, stem, replace=True)
     elif os.path.isfile(source):
         read_checkpoint_dims(source)
         target = _target(folder, _pt_default_name(source) if name is None else name, replace)
         with _write_errors(target):
             _write_atomically(target, lambda stream: _copy_into(source, stream))
+        ct2_folder = None
     else:
         raise ModelImportError(source, "no such file or folder")
     st = os.stat(target)
     return ModelInfo(
-        name=os.path.basename(target)[:-3], path=target, size_bytes=st.st_size, mtime=st.st_mtime
+        name=os.path.basename(target)[:-3],
+        path=target,
+        size_bytes=st.st_size,
+        mtime=st.st_mtime,
+        engines=(OPENAI_WHISPER, FASTER_WHISPER) if ct2_folder else (OPENAI_WHISPER,),
+        ct2_folder=ct2_folder,
     )
 
 

@@ -1,5 +1,6 @@
-"""Command line: whisperd run | status | jobs | cancel | retry | check-config |
-models | doctor (layer L4)."""
+"""Command line: whisperd run | status | jobs | show | cancel | retry | pause |
+resume | check-config | models | doctor (layer L4). The operator's commands
+(show, retry, pause, resume) live in operator_cli.py."""
 
 from __future__ import annotations
 
@@ -9,13 +10,23 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TextIO
 
-from whisperd import __version__
+from whisperd import __version__, job_report, operator_cli
 from whisperd.config import Config, load_config
-from whisperd.errors import ConfigError, WhisperdError
+from whisperd.errors import ConfigError, StoreUnavailable, WhisperdError
 from whisperd.jobs import Job, JobState
+from whisperd.terminal import terminal_safe
+from whisperd.watcher import REASON_UNSUPPORTED_PREFIX
+
+if TYPE_CHECKING:  # the store's modules load late: CLI start-up stays fast
+    from whisperd.store_instances import InstanceEntry
 
 DEFAULT_CONFIG = os.environ.get("WHISPERD_CONFIG", "config.toml")
+# Exit status when the job store cannot be reached (distinct from 1: other errors, 2: config).
+STORE_UNREACHABLE_EXIT = 3
+# `whisperd reload` gives up after this long (below the unit's TimeoutSec for ExecReload).
+RELOAD_WAIT_SECONDS = 60.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,11 +36,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except ConfigError as exc:
-        print(f"whisperd: config error: {exc}", file=sys.stderr)
+        _say(f"whisperd: config error: {exc}", file=sys.stderr)
         return 2
+    except StoreUnavailable as exc:
+        _say(f"whisperd: {exc}", file=sys.stderr)
+        return STORE_UNREACHABLE_EXIT
     except WhisperdError as exc:
-        print(f"whisperd: {exc}", file=sys.stderr)
+        _say(f"whisperd: {exc}", file=sys.stderr)
         return 1
+
+
+def _say(*lines: object, file: TextIO | None = None) -> None:
+    """Print each of `lines` as one line, escaped for the terminal: names,
+    errors and reasons come from users and may hold control characters."""
+    for line in lines or ("",):
+        print(terminal_safe(line), file=file or sys.stdout)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,14 +67,29 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     command("run", cmd_run, "run the daemon in the foreground (systemd runs this)")
-    command("status", cmd_status, "the queue and each running job's progress")
+    json_help = "print one JSON document (field names: README, Machine-readable output)"
+    status = command("status", cmd_status, "the queue and each running job's progress")
+    status.add_argument("--json", action="store_true", help=json_help)
     jobs = command("jobs", cmd_jobs, "recent jobs")
     jobs.add_argument("--limit", type=int, default=30)
     jobs.add_argument("--state", choices=[s.value for s in JobState], action="append")
+    jobs.add_argument("--json", action="store_true", help=json_help)
+    show = command("show", cmd_show, "one job's whole history: attempts, outputs, where its file is")
+    show.add_argument("job_id", type=int)
+    show.add_argument("--json", action="store_true", help=json_help)
     cancel = command("cancel", cmd_cancel, "cancel a job by id or by the path of its file")
     cancel.add_argument("target", help="job id, or the path of the file")
-    retry = command("retry", cmd_retry, "run a failed or cancelled job again")
+    retry = command(
+        "retry", cmd_retry, "queue a failed or cancelled job again, its file moved back into the inbox"
+    )
     retry.add_argument("job_id", type=int)
+    pause = command("pause", cmd_pause, "stop starting the queued jobs of an inbox (all: no name)")
+    pause.add_argument("inbox", nargs="?")
+    resume = command("resume", cmd_resume, "start the queued jobs of a paused inbox again (all: no name)")
+    resume.add_argument("inbox", nargs="?")
+    command(
+        "reload", cmd_reload, "make the running daemon re-read its config; wait until it has (ExecReload)"
+    )
     command("check-config", cmd_check_config, "validate the config and print the effective config")
     command("doctor", cmd_doctor, "check ffmpeg, devices, models, folders and database; say what to fix")
     models = command(
@@ -77,10 +113,13 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config)
 
 
-def _open_store(config: Config):  # type: ignore[no-untyped-def]  # JobStore, imported late: CLI start-up stays fast
+def _open_store(config: Config, *, read_only: bool = False):  # type: ignore[no-untyped-def]  # JobStore, imported late: CLI start-up stays fast
     from whisperd.queue_db import JobStore
 
-    return JobStore.open(config.database_url)
+    if read_only:  # status, jobs: group members may only read the state folder
+        return JobStore.open_read_only(config.database_url)
+    busy = config.daemon.database_busy_timeout_seconds
+    return JobStore.open(config.database_url, busy_timeout_seconds=busy)
 
 
 # -- run / check-config ----------------------------------------------------------
@@ -94,8 +133,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _config(args)
-    print(f"# effective config of {config.source}: OK")
-    print(_to_toml(config.to_dict()))
+    _say(f"# effective config of {config.source}: OK")
+    _say(*_to_toml(config.to_dict()).splitlines())
     return 0
 
 
@@ -115,30 +154,134 @@ def _to_toml(data: dict[str, object]) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = _config(args)
-    store = _open_store(config)
+    store = _open_store(config, read_only=True)
     try:
         counts = store.counts()
-        print("queue: " + ", ".join(f"{s.value} {counts.get(s, 0)}" for s in JobState))
         running = store.list_jobs(states=[JobState.RUNNING], limit=1000)
         queued = store.list_jobs(states=[JobState.QUEUED], limit=10)
-        now = time.time()
-        for job in running:
-            elapsed = now - (job.started_at or now)
-            eta = "?" if job.eta_seconds is None else _duration(job.eta_seconds)
-            cancel = "  (cancelling)" if job.cancel_requested else ""
-            print(
-                f"  #{job.id:<6} {_bar(job.progress)} {job.progress * 100:5.1f}%"
-                f"  elapsed {_duration(elapsed)}"
-                f"  eta {eta}  {job.device or '?'}  {job.spec.inbox}/{job.spec.rel_path}{cancel}"
-            )
-        for job in queued:
-            print(
-                f"  #{job.id:<6} queued  {job.spec.inbox}/{job.spec.rel_path}"
-                f"{'  (retry #' + str(job.attempts + 1) + ')' if job.attempts else ''}"
-            )
+        paused = store.paused_inboxes()
+        ignored = _ignored_files(store)
+        stuck = store.stuck_sources()
+        instances = store.instances()
+        retrying = store.retrying_moves()
     finally:
         store.close()
+    # Another host may use another lease; this config's is the best guess here.
+    stale_after = config.workers.lease_seconds
+    if args.json:
+        operator_cli.print_json(
+            {
+                "version": job_report.JSON_FORMAT_VERSION,
+                "counts": {s.value: counts.get(s, 0) for s in JobState},
+                "paused_inboxes": sorted(paused),
+                "running": [job_report.job_document(j) for j in running],
+                "queued": [job_report.job_document(j) for j in queued],
+                "ignored": [job_report.job_document(j) for j in ignored],
+                "stuck": [{**job_report.job_document(j), "stuck_reason": r} for j, r in stuck],
+                "instances": [_instance_document(i, stale_after) for i in instances],
+                "move_retrying": [
+                    {**job_report.job_document(j), "failed_moves": n, "move_error": r} for j, n, r in retrying
+                ],
+            }
+        )
+        return 0
+    _status_instances(instances, stale_after)
+    _say("queue: " + ", ".join(f"{s.value} {counts.get(s, 0)}" for s in JobState))
+    for name in sorted(paused):
+        _say(
+            f"  paused  inbox {name} (since {time.strftime('%Y-%m-%d %H:%M', time.localtime(paused[name]))})"
+        )
+    # Served: this config's inboxes and those of every live daemon on the store.
+    served = {i.name for i in config.inboxes}.union(
+        *(entry.inboxes for entry in instances if entry.age_seconds < stale_after)
+    )
+    _status_jobs(running, queued, ignored, stuck, configured=served)
+    for job, attempts, reason in retrying:
+        _say(
+            f"  #{job.id:<6} {job.state.value}, source waiting in the inbox, move retried "
+            f"({attempts} failed): {job.spec.inbox}/{job.spec.rel_path}: {reason}"
+        )
     return 0
+
+
+def _instance_document(entry: InstanceEntry, stale_after: float) -> dict[str, object]:
+    """One daemon sharing the store, for `status --json` (README, Machine-readable output)."""
+    return {
+        "instance": entry.instance,
+        "host": entry.host,
+        "pid": entry.pid,
+        "version": entry.version,
+        "slots": entry.slots,
+        "devices": entry.devices.split(",") if entry.devices else [],
+        "inboxes": list(entry.inboxes),
+        "started_at": entry.started_at,
+        "heartbeat_age_seconds": round(entry.age_seconds, 3),
+        "live": entry.age_seconds < stale_after,
+    }
+
+
+def _status_instances(instances: list[InstanceEntry], stale_after: float) -> None:
+    """The daemons sharing the store, one line each, above the queue."""
+    live = sum(1 for i in instances if i.age_seconds < stale_after)
+    _say(f"instances: {len(instances)} ({live} live)")
+    for entry in instances:
+        state = "live" if entry.age_seconds < stale_after else "STALE"
+        _say(
+            f"  {entry.instance}  host {entry.host}  pid {entry.pid}  "
+            f"inboxes {','.join(entry.inboxes) or '-'}  "
+            f"heartbeat {entry.age_seconds:.0f} s ago  {state}"
+        )
+
+
+# After a queued job whose inbox a reload removed from the config.
+_NOT_CONFIGURED = (
+    "  (inbox {inbox} is not configured here nor on a live daemon: not claimed until it is added back)"
+)
+
+
+def _status_jobs(
+    running: list[Job],
+    queued: list[Job],
+    ignored: list[Job],
+    stuck: list[tuple[Job, str]],
+    *,
+    configured: set[str],
+) -> None:
+    """The lines of `status` below the totals; a queued job of an inbox the
+    config no longer has waits (nobody claims it) until the inbox is back."""
+    now = time.time()
+    for job in running:
+        elapsed = now - (job.started_at or now)
+        eta = "?" if job.eta_seconds is None else _duration(job.eta_seconds)
+        cancel = "  (cancelling)" if job.cancel_requested else ""
+        _say(
+            f"  #{job.id:<6} {_bar(job.progress)} {job.progress * 100:5.1f}%"
+            f"  elapsed {_duration(elapsed)}"
+            f"  eta {eta}  {job.device or '?'}  {job.spec.inbox}/{job.spec.rel_path}{cancel}"
+        )
+    for job in queued:
+        _say(
+            f"  #{job.id:<6} queued  {job.spec.inbox}/{job.spec.rel_path}"
+            f"{'  (retry #' + str(job.attempts + 1) + ')' if job.attempts else ''}"
+            f"{'' if job.spec.inbox in configured else _NOT_CONFIGURED.format(inbox=job.spec.inbox)}"
+        )
+    for job in ignored:
+        _say(f"  ignored {job.spec.inbox}/{job.spec.rel_path}: {job.last_error}")
+    for job, reason in stuck:
+        _say(
+            f"  #{job.id:<6} {job.state.value}, source stuck in the inbox: "
+            f"{job.spec.inbox}/{job.spec.rel_path}: {reason}"
+        )
+
+
+def _ignored_files(store) -> list[Job]:  # type: ignore[no-untyped-def]
+    """Files left in an inbox because whisperd does not take their extension."""
+    failed = store.list_jobs(states=[JobState.FAILED], limit=1000)
+    return [
+        job
+        for job in failed
+        if (job.last_error or "").startswith(REASON_UNSUPPORTED_PREFIX) and os.path.lexists(job.source)
+    ]
 
 
 def _bar(fraction: float, width: int = 20) -> str:
@@ -155,17 +298,24 @@ def _duration(seconds: float) -> str:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     config = _config(args)
-    store = _open_store(config)
+    store = _open_store(config, read_only=True)
     try:
         states = [JobState(s) for s in args.state] if args.state else None
         jobs = store.list_jobs(states=states, limit=args.limit)
     finally:
         store.close()
-    print(f"{'ID':>6}  {'STATE':<9} {'TRIES':>5} {'TOOK':>8} {'RTF':>6}  {'DEVICE':<7} FILE")
+    if args.json:
+        document = {
+            "version": job_report.JSON_FORMAT_VERSION,
+            "jobs": [job_report.job_document(j) for j in jobs],
+        }
+        operator_cli.print_json(document)
+        return 0
+    _say(f"{'ID':>6}  {'STATE':<9} {'TRIES':>5} {'TOOK':>8} {'RTF':>6}  {'DEVICE':<7} FILE")
     for job in jobs:
-        print(_job_line(job))
+        _say(_job_line(job))
         if job.state in (JobState.FAILED, JobState.CANCELLED) and job.last_error:
-            print(f"{'':>8}{job.last_error}")
+            _say(f"{'':>8}{job.last_error}")
     return 0
 
 
@@ -176,6 +326,8 @@ def _job_line(job: Job) -> str:
         took = f"{seconds:.1f}s"
         if job.audio_seconds:
             rtf = f"{seconds / job.audio_seconds:.2f}"
+    elif job.state is JobState.RUNNING and job.eta_seconds is not None:
+        took = f"eta {_duration(job.eta_seconds)}"  # a running job's TOOK is still to come
     return (
         f"{job.id:>6}  {job.state.value:<9} {job.attempts:>2}/{job.max_attempts:<2} {took:>8} {rtf:>6}  "
         f"{job.device or '-':<7} {job.spec.inbox}/{job.spec.rel_path}"
@@ -188,22 +340,34 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     try:
         jobs = _jobs_for_target(store, args.target)
         if not jobs:
-            print(f"no queued or running job for {args.target}")
+            _say(f"no queued or running job for {args.target}")
             return 1
         for job in jobs:
             after = store.request_cancel(job.id, reason="cancelled with whisperd cancel")
             if after is None:
                 continue
             if not job.state.is_active:  # ended before this call: say so, never "cancelled"
-                print(f"job {after.id} already {after.state.value}; nothing to cancel")
+                _say(f"job {after.id} already {after.state.value}; nothing to cancel")
             elif after.state is JobState.CANCELLED:
-                print(f"job {after.id} cancelled ({after.spec.rel_path})")
+                _say(f"job {after.id} cancelled ({after.spec.rel_path})")
             elif after.state is JobState.RUNNING:
-                print(f"job {after.id} is running; it stops within seconds ({after.spec.rel_path})")
+                _say(f"job {after.id} is running; it stops within seconds ({after.spec.rel_path})")
             else:
-                print(f"job {after.id} already {after.state.value}; nothing to cancel")
+                _say(f"job {after.id} already {after.state.value}; nothing to cancel")
     finally:
         store.close()
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from whisperd import reloading
+
+    config = _config(args)
+    problem = reloading.reload_and_wait(config.daemon.state_dir, timeout=RELOAD_WAIT_SECONDS)
+    if problem is not None:
+        _say(f"whisperd: {problem}", file=sys.stderr)
+        return 1
+    _say("reloaded (the journal says what changed: config.reloaded or config.reload_failed)")
     return 0
 
 
@@ -217,49 +381,44 @@ def _jobs_for_target(store, target: str) -> list[Job]:  # type: ignore[no-untype
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    config = _config(args)
-    store = _open_store(config)
-    try:
-        job = store.get(args.job_id)
-        if job is None:
-            print(f"no job {args.job_id}")
-            return 1
-        if job.state not in (JobState.FAILED, JobState.CANCELLED):
-            print(f"job {job.id} is {job.state.value}; only failed or cancelled jobs can be retried")
-            return 1
-        where = job.disposed_to
-        if not where or not os.path.exists(where):
-            print(
-                f"job {job.id}: its file is no longer at {where or 'a known place'}; "
-                "drop it into the inbox again"
-            )
-            return 1
-        from whisperd.outputs import move_source
+    return operator_cli.cmd_retry(_config(args), args.job_id)
 
-        back = move_source(where, job.spec.inbox_root, job.spec.rel_path)
-        note = os.path.join(job.spec.failed_dir, job.spec.rel_path + ".error.txt")
-        if os.path.exists(note):
-            os.unlink(note)
-        print(f"job {job.id}: {where} moved back to {back}; the daemon queues it as a new job")
-    finally:
-        store.close()
-    return 0
+
+def cmd_show(args: argparse.Namespace) -> int:
+    return operator_cli.cmd_show(_config(args), args.job_id, as_json=args.json)
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    return operator_cli.cmd_pause(_config(args), args.inbox, pause=True)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    return operator_cli.cmd_pause(_config(args), args.inbox, pause=False)
 
 
 # -- models ---------------------------------------------------------------------------
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from whisperd.models import list_models
+    from whisperd.models import FASTER_WHISPER, bundled_tiny_en_folder, list_models
 
     config = _config(args)
     found = list_models(config.models.folder)
-    if not found:
-        print(f"no models in {config.models.folder}; import one with: whisperd models import PATH")
+    # The bundled tiny.en serves faster-whisper from its package, imported or not.
+    bundled = bundled_tiny_en_folder()
+    bundled_line = bundled is not None and not any(
+        m.name == "tiny.en" and FASTER_WHISPER in m.engines for m in found
+    )
+    if not found and not bundled_line:
+        _say(f"no models in {config.models.folder}; import one with: whisperd models import PATH")
         return 0
     for info in found:
         default = "  (default)" if info.name == config.models.default else ""
-        print(f"{info.name:<20} {info.size_bytes / 1e6:8.1f} MB  {info.path}{default}")
+        engines = ",".join(info.engines)
+        _say(f"{info.name:<20} {info.size_bytes / 1e6:8.1f} MB  {engines:<30} {info.path}{default}")
+    if bundled_line:
+        default = "  (default)" if config.models.default == "tiny.en" else ""
+        _say(f"{'tiny.en':<20} {'':>8}     {FASTER_WHISPER:<30} {bundled} (bundled package){default}")
     return 0
 
 
@@ -268,7 +427,10 @@ def cmd_models_import(args: argparse.Namespace) -> int:
 
     config = _config(args)
     info = import_model(args.path, config.models.folder, args.name)
-    print(f"imported {info.name} -> {info.path} ({info.size_bytes / 1e6:.1f} MB)")
+    _say(f"imported {info.name} -> {info.path} ({info.size_bytes / 1e6:.1f} MB)")
+    if info.ct2_folder:
+        _say(f"kept its CTranslate2 folder for faster-whisper -> {info.ct2_folder}")
+    _say(f"engines: {', '.join(info.engines)}")
     return 0
 
 
@@ -282,12 +444,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     problems = 0
     for check in run_checks(config):
         mark = "ok  " if check.ok else "FAIL"
-        print(f"[{mark}] {check.name}: {check.detail}")
+        _say(f"[{mark}] {check.name}: {check.detail}")
         if not check.ok:
             problems += 1
             if check.fix:
-                print(f"       fix: {check.fix}")
-    print("all checks passed" if not problems else f"{problems} problem(s) found")
+                _say(f"       fix: {check.fix}")
+    _say("all checks passed" if not problems else f"{problems} problem(s) found")
     return 0 if not problems else 1
 
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import socket
 import tomllib
 import types
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -40,7 +43,19 @@ WATCH_MODES = ("native", "poll")
 TASKS = ("transcribe", "translate")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
-ENGINES = ("openai-whisper",)
+ENGINES = ("openai-whisper", "faster-whisper")
+# CTranslate2 compute types an inbox may ask for ("auto": int8 on CPU, float16 on CUDA).
+COMPUTE_TYPES = (
+    "auto",
+    "int8",
+    "int8_float32",
+    "int8_float16",
+    "int8_bfloat16",
+    "int16",
+    "float16",
+    "bfloat16",
+    "float32",
+)
 
 
 def _doc(text: str, **checks: Any) -> dict[str, Any]:
@@ -63,6 +78,22 @@ class DaemonConfig:
             "Several hosts share one PostgreSQL table with postgresql+psycopg://USER@HOST/DB."
         ),
     )
+    instance: str = field(
+        default="",
+        metadata=_doc(
+            "Name of this daemon among those sharing the job store (worker ids, recovery, logs, "
+            "metrics). Empty: the hostname. Two live daemons on one store need different names; "
+            "letters, digits, '.', '_' and '-', at most 64."
+        ),
+    )
+    database_busy_timeout_seconds: float = field(
+        default=30.0,
+        metadata=_doc(
+            "How long an SQLite writer waits for another process's write lock before the store counts "
+            "as unreachable (whisperd then keeps retrying with backoff; status reports it).",
+            minimum=0.001,
+        ),
+    )
     settle_seconds: float = field(
         default=2.0,
         metadata=_doc("A file is taken once its size and mtime are unchanged this long.", minimum=0.0),
@@ -76,6 +107,24 @@ class DaemonConfig:
         metadata=_doc(
             "On SIGTERM a running job may finish within this time; after it, it goes back to the queue.",
             minimum=0.0,
+        ),
+    )
+    keep_finished_days: float = field(
+        default=0.0,
+        metadata=_doc(
+            "Finished jobs (done, failed, cancelled) older than this many days are deleted from the "
+            "store by housekeeping, a few hundred at a time (0: kept forever). Queued and running jobs "
+            "are never deleted. A pruned job's output names are free again: the same name dropped "
+            "later writes plain-named outputs over its transcript.",
+            minimum=0.0,
+        ),
+    )
+    keep_finished_jobs: int = field(
+        default=0,
+        metadata=_doc(
+            "Keep at most this many finished jobs, the newest (0: no limit); the rest are pruned "
+            "like those older than keep_finished_days.",
+            minimum=0,
         ),
     )
     log_level: str = field(default="info", metadata=_doc("Log level.", choices=LOG_LEVELS))
@@ -95,7 +144,10 @@ class ModelsConfig:
             "Folder of imported models (NAME.pt); `whisperd models import` writes here.", path=True
         ),
     )
-    engine: str = field(default="openai-whisper", metadata=_doc("Transcription engine.", choices=ENGINES))
+    engine: str = field(
+        default="openai-whisper",
+        metadata=_doc("Engine of inboxes that name none: openai-whisper or faster-whisper.", choices=ENGINES),
+    )
     default: str = field(default="tiny.en", metadata=_doc("Model used by inboxes that name none."))
     allow_download: bool = field(
         default=False,
@@ -141,12 +193,17 @@ class WorkersConfig:
         default=600.0, metadata=_doc("Unload a model unused this long (0: keep).", minimum=0.0)
     )
     memory_reserve_mb: int = field(
-        default=512, metadata=_doc("GPU memory kept free when deciding whether a model fits.", minimum=0)
+        default=512,
+        metadata=_doc(
+            "GPU memory kept free when deciding whether a model fits, in MiB (2^20 bytes).", minimum=0
+        ),
     )
     cpu_memory_budget_mb: int = field(
         default=0,
         metadata=_doc(
-            "RAM the models of one CPU worker may use (0: no limit); LRU models are unloaded.", minimum=0
+            "RAM the models of one CPU worker may use, in MiB (2^20 bytes; 0: no limit); "
+            "LRU models are unloaded.",
+            minimum=0,
         ),
     )
     cpu_fallback: bool = field(
@@ -171,6 +228,10 @@ class WorkersConfig:
             "... or, for long audio, this many times the audio's length (whichever is longer).", minimum=0.0
         ),
     )
+    decode_timeout_seconds: float = field(
+        default=900.0,
+        metadata=_doc("Longest one file's decode (ffmpeg) may take before its job fails.", minimum=1.0),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,7 +248,13 @@ class MetricsConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class InboxConfig:
-    """[[inbox]]: one watched folder and what to do with its files."""
+    """[[inbox]]: one watched folder and what to do with its files.
+
+    output, cancel, done and failed must each be a folder of the inbox's
+    own: not empty, not inside the inbox, not shared with another inbox, and
+    not the file system root, the home folder, the current folder, the config
+    file's folder (or one above it), the state folder or the models folder.
+    """
 
     name: str = field(metadata=_doc("Unique name, used in logs, metrics and job listings."))
     path: str = field(metadata=_doc("Folder to watch (subfolders included).", path=True))
@@ -201,7 +268,7 @@ class InboxConfig:
         default="transcribe", metadata=_doc("transcribe, or translate to English.", choices=TASKS)
     )
     formats: tuple[str, ...] = field(
-        default=("txt", "srt", "vtt", "json"),
+        default=("txt", "srt", "vtt", "json", "tsv"),
         metadata=_doc("Outputs to write: any of txt, srt, vtt, json, tsv.", each_in=OUTPUT_FORMATS),
     )
     chinese: str = field(
@@ -241,6 +308,101 @@ class InboxConfig:
         default=True,
         metadata=_doc("Prompt each window with the previous text (off: fewer repetition loops)."),
     )
+    engine: str = field(
+        default="",
+        metadata=_doc("openai-whisper or faster-whisper; empty: [models] engine.", choices=("", *ENGINES)),
+    )
+    compute_type: str = field(
+        default="auto",
+        metadata=_doc(
+            "faster-whisper: CTranslate2 compute type (auto: int8 on CPU, float16 on CUDA).",
+            choices=COMPUTE_TYPES,
+        ),
+    )
+    batch_size: int = field(
+        default=0,
+        metadata=_doc("faster-whisper: batched pipeline batch size (0 or 1: sequential).", minimum=0),
+    )
+    hotwords: str = field(default="", metadata=_doc("faster-whisper: words to bias the decoder towards."))
+    vad: bool = field(
+        default=False, metadata=_doc("Voice activity detection: transcribe only the speech (Silero VAD).")
+    )
+    vad_threshold: float = field(
+        default=0.5,
+        metadata=_doc("VAD: speech probability above which a frame is speech.", minimum=0.0, maximum=1.0),
+    )
+    vad_min_silence_ms: int = field(
+        default=2000, metadata=_doc("VAD: silence this long (ms) splits speech regions.", minimum=0)
+    )
+    vad_speech_pad_ms: int = field(
+        default=400, metadata=_doc("VAD: padding (ms) kept around each speech region.", minimum=0)
+    )
+    no_speech_threshold: float = field(
+        default=0.6,
+        metadata=_doc(
+            "A window more likely silent than this (and below log_prob_threshold) gives no text.",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+    )
+    log_prob_threshold: float = field(
+        default=-1.0, metadata=_doc("Average log probability below which a window's decoding failed.")
+    )
+    compression_ratio_threshold: float = field(
+        default=2.4,
+        metadata=_doc("Text compressing better than this (gzip ratio) is a repetition loop.", minimum=0.0),
+    )
+    hallucination_silence_threshold: float = field(
+        default=0.0,
+        metadata=_doc(
+            "Needs word_timestamps (refused without): skip silences over this (s) near suspect text (0 off).",
+            minimum=0.0,
+        ),
+    )
+
+    on_done: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc(
+            "Program run when a job of this inbox ends done: an argument list such as "
+            '["/usr/local/bin/notify", "--quiet"], run without a shell, the job in WHISPERD_* '
+            "environment variables and as JSON on stdin (README: Completion hooks). []: none; an "
+            "empty program name is refused.",
+            command=True,
+        ),
+    )
+    on_failed: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc("Like on_done, for a job that ends failed (after its last attempt).", command=True),
+    )
+    webhook_url: str = field(
+        default="",
+        metadata=_doc(
+            "http:// or https:// URL that gets a POST of the job's JSON (Content-Type application/json) "
+            "when a job ends done or failed; any 2xx answer is a delivery. Empty: none."
+        ),
+    )
+    hook_timeout_seconds: float = field(
+        default=60.0,
+        metadata=_doc(
+            "A hook program still running after this long is killed with its whole process group; "
+            "a webhook waits this long for the server at each step. Either counts as a failed try.",
+            minimum=0.1,
+        ),
+    )
+    hook_attempts: int = field(
+        default=5,
+        metadata=_doc(
+            "Tries per delivery (program or webhook), with doubling waits in between (1 s, 2 s, 4 s... "
+            "at most 5 min); then it is given up and recorded as failed.",
+            minimum=1,
+        ),
+    )
+
+    def hook_kinds(self) -> tuple[str, ...]:
+        """The completion hooks this inbox has: on_done, on_failed, webhook."""
+        configured = {"on_done": bool(self.on_done), "on_failed": bool(self.on_failed)}
+        configured["webhook"] = bool(self.webhook_url)
+        return tuple(kind for kind, on in configured.items() if on)
 
     def decode_options(self) -> DecodeOptions:
         return DecodeOptions(
@@ -252,6 +414,18 @@ class InboxConfig:
             initial_prompt=self.initial_prompt or None,
             word_timestamps=self.word_timestamps,
             condition_on_previous_text=self.condition_on_previous_text,
+            engine=self.engine or "openai-whisper",
+            compute_type=self.compute_type,
+            batch_size=self.batch_size,
+            hotwords=self.hotwords or None,
+            vad=self.vad,
+            vad_threshold=self.vad_threshold,
+            vad_min_silence_ms=self.vad_min_silence_ms,
+            vad_speech_pad_ms=self.vad_speech_pad_ms,
+            no_speech_threshold=self.no_speech_threshold,
+            log_prob_threshold=self.log_prob_threshold,
+            compression_ratio_threshold=self.compression_ratio_threshold or None,
+            hallucination_silence_threshold=self.hallucination_silence_threshold or None,
         )
 
     def job_spec(self, rel_path: str, default_model: str) -> JobSpec:
@@ -292,6 +466,11 @@ class Config:
             return self.daemon.database_url
         return "sqlite:///" + os.path.join(self.daemon.state_dir, "jobs.db")
 
+    @property
+    def instance(self) -> str:
+        """This daemon's instance name: [daemon] instance, else the hostname."""
+        return self.daemon.instance or socket.gethostname()
+
     def inbox(self, name: str) -> InboxConfig | None:
         return next((i for i in self.inboxes if i.name == name), None)
 
@@ -301,6 +480,7 @@ class Config:
         for section in ("daemon", "models", "workers", "metrics"):
             data[section] = _plain(dataclasses.asdict(getattr(self, section)))
         data["daemon"]["database_url"] = self.database_url
+        data["daemon"]["instance"] = self.instance
         data["inbox"] = [_plain(dataclasses.asdict(i)) for i in self.inboxes]
         return data
 
@@ -348,14 +528,24 @@ def parse_config(raw: Mapping[str, Any], *, source: str) -> Config:
     inbox_tables = raw.get("inbox", [])
     if not isinstance(inbox_tables, list):
         raise ConfigError(source, "inbox", "must be an array of tables: write [[inbox]]")
+    models: ModelsConfig = sections["models"]
     inboxes = tuple(
-        _build(InboxConfig, _table(t, f"inbox[{n}]", source), f"inbox[{n}]", source, base)
+        _with_engine(
+            _build(InboxConfig, _table(t, f"inbox[{n}]", source), f"inbox[{n}]", source, base), models.engine
+        )
         for n, t in enumerate(inbox_tables)
     )
+    _check_written_places(inboxes, sections["daemon"].state_dir, models.folder, source)
     _check_inboxes(inboxes, source)
     workers: WorkersConfig = sections["workers"]
     _check_devices(workers.devices, source)
+    _check_instance(sections["daemon"].instance, source)
     return Config(source=source, inboxes=inboxes, **sections)
+
+
+def _with_engine(inbox: InboxConfig, default_engine: str) -> InboxConfig:
+    """An inbox that names no engine runs on [models] engine."""
+    return inbox if inbox.engine else dataclasses.replace(inbox, engine=default_engine)
 
 
 def _table(value: Any, where: str, source: str) -> Mapping[str, Any]:
@@ -434,8 +624,14 @@ def _check(value: Any, meta: Mapping[str, Any], key: str, source: str) -> None:
         raise ConfigError(source, key, f"must be at least {meta['minimum']}, not {value!r}")
     if "maximum" in meta and value > meta["maximum"]:
         raise ConfigError(source, key, f"must be at most {meta['maximum']}, not {value!r}")
-    if meta.get("path") and not value:
+    if meta.get("path") and not value.strip():
         raise ConfigError(source, key, "must be a folder path, not empty")
+    # [] is the default (no hook), as the shipped config shows it; a list whose
+    # program is empty would fail at every job's end, so it is refused here.
+    if meta.get("command") and value and not value[0].strip():
+        raise ConfigError(
+            source, key, 'must name a program to run first, such as ["/usr/local/bin/notify"] ([]: none)'
+        )
 
 
 def _check_inboxes(inboxes: tuple[InboxConfig, ...], source: str) -> None:
@@ -464,11 +660,155 @@ def _check_inboxes(inboxes: tuple[InboxConfig, ...], source: str) -> None:
                 raise ConfigError(
                     source, "inbox", f"inbox {a_name!r} ({a_path}) lies inside inbox {b_name!r}"
                 )
+    _check_shared_folders(inboxes, source)
+    _check_hallucination_guard(inboxes, source)
+    for n, inbox in enumerate(inboxes):
+        _check_engine_options(inbox, f"inbox[{n}]", source)
+        _check_webhook_url(inbox, f"inbox[{n}]", source)
+
+
+def _check_webhook_url(inbox: InboxConfig, where: str, source: str) -> None:
+    """Only http(s) to a named host: urllib would also open file:// and ftp:// URLs."""
+    if not inbox.webhook_url:
+        return
+    parsed = urllib.parse.urlsplit(inbox.webhook_url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(
+            source,
+            f"{where}.webhook_url",
+            f"inbox {inbox.name!r}: {inbox.webhook_url!r} is not an http:// or https:// URL with a host",
+        )
+
+
+def _check_engine_options(inbox: InboxConfig, where: str, source: str) -> None:
+    """Refuse an option the inbox's engine does not have, rather than ignore it."""
+    if inbox.engine == "openai-whisper":
+        unsupported = {
+            "compute_type": (
+                inbox.compute_type != "auto",
+                "openai-whisper has no compute types (float32 on CPU, float16 on CUDA)",
+            ),
+            "batch_size": (inbox.batch_size > 1, "openai-whisper has no batched pipeline"),
+            "hotwords": (bool(inbox.hotwords), "openai-whisper has no hotwords"),
+        }
+        for key, (refused, reason) in unsupported.items():
+            if refused:
+                raise ConfigError(
+                    source, f"{where}.{key}", f'{reason}; set engine = "faster-whisper" or remove {key}'
+                )
+    if inbox.engine == "faster-whisper" and inbox.batch_size > 1:
+        _check_batched(inbox, where, source)
+
+
+def _check_batched(inbox: InboxConfig, where: str, source: str) -> None:
+    """faster-whisper's batched pipeline decodes VAD speech chunks one by one,
+    independently: it needs VAD (it cannot cut longer audio without it) and
+    has no conditioning on earlier text, no temperature fallback and no
+    hallucination skipping. Options asking for those are refused."""
+    needs = {
+        "vad": (not inbox.vad, "must be true (the pipeline cuts the audio at VAD speech regions)"),
+        "condition_on_previous_text": (
+            inbox.condition_on_previous_text,
+            "must be false (each chunk is decoded without the text before it)",
+        ),
+        "temperature": (len(inbox.temperature) > 1, "must be one value, e.g. [0.0] (no fallback)"),
+        "hallucination_silence_threshold": (
+            inbox.hallucination_silence_threshold > 0,
+            "must be 0 (the batched pipeline has no hallucination skipping)",
+        ),
+    }
+    for key, (refused, reason) in needs.items():
+        if refused:
+            raise ConfigError(source, f"{where}.{key}", f"with batch_size = {inbox.batch_size}, {reason}")
+
+
+def _check_hallucination_guard(inboxes: tuple[InboxConfig, ...], source: str) -> None:
+    """hallucination_silence_threshold works on word timings: without
+    word_timestamps the engines would silently ignore it."""
+    for n, inbox in enumerate(inboxes):
+        if inbox.hallucination_silence_threshold and not inbox.word_timestamps:
+            raise ConfigError(
+                source,
+                f"inbox[{n}].hallucination_silence_threshold",
+                "needs word_timestamps = true (it judges suspect text by its word timings)",
+            )
+
+
+# The folders whisperd writes into for an inbox; two inboxes must never share one.
+_WRITTEN_FOLDERS = ("output", "cancel", "done", "failed")
+
+
+def _check_shared_folders(inboxes: tuple[InboxConfig, ...], source: str) -> None:
+    """Refuse an output/cancel/done/failed folder that is, contains or lies
+    inside a folder of another inbox (or that inbox itself): each inbox owns
+    its names, so two inboxes would overwrite each other's files."""
+    for n, inbox in enumerate(inboxes):
+        # The later inbox of a clashing pair is named: the one that was added.
+        earlier = inboxes[:n]
+        others = [(o, f"{k} folder", str(getattr(o, k))) for o in earlier for k in _WRITTEN_FOLDERS]
+        others += [(o, "inbox folder", o.path) for o in earlier]
+        for key in ("path", *_WRITTEN_FOLDERS):
+            folder = str(getattr(inbox, key))
+            for other, what, theirs in others:
+                if key == "path" and what == "inbox folder":
+                    continue  # inboxes inside inboxes: checked above
+                if _inside(folder, theirs) or _inside(theirs, folder):
+                    raise ConfigError(
+                        source,
+                        f"inbox[{n}].{key}",
+                        f"{folder} overlaps the {what} {theirs} of inbox {other.name!r}; two inboxes "
+                        "would overwrite each other's files (give each inbox its own folders)",
+                    )
+
+
+def _check_written_places(
+    inboxes: tuple[InboxConfig, ...], state_dir: str, models_dir: str, source: str
+) -> None:
+    """Refuse an output/cancel/done/failed folder that resolves to a place
+    whisperd must never fill with transcripts, error notes or moved sources:
+    the file system root, the home folder, the current folder, the config
+    file's own folder (where "." resolves) or a folder above it, and the
+    state and models folders."""
+    config_dir = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
+    forbidden = {
+        os.path.abspath(os.sep): "the file system root",
+        os.path.expanduser("~"): "the home folder",
+        os.getcwd(): "the current folder",
+    }
+    for n, inbox in enumerate(inboxes):
+        for key in _WRITTEN_FOLDERS:
+            folder = os.path.normpath(str(getattr(inbox, key)))
+            why = forbidden.get(folder)
+            if why is None and _inside(config_dir, folder):
+                why = f"the folder of the config file ({config_dir}) or one above it"
+            for name, place in (("state folder", state_dir), ("models folder", models_dir)):
+                if why is None and (_inside(folder, place) or _inside(place, folder)):
+                    why = f"the {name} {place} or overlaps it"
+            if why is not None:
+                raise ConfigError(
+                    source,
+                    f"inbox[{n}].{key}",
+                    f"{folder} (inbox {inbox.name!r}) is {why}; give the inbox a folder of its own",
+                )
 
 
 def _inside(path: str, folder: str) -> bool:
     path, folder = os.path.normpath(path), os.path.normpath(folder)
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+# An instance name is the first part of every worker id ("NAME/cpu-0").
+_INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _check_instance(name: str, source: str) -> None:
+    if name and not _INSTANCE_NAME.fullmatch(name):
+        raise ConfigError(
+            source,
+            "daemon.instance",
+            f"{name!r} is not a valid instance name (letters, digits, '.', '_', '-'; at most 64; "
+            "starting with a letter or digit)",
+        )
 
 
 def _check_devices(devices: str | tuple[int, ...], source: str) -> None:

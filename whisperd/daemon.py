@@ -10,26 +10,36 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import os
+import queue
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import IO, Any
 
-from whisperd import __version__, logs, outputs
+from whisperd import __version__, logs, outputs, reloading, renames, store_hooks, store_notify
+from whisperd.cancel_match import match_cancelled_file
+from whisperd.compute_types import check_compute_types
 from whisperd.config import Config, InboxConfig, load_config
-from whisperd.errors import ConfigError, WhisperdError
+from whisperd.disposal import move_owed_source
+from whisperd.errors import ConfigError, StoreUnavailable, WhisperdError
 from whisperd.gpu_pool import HealthPolicy, Slot, WorkerPool, default_cpu_threads, plan_slots
+from whisperd.hook_runner import HookRunner
 from whisperd.jobs import FileIdentity, Job, JobSpec, JobState
-from whisperd.metrics import Metrics, MetricsServer, RunningJobView
+from whisperd.metrics import Metrics, MetricsServer, RunningJobView, WorkerView
 from whisperd.nvml import DeviceProbe, NvmlProbe
 from whisperd.queue_db import JobStore
 from whisperd.sdnotify import Notifier
-from whisperd.watcher import Watcher, WatchSpec
+from whisperd.store_instances import InstanceEntry
+from whisperd.store_notify import StoreListener, StoreNotice
+from whisperd.store_outage import RetryPolicy
+from whisperd.watcher import REASON_UNSUPPORTED_PREFIX, Watcher, WatchSpec
 from whisperd.worker import WorkerSettings, dispose_source, worker_id_for
 
 log = logs.get_logger("whisperd.daemon")
@@ -40,6 +50,14 @@ HOUSEKEEPING_SECONDS = 5.0
 # A finished job's source is moved by its worker; the daemon's sweep only
 # takes over (crash, kill) once the worker has had this long.
 DISPOSE_AFTER_SECONDS = 10.0
+# Retention: finished jobs deleted per housekeeping pass (one short write
+# transaction, so claims and heartbeats never wait on it for long), and the
+# free pages handed back to the file system per pass (SQLite).
+PRUNE_BATCH = 500
+VACUUM_PAGES = 2000
+# READY=1 waits this long for the first worker to import torch and open the
+# store (seconds on a warm machine; keep well under the unit's TimeoutStartSec).
+WORKER_READY_TIMEOUT_SECONDS = 60.0
 # Files that settle together are queued this many per transaction: one commit
 # (one fsync) per batch, while the write lock is never held long enough to
 # delay a worker's claim or heartbeat noticeably; workers are woken per batch.
@@ -53,7 +71,17 @@ EXTEND_TIMEOUT_EVERY_SECONDS = 1.0
 EXTEND_TIMEOUT_MARGIN_SECONDS = 5.0
 # Settings a reload applies at once (to jobs queued from then on). Every other
 # setting outside the [[inbox]] tables takes effect at the next restart.
-RELOADABLE_SETTINGS = frozenset({"daemon.shutdown_grace_seconds", "models.default", "workers.max_attempts"})
+RELOADABLE_SETTINGS = frozenset(
+    {
+        "daemon.shutdown_grace_seconds",
+        "daemon.keep_finished_days",
+        "daemon.keep_finished_jobs",
+        "models.default",
+        "workers.max_attempts",
+    }
+)
+# In the state folder: its random id in the instance registry (store_instances.py).
+INSTANCE_ID_FILE = "instance.id"
 
 
 def watchdog_ping_seconds(watchdog_timeout: float | None) -> float:
@@ -69,6 +97,8 @@ class _Signals:
     stop: threading.Event
     force: threading.Event
     reload: threading.Event
+    # Set with each of the others and by a store notice: the loop runs at once.
+    nudge: threading.Event
 
 
 class Daemon:
@@ -86,24 +116,39 @@ class Daemon:
         self._notifier = notifier or Notifier()
         self._probe: DeviceProbe = probe or NvmlProbe()
         self._clock = clock
-        self._signals = _Signals(stop=threading.Event(), force=threading.Event(), reload=threading.Event())
+        self._signals = _Signals(
+            stop=threading.Event(), force=threading.Event(), reload=threading.Event(), nudge=threading.Event()
+        )
         self._inboxes: dict[str, InboxConfig] = {i.name: i for i in config.inboxes}
         self._lock_file: IO[str] | None = None
         self._store: JobStore | None = None
         self._pool: WorkerPool | None = None
         self._watcher: Watcher | None = None
+        # PostgreSQL's wake-ups (store_notify.py): the listener's thread puts, the loop takes.
+        self._listener: StoreListener | None = None
+        self._notices: queue.SimpleQueue[StoreNotice] = queue.SimpleQueue()
         self._metrics: Metrics | None = None
         self._server: MetricsServer | None = None
+        self._hooks: HookRunner | None = None
         self._next_housekeeping = 0.0
         self._next_watchdog = 0.0
         self._watchdog_every = watchdog_ping_seconds(self._notifier.watchdog_interval())
         self._last_extend = float("-inf")
+        self._ready = False
         # watcher.events_seen totals already added to the metrics.
         self._watcher_events_counted: dict[str, int] = {}
-        self._host = socket.gethostname()
+        # Jobs whose cancel the metrics counted (this daemon's, the CLI's seen in the store).
+        self._cancels_counted: set[int] = set()
+        self._started_wall = time.time()
+        self._instance = config.instance
+        # This state folder's token while this daemon holds its registry row.
+        self._instance_token: str | None = None
+        self._next_instance_beat = 0.0
         # (inbox, rel_path) -> a settled file waiting for the job at its path to end.
         self._deferred: dict[tuple[str, str], tuple[JobSpec, FileIdentity]] = {}
         self._deferred_lock = threading.Lock()
+        # stage -> jobs whose recovery/sweep step raised (see _per_job).
+        self._handling_errors: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -116,25 +161,60 @@ class Daemon:
             log.error("daemon.start_failed", error=str(exc))
             self.stop()
             return 1
+        except BaseException:
+            # Anything else (an inotify limit, a bug): what did start is stopped
+            # before the traceback, or its threads would keep the process alive.
+            self.stop()
+            raise
         try:
-            while not self._signals.stop.wait(LOOP_SECONDS):
-                self.loop_once()
+            while not self._signals.stop.is_set():
+                self._signals.nudge.wait(LOOP_SECONDS)
+                self._signals.nudge.clear()
+                if self._signals.stop.is_set():
+                    break
+                try:
+                    self.loop_once()
+                except StoreUnavailable:
+                    if not self._signals.stop.is_set():  # raised only once asked to stop
+                        raise
         finally:
             self.stop()
         return 0
 
     def start(self) -> None:
         config = self._config
+        # A compute type a device cannot run is refused before anything starts.
+        check_compute_types(config, [slot.device for slot in self._plan_slots()])
         self._make_folders(config.inboxes)
         self._lock_state_dir()
-        self._store = store = JobStore.open(config.database_url)
+        self._started_wall = time.time()  # cancel files older than this start are old
+        # Every store call (here, in the loop, in intake) waits out an outage.
+        retry = RetryPolicy(stop=self._signals.stop, on_wait=self._on_store_wait)
+        self._store = store = JobStore.open(
+            config.database_url, busy_timeout_seconds=config.daemon.database_busy_timeout_seconds, retry=retry
+        )
+        # Before recovery: a second daemon of the same name must not re-queue the first one's jobs.
+        self._register_instance(store)
+        self._register_inboxes(store, at_start=True)
+        # Before any worker starts: every job that ends from here on owes its inbox's hooks.
+        self._subscribe_hooks(store)
         self._recover(store)
+        if store.enable_incremental_vacuum():  # before the workers open the file
+            log.info("store.auto_vacuum_enabled", where=store.where)
         self._metrics = Metrics(
             job_counts=self._job_counts,
+            claimable_jobs=self._claimable_jobs,
             running_jobs=self._running_jobs,
             devices=self._probe,
             version=__version__,
+            workers=self._workers,
+            instance=self._instance,
         )
+        self._metrics.rescan_interval(config.daemon.rescan_seconds)
+        for stage, count in self._handling_errors.items():  # those recovery counted
+            self._metrics.job_handling_failed(stage, count)
+        store.health.listen(on_change=self._metrics.store_changed, on_error=self._metrics.store_error)
+        self._metrics.store_changed(store.health.up)
         if config.metrics.enabled:
             self._server = MetricsServer(self._metrics, host=config.metrics.host, port=config.metrics.port)
             try:
@@ -159,6 +239,12 @@ class Daemon:
             clock=self._clock,
         )
         self._pool.start()
+        self._listener = store.listener(self._on_store_notice)
+        if self._listener is not None:
+            self._listener.start()
+        # Owed deliveries (a restart) are made now.
+        self._hooks = HookRunner(store, self._inboxes, on_outcome=self._metrics.hook_delivery)
+        self._hooks.start()
         self._watcher = Watcher(
             [self._watch_spec(i) for i in config.inboxes],
             settle_seconds=config.daemon.settle_seconds,
@@ -175,12 +261,20 @@ class Daemon:
                 "daemon.start_scan_pending",
                 hint="files found at start are still settling; they are queued once they stop changing",
             )
+        if self._pool.size() and not self._pool.wait_for_a_worker(WORKER_READY_TIMEOUT_SECONDS):
+            log.warning(
+                "daemon.workers_pending",
+                seconds=WORKER_READY_TIMEOUT_SECONDS,
+                hint="no worker finished starting (importing torch) in time; jobs wait until one has",
+            )
         log.info(
             "daemon.ready",
+            instance=self._instance,
             inboxes=list(self._inboxes),
             slots=self._pool.size(),
             metrics_port=self._server.bound_port if self._server else None,
         )
+        self._ready = True
         self._notifier.ready(self._status_line())
 
     def loop_once(self, now: float | None = None) -> None:
@@ -190,9 +284,11 @@ class Daemon:
             self._signals.reload.clear()
             self.reload()
         assert self._pool is not None and self._store is not None
+        self._handle_store_notices(now)
         # Before supervise() replaces a dead worker, so a pass that finds one
         # sends no keep-alive (and the next pass, 0.2 s later, does).
         self._keep_alive(now)
+        self._beat_instance(now)
         self._pool.supervise(now)
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + HOUSEKEEPING_SECONDS
@@ -202,9 +298,15 @@ class Daemon:
         """Stop in reverse order; running jobs get shutdown_grace_seconds."""
         self._notifier.stopping("stopping: finishing running jobs")
         log.info("daemon.stopping")
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
+        if self._hooks is not None:
+            self._hooks.stop()  # a hook program still running is killed; its delivery stays owed
+            self._hooks = None
         if self._pool is not None:
             grace = 0.0 if self._signals.force.is_set() else self._config.daemon.shutdown_grace_seconds
             self._pool.stop(grace, on_wait=self._while_draining, cut_short=self._signals.force.is_set)
@@ -213,6 +315,7 @@ class Daemon:
             self._server.stop()
             self._server = None
         if self._store is not None:
+            self._unregister_instance(self._store)
             self._store.close()
             self._store = None
         if self._lock_file is not None:
@@ -224,6 +327,7 @@ class Daemon:
         if self._signals.stop.is_set():
             self._signals.force.set()  # a second SIGTERM: stop at once
         self._signals.stop.set()
+        self._signals.nudge.set()
 
     def reload(self) -> None:
         """SIGHUP: re-read the config; inboxes come and go, running jobs stay.
@@ -232,11 +336,14 @@ class Daemon:
         try:
             self._reload_config()
         finally:
+            with contextlib.suppress(OSError):  # `whisperd reload` (ExecReload) waits for this
+                reloading.note_reloaded(self._config.daemon.state_dir)
             self._notifier.ready(self._status_line())
 
     def _reload_config(self) -> None:
         try:
             fresh = load_config(self._config.source)
+            check_compute_types(fresh, [slot.device for slot in self._plan_slots()])
             self._make_folders(fresh.inboxes)
         except (ConfigError, OSError) as exc:
             log.error(
@@ -248,6 +355,11 @@ class Daemon:
         self._inboxes = {i.name: i for i in fresh.inboxes}
         if self._watcher is not None:
             self._watcher.set_specs([self._watch_spec(i) for i in fresh.inboxes])
+        if self._store is not None:
+            self._register_inboxes(self._store, at_start=False)
+            self._subscribe_hooks(self._store)
+        if self._hooks is not None:
+            self._hooks.set_inboxes(self._inboxes)
         log.info("config.reloaded", inboxes=list(self._inboxes))
         if pending:
             log.warning(
@@ -264,6 +376,7 @@ class Daemon:
 
         def on_reload(_signum: int, _frame: FrameType | None) -> None:
             self._signals.reload.set()
+            self._signals.nudge.set()
 
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
@@ -291,48 +404,156 @@ class Daemon:
         handle.flush()
         self._lock_file = handle
 
+    def _register_instance(self, store: JobStore) -> None:
+        """Take this daemon's name in the store's registry, or refuse to start
+        while another live daemon holds it (it would re-queue that one's jobs)."""
+        config = self._config
+        token = _state_folder_token(config.daemon.state_dir)
+        slots = self._plan_slots()
+        entry = InstanceEntry(
+            instance=self._instance,
+            token=token,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=__version__,
+            slots=len(slots),
+            devices=",".join(slot.device for slot in slots),
+            started_at=time.time(),
+        )
+        holder = store.register_instance(entry, stale_after=config.workers.lease_seconds)
+        if holder is not None:
+            raise WhisperdError(
+                f"{store.where}: instance {self._instance!r} is already running (host {holder.host}, "
+                f"pid {holder.pid}, last heartbeat {holder.age_seconds:.0f} s ago); give this daemon "
+                f"another name with [daemon] instance in {config.source}, or stop the other one"
+            )
+        self._instance_token = token
+        log.info("instance.registered", instance=self._instance, slots=entry.slots, devices=entry.devices)
+
+    def _register_inboxes(self, store: JobStore, *, at_start: bool) -> None:
+        """Tell the store which inboxes this instance watches: its workers
+        claim only their jobs. An inbox name another live instance uses for
+        another folder is refused (at start: the daemon does not start)."""
+        inboxes = [(i.name, i.path) for i in self._inboxes.values()]
+        conflicts = store.set_instance_inboxes(
+            self._instance, inboxes, stale_after=self._config.workers.lease_seconds
+        )
+        if not conflicts:
+            return
+        inbox, other, path = conflicts[0]
+        message = (
+            f"{self._config.source}: inbox {inbox!r} is {self._inboxes[inbox].path} here but {path} on "
+            f"instance {other!r}; a shared inbox needs the same name and path on every host, a private "
+            "one a name of its own"
+        )
+        if at_start:
+            raise WhisperdError(message)
+        log.error("config.inbox_conflict", error=message, hint="its jobs are not claimed by this daemon")
+
+    def _subscribe_hooks(self, store: JobStore) -> None:
+        """Tell the store which completion hooks each inbox has: the
+        transaction that ends a job (in a worker) records what it owes."""
+        store.set_hook_subscriptions(
+            self._instance, {name: inbox.hook_kinds() for name, inbox in self._inboxes.items()}
+        )
+
+    def _beat_instance(self, now: float) -> None:
+        """Keep this instance's registry row fresh; if another daemon took the
+        name over (this one was stopped past the lease), stop."""
+        if self._instance_token is None or self._store is None or now < self._next_instance_beat:
+            return
+        self._next_instance_beat = now + min(HOUSEKEEPING_SECONDS, self._config.workers.lease_seconds / 3)
+        if not self._store.instance_heartbeat(self._instance, self._instance_token):
+            log.error(
+                "instance.taken_over",
+                instance=self._instance,
+                hint="another daemon registered this name while this one was silent; stopping",
+            )
+            self._instance_token = None
+            self.request_stop()
+
+    def _unregister_instance(self, store: JobStore) -> None:
+        if self._instance_token is None:
+            return
+        try:
+            store.unregister_instance(self._instance, self._instance_token)
+        except StoreUnavailable as exc:  # the row goes stale and is taken over at the next start
+            log.warning("instance.unregister_failed", instance=self._instance, error=str(exc))
+        self._instance_token = None
+
     def _recover(self, store: JobStore) -> None:
-        """Start-up reconciliation: jobs this host was running when it stopped
-        go back to the queue (their attempt counts: a file that crashes the
-        daemon must not loop), expired leases too; half-written outputs are
-        removed; finished jobs whose source was not yet moved are completed."""
-        prefix = f"{self._host}/"
+        """Start-up reconciliation: jobs this instance was running when it
+        stopped go back to the queue (their attempt counts: a file that crashes
+        the daemon must not loop), expired leases too (any instance's);
+        half-written outputs are removed; finished jobs of this instance's
+        inboxes whose source was not yet moved are completed."""
+        prefix = f"{self._instance}/"
         for job in store.list_jobs(states=[JobState.RUNNING], limit=100_000):
             if job.worker and job.worker.startswith(prefix) and job.claim_token:
-                state = store.retry_or_fail(
-                    job.id,
-                    job.claim_token,
-                    error="whisperd stopped while the job ran",
-                    base_delay=0.0,
-                    max_delay=0.0,
-                )
-                log.warning(
-                    "job.recovered",
-                    job_id=job.id,
-                    inbox=job.spec.inbox,
-                    file=job.spec.rel_path,
-                    state=state.value,
-                    attempts=job.attempts,
-                )
+                self._per_job("recover", job, functools.partial(self._requeue_stopped, store, job))
         store.reclaim_stale()
         for inbox in self._config.inboxes:
-            for leftover in outputs.remove_stale_temps(inbox.output):
-                log.info("output.temp_removed", path=leftover)
+            try:
+                for leftover in outputs.remove_stale_temps(inbox.output):
+                    log.info("output.temp_removed", path=leftover)
+            except Exception as exc:  # noqa: BLE001 - one folder must not keep the daemon from starting
+                log.error("output.temp_sweep_failed", inbox=inbox.name, error=str(exc))
+        # Sources stuck in their inbox get one more try at each start.
+        store.forget_move_failures()
         self._dispose_finished(store, older_than=0.0)
+
+    @staticmethod
+    def _requeue_stopped(store: JobStore, job: Job) -> None:
+        assert job.claim_token is not None
+        state = store.retry_or_fail(
+            job.id,
+            job.claim_token,
+            error="whisperd stopped while the job ran",
+            base_delay=0.0,
+            max_delay=0.0,
+        )
+        log.warning(
+            "job.recovered",
+            **logs.job_fields(job),
+            state=state.value,
+            attempts=job.attempts,
+        )
+
+    def _per_job(self, stage: str, job: Job, action: Callable[[], object]) -> None:
+        """Run one job's share of recovery or a sweep: whatever it raises is
+        logged with the job, counted, and does not stop the others (nor the
+        daemon); the next sweep tries that job again."""
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 - one job must not stop recovery or the sweep
+            log.error(
+                "job.handling_failed",
+                stage=stage,
+                **logs.job_fields(job),
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            self._handling_errors[stage] = self._handling_errors.get(stage, 0) + 1
+            if self._metrics is not None:
+                self._metrics.job_handling_failed(stage)
 
     def _plan_slots(self) -> list[Slot]:
         gpus = [d.index for d in self._probe.devices()]
         return plan_slots(self._config.workers, gpus)
 
     def _worker_settings(self, slot: Slot) -> WorkerSettings:
-        config = self._config
+        return self.worker_settings(self._config, slot, slots=len(self._plan_slots()))
+
+    @staticmethod
+    def worker_settings(config: Config, slot: Slot, *, slots: int) -> WorkerSettings:
+        """What the worker on `slot` runs with, one of `slots` in the pool (pure: tests call it)."""
         workers = config.workers
-        slots = len(self._plan_slots())
         budget = workers.cpu_memory_budget_mb if slot.device == "cpu" else 0
         return WorkerSettings(
-            worker_id=worker_id_for(slot.name),
+            worker_id=worker_id_for(config.instance, slot.name),
+            instance=config.instance,
             device=slot.device,
             database_url=config.database_url,
+            database_busy_timeout_seconds=config.daemon.database_busy_timeout_seconds,
             models_folder=config.models.folder,
             allow_download=config.models.allow_download,
             cpu_threads=workers.cpu_threads or default_cpu_threads(slots),
@@ -350,6 +571,7 @@ class Daemon:
             parent_pid=os.getpid(),
             # Test hook only (see WorkerSettings.crash_point); never set in production.
             crash_point=os.environ.get("WHISPERD_CRASH_POINT", ""),
+            decode_timeout_seconds=workers.decode_timeout_seconds,
         )
 
     @staticmethod
@@ -369,13 +591,18 @@ class Daemon:
         for job in self._store.reclaim_stale():
             log.warning(
                 "job.lease_expired",
-                job_id=job.id,
-                inbox=job.spec.inbox,
-                file=job.spec.rel_path,
+                **logs.job_fields(job),
                 state=job.state.value,
             )
         self._dispose_finished(self._store, older_than=DISPOSE_AFTER_SECONDS)
         self._enqueue_deferred(self._store)
+        self._retain(self._store)
+        abandoned = self._store.abandon_unsubscribed_hooks()
+        if abandoned:
+            log.warning("hook.abandoned", deliveries=abandoned, reason=store_hooks.NO_LONGER_CONFIGURED)
+        if self._metrics is not None:
+            paused = self._store.paused_inboxes()
+            self._metrics.set_inboxes_paused({name: name in paused for name in self._inboxes})
         if self._watcher is not None:
             for name in self._watcher.dead_inboxes():
                 log.error(
@@ -385,6 +612,21 @@ class Daemon:
                 self._metrics.rescan_completed(time.time() - (time.monotonic() - self._watcher.last_rescan))
             self._count_watcher_events(self._watcher)
         self._notifier.status(self._status_line())
+
+    def _retain(self, store: JobStore) -> None:
+        """Prune one batch of finished jobs past [daemon] keep_finished_*,
+        then hand the freed pages back so the file shrinks."""
+        settings = self._config.daemon
+        if not settings.keep_finished_days and not settings.keep_finished_jobs:
+            return
+        pruned = store.prune_finished(
+            keep_days=settings.keep_finished_days, keep_jobs=settings.keep_finished_jobs, batch=PRUNE_BATCH
+        )
+        if pruned:
+            free = store.vacuum_free_pages(VACUUM_PAGES)
+            log.info("store.pruned", jobs=pruned, free_pages_left=free)
+            if self._metrics is not None:
+                self._metrics.jobs_pruned(pruned)
 
     def _keep_alive(self, now: float) -> None:
         """WATCHDOG=1 every _watchdog_every seconds, only while every worker
@@ -404,8 +646,19 @@ class Daemon:
         self._watcher_events_counted = seen
 
     def _dispose_finished(self, store: JobStore, *, older_than: float) -> None:
-        for job in store.undisposed(older_than=older_than):
-            dispose_source(store, job)
+        # Only this instance's inboxes: another host's private sources are not visible here.
+        for job in store.undisposed(older_than=older_than, inboxes=list(self._inboxes)):
+            if job.state is JobState.CANCELLED and (job.finished_at or 0.0) >= self._started_wall:
+                # A queued job cancelled by another process (`whisperd cancel`).
+                self._count_cancel(job, was_running=False)
+            self._per_job("dispose", job, functools.partial(move_owed_source, store, job))
+        if self._metrics is not None:
+            self._metrics.set_sources_stuck(len(store.stuck_sources()))
+
+    def _count_cancel(self, job: Job, *, was_running: bool) -> None:
+        if self._metrics is not None and job.id not in self._cancels_counted:
+            self._cancels_counted.add(job.id)
+            self._metrics.job_cancelled(job.spec.inbox, was_running=was_running)
 
     def _while_draining(self, remaining: float) -> None:
         """Called by the pool every 0.1 s while running jobs finish."""
@@ -414,11 +667,53 @@ class Daemon:
             self._last_extend = now
             self._notifier.extend_timeout(remaining + EXTEND_TIMEOUT_MARGIN_SECONDS)
 
+    def _on_store_wait(self, reason: str, delay: float) -> None:
+        """Before each wait for an unreachable store (any thread): tell systemd
+        we are waiting, not stuck; at start, ask for more start time."""
+        self._notifier.status(f"store unreachable: {reason}; retrying")
+        if not self._ready:
+            busy = self._config.daemon.database_busy_timeout_seconds
+            self._notifier.extend_timeout(delay + busy + EXTEND_TIMEOUT_MARGIN_SECONDS)
+        elif self._pool is not None and self._pool.alive_count() == self._pool.size():
+            self._notifier.watchdog()
+
     def _status_line(self) -> str:
         if self._store is None:
             return "starting"
+        if not self._store.health.up:
+            return f"store unreachable: {self._store.health.reason}"
         counts = self._store.counts()
         return ", ".join(f"{state.value} {counts.get(state, 0)}" for state in JobState)
+
+    # -- store notices (PostgreSQL) ---------------------------------------------------
+
+    def _on_store_notice(self, notice: StoreNotice) -> None:
+        """From the listener's thread: hand the notice to the loop, run it now."""
+        self._notices.put(notice)
+        self._signals.nudge.set()
+
+    def _handle_store_notices(self, now: float) -> None:
+        """Wake idle workers for jobs queued in an inbox of ours (by any host),
+        stop a job of ours whose cancel was asked for (anywhere), at once
+        instead of at the next poll."""
+        assert self._pool is not None
+        woken: set[str] = set()
+        while True:
+            try:
+                notice = self._notices.get_nowait()
+            except queue.Empty:
+                break
+            if notice.kind == store_notify.QUEUED and notice.inbox in self._inboxes:
+                woken.add(notice.inbox)
+            elif notice.kind == store_notify.CANCEL and self._pool.runs(notice.job_id):
+                # False when the poll or the job's own heartbeat saw it first.
+                stopping = self._pool.pick_up_cancel(notice.job_id, now)
+                log.debug(
+                    "pool.woken", reason="notify", kind=notice.kind, job_id=notice.job_id, stopping=stopping
+                )
+        if woken:
+            self._pool.wake()
+            log.debug("pool.woken", reason="notify", kind=store_notify.QUEUED, inboxes=sorted(woken))
 
     # -- callbacks from the watcher's settle thread -----------------------------------
 
@@ -439,13 +734,47 @@ class Daemon:
                 )
                 for path, identity in files[first : first + ENQUEUE_BATCH]
             ]
-            queued = store.enqueue_many(items, max_attempts=self._config.workers.max_attempts)
+            queued = store.enqueue_many(
+                items, max_attempts=self._config.workers.max_attempts, skip_moved_twins=True
+            )
+            queued = [
+                self._unless_seen_late(store, item, result)
+                for item, result in zip(items, queued, strict=True)
+            ]
             self._defer_replacements(items, queued)
             created = [job for job, is_new in queued if is_new]
             for job in created:
                 self._note_queued(job)
+            self._cancel_renamed_away(store, created)
             if created and self._pool is not None:
                 self._pool.wake()
+
+    def _unless_seen_late(
+        self, store: JobStore, item: tuple[JobSpec, FileIdentity], result: tuple[Job, bool]
+    ) -> tuple[Job, bool]:
+        """A file whose path's last job moved this very file out: on a shared
+        inbox, another host ran it while this one was still looking (a late
+        sighting, skipped quietly), unless the file is back in the inbox (put
+        back by someone: a new job)."""
+        spec, identity = item
+        job, is_new = result
+        if is_new or job.state.is_active or job.disposed_at is None or job.identity != identity:
+            return result
+        try:
+            back = FileIdentity.of(spec.source) == identity
+        except OSError:
+            back = False
+        if back:
+            return store.enqueue(spec, identity, max_attempts=self._config.workers.max_attempts)
+        log.info(
+            "job.seen_late",
+            inbox=spec.inbox,
+            file=spec.rel_path,
+            job_id=job.id,
+            state=job.state.value,
+            hint="another instance already ran this file and moved it out; no job queued",
+        )
+        return result
 
     def _defer_replacements(
         self, items: list[tuple[JobSpec, FileIdentity]], queued: list[tuple[Job, bool]]
@@ -481,9 +810,16 @@ class Daemon:
                 if self._pool is not None:
                     self._pool.wake()
 
+    def _cancel_renamed_away(self, store: JobStore, created: list[Job]) -> None:
+        """A new job's file was queued before under another name: that job is
+        cancelled, not left to fail as vanished (renames.py). One store read
+        per batch: 2,000 files dropped at once are 10 reads, not 2,000."""
+        for old, new in renames.renamed_away(store, created):
+            self.cancel_job(old.id, reason=renames.rename_reason(new))
+
     def _note_queued(self, job: Job) -> None:
         spec = job.spec
-        log.info("job.queued", job_id=job.id, inbox=spec.inbox, file=spec.rel_path, model=spec.model)
+        log.info("job.queued", **logs.job_fields(job), model=spec.model)
         if self._metrics is not None:
             self._metrics.job_queued(spec.inbox)
 
@@ -491,7 +827,7 @@ class Daemon:
         store = self._store
         if store is None:
             return
-        jobs = _match_cancelled_file(store, spec.name, path, identity)
+        jobs = match_cancelled_file(store, spec.name, path, identity, running_since=self._started_wall)
         if not jobs:
             log.info(
                 "cancel.no_active_job",
@@ -508,16 +844,14 @@ class Daemon:
         job = self._store.request_cancel(job_id, reason=reason)
         if job is None:
             return None
-        fields = {"job_id": job.id, "inbox": job.spec.inbox, "file": job.spec.rel_path}
+        fields = logs.job_fields(job)
         if job.state is JobState.CANCELLED:
             log.info("job.cancelled", **fields, phase="queued")
-            if self._metrics is not None:
-                self._metrics.job_cancelled(job.spec.inbox, was_running=False)
+            self._count_cancel(job, was_running=False)
             dispose_source(self._store, job)
         elif job.state is JobState.RUNNING and self._pool is not None:
             log.info("job.cancelling", **fields)
-            if self._metrics is not None:
-                self._metrics.job_cancelled(job.spec.inbox, was_running=True)
+            self._count_cancel(job, was_running=True)
             self._pool.cancel(job.id)
         return job
 
@@ -531,12 +865,19 @@ class Daemon:
             identity = FileIdentity.of(path)
         except OSError:
             return
+        unsupported = reason.startswith(REASON_UNSUPPORTED_PREFIX)
+        if unsupported and _already_ignored(store, path, identity, reason):
+            return  # reported before (an earlier run): once is enough
         job = store.record_rejected(
             inbox.job_spec(rel_path, self._config.models.default), identity, reason=reason
         )
-        log.warning("job.rejected", job_id=job.id, inbox=inbox.name, file=rel_path, reason=reason)
+        log.warning("job.rejected", **logs.job_fields(job), reason=reason)
         if self._metrics is not None:
-            self._metrics.job_rejected(inbox.name, "symlink")
+            self._metrics.job_rejected(inbox.name, "unsupported_extension" if unsupported else "symlink")
+        if unsupported:
+            # Not ours to move: the file stays; `whisperd status` lists it as ignored.
+            store.mark_disposed(job.id, "")
+            return
         dispose_source(store, job)
 
     # -- metrics --------------------------------------------------------------------------
@@ -549,14 +890,10 @@ class Daemon:
             "job_started": lambda: metrics.job_started(
                 fields["inbox"], fields["device"], fields["queue_wait_seconds"]
             ),
-            "job_finished": lambda: metrics.job_finished(
-                fields["inbox"],
-                fields["outcome"],
-                device=fields["device"],
-                duration_seconds=fields["duration_seconds"],
-                audio_seconds=fields["audio_seconds"],
-            ),
+            "job_finished": lambda: self._job_finished(metrics, fields),
             "job_retried": lambda: metrics.job_retried(fields["inbox"]),
+            "job_rejected": lambda: metrics.job_rejected(fields["inbox"], fields["reason"]),
+            "job_cancel_seen": lambda: self._cancel_seen(fields["job_id"]),
             "model_loaded": lambda: metrics.model_loaded(
                 fields["model"], fields["device"], fields["seconds"]
             ),
@@ -575,35 +912,77 @@ class Daemon:
             except Exception as exc:  # noqa: BLE001 - a metrics bug must not stop supervision
                 log.warning("metrics.event_failed", kind=kind, error=str(exc))
 
+    def _job_finished(self, metrics: Metrics, fields: dict[str, Any]) -> None:
+        metrics.job_finished(
+            fields["inbox"],
+            fields["outcome"],
+            device=fields["device"],
+            duration_seconds=fields["duration_seconds"],
+            audio_seconds=fields["audio_seconds"],
+        )
+        if fields["outcome"] == "cancelled":
+            # The worker may see a cancel requested by another process before
+            # the pool's poll does: the cancel still happened while running.
+            self._cancel_seen(int(fields["job_id"]))
+
+    def _cancel_seen(self, job_id: int) -> None:
+        """The pool found a cancel another process requested for a running job."""
+        job = self._store.get(job_id) if self._store is not None else None
+        if job is not None:
+            self._count_cancel(job, was_running=True)
+
+    def _claimable_jobs(self) -> int:
+        if self._store is None:
+            return 0
+        with self._store.failing_fast():
+            return self._store.claimable_count(list(self._inboxes))
+
     def _job_counts(self) -> dict[str, int]:
         if self._store is None:
             return {}
-        return {state.value: n for state, n in self._store.counts().items()}
+        with self._store.failing_fast():  # a scrape must not wait out an outage
+            return store_job_counts(self._store)
+
+    def _workers(self) -> Sequence[WorkerView]:
+        pool = self._pool  # read once: stop() drops it while a scrape may run
+        return () if pool is None else pool.workers()
 
     def _running_jobs(self) -> list[RunningJobView]:
         if self._store is None:
             return []
-        return [
-            RunningJobView(job_id=j.id, inbox=j.spec.inbox, device=j.device or "", progress=j.progress)
-            for j in self._store.list_jobs(states=[JobState.RUNNING], limit=1000)
-        ]
+        with self._store.failing_fast():
+            return store_running_jobs(self._store, instance=self._instance)
 
 
-def _match_cancelled_file(store: JobStore, inbox: str, path: str, identity: FileIdentity) -> list[Job]:
-    """The active job a file in the cancel folder stands for. A move keeps
-    inode and mtime; `cp -p` keeps size and mtime; a plain copy keeps only
-    name and size."""
-    matches = store.find_active_by_identity(identity, inbox=inbox)
-    if matches:
-        return matches[:1]
-    name = os.path.basename(path)
+def store_job_counts(store: JobStore) -> dict[str, int]:
+    """Jobs per state, as the metrics read them at scrape time."""
+    return {state.value: n for state, n in store.counts().items()}
+
+
+def store_running_jobs(store: JobStore, *, instance: str | None = None) -> list[RunningJobView]:
+    """The running jobs, as the metrics read them at scrape time: only those
+    of `instance`'s workers when given, so that each daemon exports its own
+    (their devices are its devices) and a sum over instances counts each once."""
+    prefix = None if instance is None else f"{instance}/"
     return [
-        job
-        for job in store.list_jobs(states=[JobState.QUEUED, JobState.RUNNING], limit=100_000)
-        if job.spec.inbox == inbox
-        and os.path.basename(job.spec.rel_path) == name
-        and job.identity.size == identity.size
-    ][:1]
+        RunningJobView(
+            job_id=j.id,
+            inbox=j.spec.inbox,
+            device=j.device or "",
+            progress=j.progress,
+            eta_seconds=j.eta_seconds,
+        )
+        for j in store.list_jobs(states=[JobState.RUNNING], limit=10_000)
+        if prefix is None or (j.worker or "").startswith(prefix)
+    ]
+
+
+def _already_ignored(store: JobStore, path: str, identity: FileIdentity, reason: str) -> bool:
+    return any(
+        job.last_error == reason
+        and (job.identity.device, job.identity.inode) == (identity.device, identity.inode)
+        for job in store.find_by_source(path)
+    )
 
 
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
@@ -628,6 +1007,24 @@ def _own_identity(path: str, identity: FileIdentity) -> FileIdentity:
         except OSError:
             return identity
     return identity
+
+
+def _state_folder_token(state_dir: str) -> str:
+    """The state folder's random id (made at its first use): the same id in
+    the registry means the same state folder, whose lock this daemon holds."""
+    path = os.path.join(state_dir, INSTANCE_ID_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            token = handle.read().strip()
+    except FileNotFoundError:
+        token = ""
+    except OSError as exc:
+        raise WhisperdError(f"{path}: cannot read the instance token: {exc.strerror}") from exc
+    if token:
+        return token
+    token = str(uuid.uuid4())
+    outputs.write_atomic(path, (token + "\n").encode())  # OutputError names the path and why
+    return token
 
 
 def _log_json(log_format: str) -> bool | None:

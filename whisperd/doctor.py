@@ -56,15 +56,32 @@ def _devices(config: Config) -> Check:
 
 
 def _models(config: Config) -> Iterator[Check]:
+    """Each model an inbox names, for the engine that inbox runs it on."""
     folder = config.models.folder
-    found = {m.name for m in models.list_models(folder)} if os.path.isdir(folder) else set()
-    needed = {config.models.default} | {i.model for i in config.inboxes if i.model}
-    for name in sorted(needed):
-        if name in found or os.path.isfile(models.whisper_cache_path(name)):
-            yield Check(name=f"model {name}", ok=True, detail="available")
+    listed = models.list_models(folder) if os.path.isdir(folder) else []
+    found = {m.name for m in listed if models.OPENAI_WHISPER in m.engines}
+    needed = {(config.models.default, config.models.engine)} | {
+        (i.model or config.models.default, i.engine) for i in config.inboxes
+    }
+    for name, engine in sorted(needed):
+        label = f"model {name}" if engine == models.OPENAI_WHISPER else f"model {name} ({engine})"
+        if engine == models.FASTER_WHISPER:
+            source = models.ct2_model_folder(folder, name)
+            if source is not None:
+                yield Check(name=label, ok=True, detail=f"available ({source})")
+            else:
+                yield Check(
+                    name=label,
+                    ok=False,
+                    detail=f"no CTranslate2 folder {name}{models.CT2_SUFFIX} in {folder}",
+                    fix=f"whisperd models import CT2_FOLDER --name {name}  "
+                    "(a folder with model.bin, config.json, tokenizer.json)",
+                )
+        elif name in found or os.path.isfile(models.whisper_cache_path(name)):
+            yield Check(name=label, ok=True, detail="available")
         else:
             yield Check(
-                name=f"model {name}",
+                name=label,
                 ok=False,
                 detail=f"not in {folder}",
                 fix=f"whisperd models import PATH --name {name}  "

@@ -33,9 +33,17 @@ class MediaError(WhisperdError):
 class ModelNotFoundError(WhisperdError):
     """A model is neither in the models folder nor downloadable."""
 
-    def __init__(self, name: str, folder: str) -> None:
+    def __init__(self, name: str, folder: str, engine: str = "openai-whisper") -> None:
         self.name = name
         self.folder = folder
+        if engine == "faster-whisper":
+            # faster-whisper loads CTranslate2 folders only; a .pt cannot serve it.
+            super().__init__(
+                f"model {name!r} has no CTranslate2 folder {name}.ct2 in {folder} "
+                "(faster-whisper needs model.bin, config.json and tokenizer.json); "
+                f"import one with: whisperd models import CT2_FOLDER --name {name}"
+            )
+            return
         super().__init__(
             f"model {name!r} is not in {folder} and cannot be downloaded here; "
             f"import it with: whisperd models import PATH --name {name} "
@@ -72,3 +80,13 @@ class OutputError(WhisperdError):
 class NoRoomOnDevice(WhisperdError):
     """A model does not fit in a device's free memory, even after unloading
     the models that device's worker held; the job waits or goes elsewhere."""
+
+
+class StoreUnavailable(WhisperdError):
+    """The job store cannot be reached now (locked past the busy timeout, server
+    down, connection refused) and the caller asked not to wait."""
+
+    def __init__(self, where: str, reason: str, doing: str = "") -> None:
+        self.where = where
+        self.reason = reason
+        super().__init__(f"{where}: {doing}store unreachable: {reason}")

@@ -9,18 +9,21 @@ has no thread of its own.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import queue
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from whisperd import logs
+from whisperd import liveness, logs
 from whisperd.config import WorkersConfig
 from whisperd.errors import WhisperdError
 from whisperd.jobs import Job, JobState
+from whisperd.metrics import WorkerView
 from whisperd.nvml import DeviceProbe
 from whisperd.queue_db import JobStore
 from whisperd.worker import (
@@ -121,6 +124,11 @@ class _SlotState:
     alive_at: float = 0.0
     # Whether this process has proved itself alive at least once.
     proven: bool = False
+    # time.monotonic() at spawn (the liveness beat's clock, whatever the pool's clock is).
+    spawned_mono: float = 0.0
+    # A silent worker that SIGKILL did not remove: the slot stays down (and
+    # systemd's watchdog unfed) rather than run two workers for one slot.
+    stuck: bool = False
     # Claim token of the running attempt -> (progress last seen, monotonic
     # time it last moved). Keyed by attempt, not job: a retried job starts
     # again from zero progress and must not inherit the old attempt's clock.
@@ -150,12 +158,17 @@ class WorkerPool:
         self._store = store
         self._cancel_grace = cancel_grace_seconds
         self._on_event = on_event
+        # Set by the first worker_started event: a worker imported its engine (torch).
+        self._a_worker_started = False
         self._clock = clock
         self._events = _CTX.Queue()
         self._stopping = False
         self._slots = [
             _SlotState(slot=slot, settings=settings_for(slot), channel=self._new_channel()) for slot in slots
         ]
+        # The worker processes as last spawned, for the scrape thread: a tuple
+        # replaced whole, never changed in place, so reading it needs no lock.
+        self._published: tuple[WorkerView, ...] = ()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -213,7 +226,7 @@ class WorkerPool:
         for state in self._slots:
             if not self._alive(state):
                 self._replace_dead(state)
-            else:
+            elif not self._replace_silent(state):
                 self._enforce_cancel(state, now)
         if now >= self._next_health:
             self._next_health = now + self._health.interval_seconds
@@ -275,9 +288,16 @@ class WorkerPool:
             if not state.proven:
                 limit = max(limit, self._health.startup_seconds)
             if now - last_sign > limit:
-                log.error("worker.silent", slot=state.slot.name, seconds=round(now - last_sign, 1))
+                pid = state.process.pid if state.process is not None else None
+                log.error("worker.silent", slot=state.slot.name, seconds=round(now - last_sign, 1), pid=pid)
+                # No canary and no beat: frozen. No canary but beating: its device hangs.
+                frozen = (
+                    state.channel.beat is not None
+                    and liveness.silent_seconds(state.channel.beat, state.spawned_mono)
+                    > liveness.FROZEN_AFTER_SECONDS
+                )
                 self._kill(state)
-                self._restart(state, "unhealthy")
+                self._restart(state, "silent" if frozen else "unhealthy")
             return
         state.alive_at = now  # a busy worker proves itself by its job's progress
         job = self._store.get(job_id)
@@ -292,9 +312,7 @@ class WorkerPool:
         if stalled > self._health.hung_after(job.audio_seconds):
             log.error(
                 "job.hung",
-                job_id=job_id,
-                inbox=job.spec.inbox,
-                file=job.spec.rel_path,
+                **logs.job_fields(job),
                 seconds=round(stalled, 1),
             )
             self._kill(state)
@@ -312,11 +330,39 @@ class WorkerPool:
                 return True
         return False
 
+    def wait_for_a_worker(self, timeout: float) -> bool:
+        """Wait (at most `timeout` s) until a worker has imported its engine
+        and opened the store, handling the events that arrive meanwhile.
+        True when one has; the daemon sends READY=1 after it."""
+        deadline = time.monotonic() + timeout
+        while not self._a_worker_started:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                kind, fields = self._events.get(timeout=min(remaining, 0.2))
+            except (queue.Empty, OSError, ValueError):
+                continue
+            self._handle_event(kind, fields)
+        return True
+
     def alive_count(self) -> int:
-        return sum(1 for s in self._slots if self._alive(s))
+        """Workers alive and answering (a frozen one does not count)."""
+        return sum(1 for s in self._slots if self._alive(s) and not self._silent(s))
 
     def size(self) -> int:
         return len(self._slots)
+
+    def workers(self) -> tuple[WorkerView, ...]:
+        """The worker processes (slot, device, pid); safe to call from any thread."""
+        return self._published
+
+    def _publish(self) -> None:
+        self._published = tuple(
+            WorkerView(slot=s.slot.name, device=s.slot.device, gpu_index=s.slot.gpu_index, pid=s.process.pid)
+            for s in self._slots
+            if s.process is not None and s.process.pid is not None
+        )
 
     def busy(self) -> dict[str, int]:
         """Slot name -> running job id (0 when idle)."""
@@ -333,6 +379,7 @@ class WorkerPool:
             cancel_job=_CTX.Value("q", 0, lock=False),
             switch_lock=_CTX.Lock(),
             events=self._events,
+            beat=_CTX.Value("d", 0.0, lock=False),
         )
 
     def _spawn(self, state: _SlotState) -> None:
@@ -344,12 +391,45 @@ class WorkerPool:
         process.start()
         state.process = process
         state.started_at = state.alive_at = self._clock()
+        state.spawned_mono = time.monotonic()
         state.proven = False
+        self._publish()
         log.info("worker.started", slot=state.slot.name, device=state.slot.device, pid=process.pid)
 
     @staticmethod
     def _alive(state: _SlotState) -> bool:
         return state.process is not None and state.process.is_alive()
+
+    def _silent(self, state: _SlotState) -> bool:
+        """No liveness beat for longer than the bound (frozen, stopped, swapped out)."""
+        if state.stuck:
+            return True
+        beat = state.channel.beat
+        if beat is None:
+            return False
+        limit = self._health.silent_worker_seconds
+        if not liveness.has_beaten(beat) or not state.proven:
+            # Starting: importing torch or initialising CUDA may hold the GIL a long while.
+            limit = max(limit, self._health.startup_seconds)
+        return liveness.silent_seconds(beat, state.spawned_mono) > limit
+
+    def _replace_silent(self, state: _SlotState) -> bool:
+        """SIGKILL and respawn a silent worker, whatever its job's state; its
+        job, if still its own, goes through the retry path. True if it was silent."""
+        if not self._silent(state):
+            return False
+        if state.stuck:
+            return True
+        seconds = liveness.silent_seconds(state.channel.beat, state.spawned_mono)
+        log.error("worker.silent", slot=state.slot.name, seconds=round(seconds, 1), pid=state.process.pid)
+        self._kill(state)
+        if self._alive(state):
+            state.stuck = True
+            log.error("worker.unkillable", slot=state.slot.name, pid=state.process.pid)
+            return True
+        self._fail_jobs_of(state, f"worker gave no sign of life for {seconds:.0f} s (frozen or stopped)")
+        self._restart(state, "silent")
+        return True
 
     def _replace_dead(self, state: _SlotState) -> None:
         code = state.process.exitcode if state.process is not None else None
@@ -368,6 +448,11 @@ class WorkerPool:
         self._spawn(state)
 
     def _kill(self, state: _SlotState) -> None:
+        # The worker leads its own process group (worker_main): kill the group,
+        # so an ffmpeg it started dies with it. Unreaped, its pid cannot be reused.
+        if state.process.pid is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(state.process.pid, signal.SIGKILL)
         state.process.kill()
         state.process.join(10)
 
@@ -391,9 +476,7 @@ class WorkerPool:
             )
             log.warning(
                 "job.retry" if new_state is JobState.QUEUED else "job.failed",
-                job_id=job.id,
-                inbox=job.spec.inbox,
-                file=job.spec.rel_path,
+                **logs.job_fields(job),
                 error=error,
             )
             if new_state is JobState.FAILED:
@@ -404,18 +487,35 @@ class WorkerPool:
             assert job.claim_token is not None
             remove_outputs(list(job.outputs))
             self._store.release(job.id, job.claim_token, reason=reason)
-            log.info(
-                "job.released", job_id=job.id, inbox=job.spec.inbox, file=job.spec.rel_path, reason=reason
-            )
+            log.info("job.released", **logs.job_fields(job), reason=reason)
+
+    def runs(self, job_id: int) -> bool:
+        """Whether a slot of this pool runs `job_id` now."""
+        return any(int(state.channel.current_job.value) == job_id for state in self._slots)
+
+    def pick_up_cancel(self, job_id: int, now: float | None = None) -> bool:
+        """A cancel the store announced (store_notify.py) for `job_id`: True
+        if a slot of this pool runs that job and is now told to stop."""
+        now = self._clock() if now is None else now
+        for state in self._slots:
+            if int(state.channel.current_job.value) == job_id and job_id not in state.cancel_deadlines:
+                return self._pick_up_cancel(job_id, now)
+        return False
 
     def _pick_up_cancels_from_store(self, now: float) -> None:
-        """Cancels requested by another process (`whisperd cancel`, another host)."""
+        """Cancels requested by another process (`whisperd cancel`, another
+        host): the poll, also where a store notice was lost or there is none."""
         for state in self._slots:
             job_id = int(state.channel.current_job.value)
             if job_id and job_id not in state.cancel_deadlines:
-                job = self._store.get(job_id)
-                if job is not None and job.cancel_requested and job.state is JobState.RUNNING:
-                    self.cancel(job_id, now)
+                self._pick_up_cancel(job_id, now)
+
+    def _pick_up_cancel(self, job_id: int, now: float) -> bool:
+        job = self._store.get(job_id)
+        if job is None or not job.cancel_requested or job.state is not JobState.RUNNING:
+            return False
+        self._on_event("job_cancel_seen", {"job_id": job_id})
+        return self.cancel(job_id, now)
 
     def _enforce_cancel(self, state: _SlotState, now: float) -> None:
         for job_id, deadline in list(state.cancel_deadlines.items()):
@@ -445,6 +545,7 @@ class WorkerPool:
             self._on_event(
                 "job_finished",
                 {
+                    "job_id": job.id,
                     "inbox": job.spec.inbox,
                     "outcome": "cancelled",
                     "device": job.device or "",
@@ -452,7 +553,7 @@ class WorkerPool:
                     "audio_seconds": None,
                 },
             )
-            log.info("job.cancelled", job_id=job.id, inbox=job.spec.inbox, file=job.spec.rel_path)
+            log.info("job.cancelled", **logs.job_fields(job))
             self._dispose(job.id)
 
     def _dispose(self, job_id: int) -> None:
@@ -466,9 +567,20 @@ class WorkerPool:
                 kind, fields = self._events.get_nowait()
             except (queue.Empty, OSError, ValueError):
                 return
-            if kind == "worker_alive":
-                self._note_alive(fields)
-            self._on_event(kind, fields)
+            self._handle_event(kind, fields)
+
+    def _handle_event(self, kind: str, fields: dict[str, Any]) -> None:
+        if kind == "worker_alive":
+            self._note_alive(fields)
+        elif kind == "worker_started":
+            self._a_worker_started = True
+            log.info(
+                "worker.ready",
+                worker=fields.get("worker"),
+                device=fields.get("device"),
+                pid=fields.get("pid"),
+            )
+        self._on_event(kind, fields)
 
     def _note_alive(self, fields: dict[str, Any]) -> None:
         for state in self._slots:

@@ -77,6 +77,32 @@ class DecodeOptions:
     word_timestamps: bool = False
     # Feed the previous window's text as the prompt of the next one.
     condition_on_previous_text: bool = True
+    # The engine that runs the job: "openai-whisper" or "faster-whisper".
+    engine: str = "openai-whisper"
+    # faster-whisper: CTranslate2 compute type ("auto": int8 on CPU, float16 on CUDA).
+    compute_type: str = "auto"
+    # faster-whisper: batch size of its batched pipeline (0 or 1: sequential).
+    batch_size: int = 0
+    # faster-whisper: words to bias the decoder towards (None: none).
+    hotwords: str | None = None
+    # Voice activity detection (Silero VAD): transcribe only the speech regions.
+    vad: bool = False
+    # Speech probability above which a frame counts as speech.
+    vad_threshold: float = 0.5
+    # Silence at least this long (ms) splits speech regions.
+    vad_min_silence_ms: int = 2000
+    # Padding (ms) kept on both sides of each speech region.
+    vad_speech_pad_ms: int = 400
+    # A window whose no-speech probability is above this (and whose average
+    # log probability is below log_prob_threshold) is treated as silence.
+    no_speech_threshold: float | None = 0.6
+    # Average log probability below which a window's decoding counts as failed.
+    log_prob_threshold: float | None = -1.0
+    # gzip compression ratio above which a window's text counts as a repetition loop.
+    compression_ratio_threshold: float | None = 2.4
+    # With word timestamps: skip silent gaps longer than this (seconds) around a
+    # suspected hallucination (None: off).
+    hallucination_silence_threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -172,6 +198,11 @@ class Job:
     eta_seconds: float | None = None
     # Length of the decoded audio in seconds, once known.
     audio_seconds: float | None = None
+    # Epoch seconds the engine began this attempt (model loaded, audio read),
+    # and, once done, the seconds it took: its realtime factor is
+    # decoding_seconds / audio_seconds, model load excluded.
+    decoding_started_at: float | None = None
+    decoding_seconds: float | None = None
     # Set by a cancel while the job runs; the worker stops at its next check.
     cancel_requested: bool = False
     # Where the source went once the job ended ("" if it was gone), and when;
@@ -203,6 +234,8 @@ class Word:
 @dataclass(frozen=True, kw_only=True)
 class Segment:
     id: int
+    # Offset (in mel frames, 10 ms each) of the 30 s window this segment was decoded in.
+    seek: int = 0
     start: float
     end: float
     text: str
@@ -215,12 +248,24 @@ class Segment:
 
 
 @dataclass(frozen=True, kw_only=True)
+class VadSummary:
+    """What voice activity detection found in a file."""
+
+    # Speech regions transcribed (0: nothing to transcribe, empty transcript).
+    regions: int
+    # Their total length in seconds, padding included.
+    speech_seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class TranscriptResult:
     """What the engine produced for one file."""
 
     text: str
     language: str
     segments: tuple[Segment, ...]
+    # Set when the inbox's `vad` chose what was transcribed; None with VAD off.
+    vad: VadSummary | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The openai-whisper result shape: text, language, segments."""
@@ -241,6 +286,7 @@ class TranscriptResult:
         segments = tuple(
             Segment(
                 id=int(s["id"]),
+                seek=int(s.get("seek", 0)),
                 start=float(s["start"]),
                 end=float(s["end"]),
                 text=str(s["text"]),

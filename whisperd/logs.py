@@ -5,9 +5,7 @@ gets one JSON object per line; a terminal gets a readable, coloured console
 format. Both carry an ISO-8601 UTC timestamp, the level, the logger name and
 the event name.
 
-Event names are dotted nouns (`job.done`, `model.loaded`); the constants in
-`Event` list the ones the daemon emits, and every `job.*` event carries
-job_id, inbox and file (see `job_fields`).
+Event names are dotted nouns (`job.done`, `model.loaded`).
 
 Each process sets logging up once with `configure()`; worker processes are
 started with the spawn method and must call it again themselves.
@@ -37,26 +35,6 @@ LEVELS: dict[str, int] = {
 _HANDLER_NAME = "whisperd"
 
 
-class Event:
-    """Names of the events the daemon logs. Job events carry job_id, inbox, file."""
-
-    JOB_QUEUED = "job.queued"
-    JOB_CLAIMED = "job.claimed"
-    JOB_DONE = "job.done"
-    JOB_FAILED = "job.failed"
-    JOB_RETRY = "job.retry"
-    JOB_CANCELLED = "job.cancelled"
-    JOB_REJECTED = "job.rejected"
-    MODEL_LOADED = "model.loaded"
-    MODEL_UNLOADED = "model.unloaded"
-    WORKER_STARTED = "worker.started"
-    WORKER_EXITED = "worker.exited"
-    WATCHER_RESCAN = "watcher.rescan"
-    DAEMON_READY = "daemon.ready"
-    DAEMON_STOPPING = "daemon.stopping"
-    CONFIG_RELOADED = "config.reloaded"
-
-
 def configure(level: str = "info", *, json: bool | None = None, stream: TextIO | None = None) -> None:
     """Send structlog and stdlib logging to `stream` (stdout by default).
 
@@ -79,6 +57,9 @@ def configure(level: str = "info", *, json: bool | None = None, stream: TextIO |
     _install_root_handler(target, numeric_level, _renderer(use_json))
     # watchdog logs every inotify event at debug level: far too much to keep.
     logging.getLogger("watchdog").setLevel(max(numeric_level, logging.INFO))
+    # faster-whisper logs "Processing audio with duration ..." per file at
+    # info; whisperd's own job events say the same, with the job's fields.
+    logging.getLogger("faster_whisper").setLevel(max(numeric_level, logging.WARNING))
     # Python warnings (torch's, whisper's "FP16 is not supported on CPU")
     # become log lines instead of raw text on stderr.
     logging.captureWarnings(True)
@@ -91,8 +72,10 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
 
 
 def job_fields(job: Job) -> dict[str, Any]:
-    """The fields every job event carries: `log.info(Event.JOB_DONE, **job_fields(job))`."""
-    return {"job_id": job.id, "inbox": job.spec.inbox, "file": job.source}
+    """The fields every job event carries: `log.info("job.done", **job_fields(job))`.
+    `file` is the path inside the inbox (what `whisperd jobs` shows), never
+    the absolute source path."""
+    return {"job_id": job.id, "inbox": job.spec.inbox, "file": job.spec.rel_path}
 
 
 def _parse_level(level: str) -> int:

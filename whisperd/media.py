@@ -4,7 +4,8 @@ This is the only module that runs them. Source files come from inbox folders
 anyone may write to, so every call is built to read exactly one local file:
 
 - an argument list, never a shell;
-- the input is ``file:`` + the absolute path, so a name such as ``-y.wav``,
+- the input is ``file:`` + the absolute path (or ``/dev/fd/N`` of the file
+  opened once, see opened_source), so a name such as ``-y.wav``,
   ``concat:a.wav|b.wav`` or ``http:x.wav`` is never read as an option or a
   protocol;
 - ``-protocol_whitelist file`` so nothing is fetched from a network;
@@ -18,21 +19,34 @@ can act on.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import re
 import selectors
 import shutil
+import signal
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from whisperd import safepath
 from whisperd.errors import MediaError
+
+# prctl(2) option: signal this process when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+# ffmpeg writes s16le: two bytes a sample.
+_BYTES_PER_SAMPLE = 2
+# Peak bytes of memory a decoded sample costs (see default_max_decode_seconds).
+_DECODE_BYTES_PER_SAMPLE = 8
 
 # Sample rate whisper models expect; decode_audio resamples to it.
 SAMPLE_RATE = 16000
@@ -135,25 +149,27 @@ class _ToolRun:
     stderr_tail: str
 
 
-def probe(path: str, *, timeout: float = PROBE_TIMEOUT_SECONDS) -> MediaInfo:
+def probe(path: str, *, timeout: float = PROBE_TIMEOUT_SECONDS, fd: int | None = None) -> MediaInfo:
     """Read the container and stream headers of `path` with ffprobe.
 
-    Raises MediaError when ffprobe cannot read the file or times out.
+    `fd`, when given, is an open descriptor of `path`: ffprobe reads it, not
+    the path (see _input_args). Raises MediaError when ffprobe cannot read
+    the file or times out.
     """
     args = [
         "ffprobe",
         "-v",
         "error",
         "-hide_banner",
-        *_input_args(path),
+        *_input_args(path, fd),
         "-print_format",
         "json",
         "-show_format",
         "-show_streams",
     ]
-    run = _run_tool(args, path=path, timeout=timeout, action="reading media info")
+    run = _run_tool(args, path=path, timeout=timeout, action="reading media info", fd=fd)
     if run.returncode != 0:
-        raise MediaError(path, _failure_reason(path, run.stderr_tail))
+        raise MediaError(path, _failure_reason(path, run.stderr_tail, fd))
     try:
         report = json.loads(run.stdout.decode("utf-8", errors="replace"))
     except json.JSONDecodeError as exc:
@@ -162,7 +178,9 @@ def probe(path: str, *, timeout: float = PROBE_TIMEOUT_SECONDS) -> MediaInfo:
     return _media_info_from_report(report)
 
 
-def decode_audio(path: str, *, timeout: float | None = None) -> npt.NDArray[np.float32]:
+def decode_audio(
+    path: str, *, timeout: float | None = None, fd: int | None = None, max_seconds: float | None = None
+) -> npt.NDArray[np.float32]:
     """Decode `path`'s audio to mono float32 at SAMPLE_RATE (ffmpeg picks
     the stream, as whisper.load_audio does: the one with the most channels).
 
@@ -170,15 +188,18 @@ def decode_audio(path: str, *, timeout: float | None = None) -> npt.NDArray[np.f
     streamed from ffmpeg's stdout without temporary files. A truncated file
     yields the part ffmpeg could decode; a file that yields no samples at all
     is an error. `timeout` (seconds, None for no limit) bounds the whole run.
+    `fd`: an open descriptor of `path` to decode instead of the path.
+    `max_seconds` bounds what is actually decoded (whatever the container
+    claims): ffmpeg is stopped and MediaError raised once the audio is longer.
     """
-    _stat_source(path)
+    _stat_source(path, fd)
     args = [
         "ffmpeg",
         "-nostdin",
         "-hide_banner",
         "-v",
         "error",
-        *_input_args(path),
+        *_input_args(path, fd),
         # Audio only: no video, subtitle or data streams are decoded.
         "-vn",
         "-sn",
@@ -193,34 +214,43 @@ def decode_audio(path: str, *, timeout: float | None = None) -> npt.NDArray[np.f
         str(SAMPLE_RATE),
         "pipe:1",
     ]
-    run = _run_tool(args, path=path, timeout=timeout, action="decoding")
+    limit = None if max_seconds is None else int(max_seconds * SAMPLE_RATE) * _BYTES_PER_SAMPLE
+    try:
+        run = _run_tool(args, path=path, timeout=timeout, action="decoding", fd=fd, max_stdout=limit)
+    except _OverLimit:
+        raise MediaError(
+            path, f"audio is longer than {_format_number(max_seconds or 0.0)} s, the limit for this worker"
+        ) from None
     if run.returncode != 0:
-        raise MediaError(path, _failure_reason(path, run.stderr_tail))
+        raise MediaError(path, _failure_reason(path, run.stderr_tail, fd))
     samples = np.frombuffer(run.stdout, dtype="<i2", count=len(run.stdout) // 2)
     if samples.size == 0:
-        detail = _last_line(path, run.stderr_tail)
+        detail = _last_line(path, run.stderr_tail, fd)
         raise MediaError(path, "no audio could be decoded" + (f": {detail}" if detail else ""))
     audio = samples.astype(np.float32)
     audio /= 32768.0
     return audio
 
 
-def check_source(path: str, *, max_size_bytes: int = 0, max_duration_seconds: float = 0.0) -> MediaInfo:
+def check_source(
+    path: str, *, max_size_bytes: int = 0, max_duration_seconds: float = 0.0, fd: int | None = None
+) -> MediaInfo:
     """Every check a source passes before it is queued, cheapest first.
 
     `max_size_bytes` and `max_duration_seconds` are the inbox limits (0: none).
     Returns what ffprobe found; raises MediaError with the first reason the
-    file cannot be used.
+    file cannot be used. `fd`: an open descriptor of `path` to check instead.
     """
-    st = _stat_source(path)
+    st = _stat_source(path, fd)
     if max_size_bytes > 0 and st.st_size > max_size_bytes:
         raise MediaError(
             path,
             f"file is {_format_number(st.st_size / _BYTES_PER_MB)} MB, over the inbox limit of "
             f"{_format_number(max_size_bytes / _BYTES_PER_MB)} MB",
         )
-    _check_readable(path)
-    info = probe(path)
+    if fd is None:
+        _check_readable(path)
+    info = probe(path, fd=fd)
     if not info.has_audio:
         raise MediaError(path, f"no audio stream (ffprobe found: {info.format_name})")
     if max_duration_seconds > 0 and info.duration_seconds > max_duration_seconds:
@@ -230,6 +260,55 @@ def check_source(path: str, *, max_size_bytes: int = 0, max_duration_seconds: fl
             f"{_format_number(max_duration_seconds)} s",
         )
     return info
+
+
+def reject_kind(reason: str) -> str | None:
+    """The metrics' reject reason for a MediaError reason that is the file
+    breaking an inbox rule (too large, too long, empty, not media), or None
+    for a failure that is not the file's fault (vanished, unreadable, timeout)."""
+    if reason == "file is empty":
+        return "empty"
+    if reason.startswith("file is ") and "over the inbox limit" in reason:
+        return "too_large"
+    if reason.startswith("audio is ") and "over the inbox limit" in reason:
+        return "too_long"
+    if reason.startswith(("not a media file", "no audio stream")):
+        return "not_media"
+    return None
+
+
+@contextlib.contextmanager
+def _read_errors(path: str) -> Iterator[None]:
+    """An OSError while opening or stat()ing the source, as the MediaError
+    the user reads in NAME.error.txt."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise MediaError(path, "file vanished before it could be read") from exc
+    except PermissionError as exc:
+        raise MediaError(path, "cannot read file: permission denied") from exc
+    except OSError as exc:
+        raise MediaError(path, f"cannot read file: {exc.strerror or exc}") from exc
+
+
+@contextlib.contextmanager
+def opened_source(root: str, rel_path: str, expected: tuple[int, int] | None = None) -> Iterator[int]:
+    """The source root/rel_path opened once, with no link followed above it
+    (safepath.open_source_beneath), for probe/decode_audio's `fd`: what is
+    checked is what ffmpeg reads. `expected` is the (device, inode) the job
+    recorded; a different file found there (swapped in since) is refused."""
+    path = os.path.join(root, rel_path)
+    with _read_errors(path):
+        fd, via_link = safepath.open_source_beneath(root, rel_path)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MediaError(path, "not a regular file")
+        if expected is not None and not via_link and (st.st_dev, st.st_ino) != expected:
+            raise MediaError(path, "a different file took its place while it was being opened")
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def ffmpeg_available() -> tuple[bool, str]:
@@ -253,7 +332,14 @@ def ffmpeg_available() -> tuple[bool, str]:
     return True, first_line
 
 
-def _input_args(path: str) -> list[str]:
+def _input_name(path: str, fd: int | None) -> str:
+    """ffmpeg's name for the input. An open descriptor is read as /dev/fd/N:
+    that opens the very file the descriptor holds (seekable, unlike pipe:N),
+    whatever the path names by now."""
+    return "file:" + (f"/dev/fd/{fd}" if fd is not None else os.path.abspath(path))
+
+
+def _input_args(path: str, fd: int | None = None) -> list[str]:
     """Input options and the input itself; input options must precede -i."""
     return [
         "-protocol_whitelist",
@@ -261,21 +347,15 @@ def _input_args(path: str) -> list[str]:
         "-format_whitelist",
         ",".join(ALLOWED_DEMUXERS),
         "-i",
-        "file:" + os.path.abspath(path),
+        _input_name(path, fd),
     ]
 
 
-def _stat_source(path: str) -> os.stat_result:
-    """stat() the source (following symlinks); refuse what is not a non-empty
-    regular file (a FIFO or device would block ffmpeg)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError as exc:
-        raise MediaError(path, "file vanished before it could be read") from exc
-    except PermissionError as exc:
-        raise MediaError(path, "cannot read file: permission denied") from exc
-    except OSError as exc:
-        raise MediaError(path, f"cannot read file: {exc.strerror or exc}") from exc
+def _stat_source(path: str, fd: int | None = None) -> os.stat_result:
+    """stat() the source (following symlinks; fstat when fd is given); refuse
+    what is not a non-empty regular file (a FIFO or device would block ffmpeg)."""
+    with _read_errors(path):
+        st = os.stat(path) if fd is None else os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise MediaError(path, "not a regular file")
     if st.st_size == 0:
@@ -285,18 +365,20 @@ def _stat_source(path: str) -> os.stat_result:
 
 def _check_readable(path: str) -> None:
     """Open the file as ffmpeg will; O_NONBLOCK so a FIFO swapped in cannot hang us."""
-    try:
+    with _read_errors(path):
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
-        raise MediaError(path, "file vanished before it could be read") from exc
-    except PermissionError as exc:
-        raise MediaError(path, "cannot read file: permission denied") from exc
-    except OSError as exc:
-        raise MediaError(path, f"cannot read file: {exc.strerror or exc}") from exc
     os.close(fd)
 
 
-def _run_tool(args: list[str], *, path: str, timeout: float | None, action: str) -> _ToolRun:
+def _run_tool(
+    args: list[str],
+    *,
+    path: str,
+    timeout: float | None,
+    action: str,
+    fd: int | None = None,
+    max_stdout: int | None = None,
+) -> _ToolRun:
     """Run ffmpeg/ffprobe, collecting stdout and the tail of stderr.
 
     The process is killed if it outlives `timeout` or if anything goes wrong
@@ -305,12 +387,18 @@ def _run_tool(args: list[str], *, path: str, timeout: float | None, action: str)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=() if fd is None else (fd,),
+            # Only a prctl call, no locks taken: safe next to the worker's threads.
+            preexec_fn=_die_with_caller,  # noqa: PLW1509
         )
     except FileNotFoundError as exc:
         raise MediaError(path, f"{args[0]} not found on PATH; {_INSTALL_HINT}") from exc
     try:
-        stdout, stderr = _collect_output(proc, deadline)
+        stdout, stderr = _collect_output(proc, deadline, max_stdout)
         returncode = proc.wait(timeout=_remaining(deadline))
     except subprocess.TimeoutExpired as exc:
         raise MediaError(path, f"timed out {action} after {_format_number(timeout or 0.0)} s") from exc
@@ -328,8 +416,12 @@ def _run_tool(args: list[str], *, path: str, timeout: float | None, action: str)
     )
 
 
-def _collect_output(proc: subprocess.Popen[bytes], deadline: float | None) -> tuple[bytearray, bytearray]:
-    """Read both pipes until EOF without threads; stderr is trimmed as it grows."""
+def _collect_output(
+    proc: subprocess.Popen[bytes], deadline: float | None, max_stdout: int | None = None
+) -> tuple[bytearray, bytearray]:
+    """Read both pipes until EOF without threads; stderr is trimmed as it
+    grows; stdout over max_stdout bytes raises _OverLimit (the caller's
+    finally kills the tool)."""
     assert proc.stdout is not None and proc.stderr is not None
     stdout, stderr = bytearray(), bytearray()
     buffers = {proc.stdout.fileno(): stdout, proc.stderr.fileno(): stderr}
@@ -347,18 +439,54 @@ def _collect_output(proc: subprocess.Popen[bytes], deadline: float | None) -> tu
                     selector.unregister(fd)
                     continue
                 buffers[fd] += chunk
+                if max_stdout is not None and len(stdout) > max_stdout:
+                    raise _OverLimit
                 if fd != proc.stdout.fileno() and len(stderr) > 2 * STDERR_KEEP_BYTES:
                     del stderr[:-STDERR_KEEP_BYTES]
     return stdout, stderr
+
+
+def _load_prctl() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: the pool's group kill still applies
+        return None
+
+
+# Looked up once here: the child between fork and exec should only call it.
+_PRCTL = _load_prctl()
+
+
+def _die_with_caller() -> None:
+    """In the child, before exec: Linux kills ffmpeg when the thread that
+    started it dies (a worker the pool SIGKILLs included), so none is orphaned."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class _OverLimit(Exception):
+    """A tool's output grew past the limit its caller set."""
+
+
+def default_max_decode_seconds(memory_bytes: int = 0) -> float:
+    """Longest audio a worker decodes when no inbox limit is set: a quarter
+    of memory_bytes (the worker's budget; 0: the machine's memory) at
+    _DECODE_BYTES_PER_SAMPLE (the s16 buffer, its growth, the float32 copy)."""
+    if memory_bytes <= 0:
+        try:
+            memory_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            memory_bytes = 8 << 30
+    return memory_bytes / 4 / _DECODE_BYTES_PER_SAMPLE / SAMPLE_RATE
 
 
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else deadline - time.monotonic()
 
 
-def _failure_reason(path: str, stderr_tail: str) -> str:
+def _failure_reason(path: str, stderr_tail: str, fd: int | None = None) -> str:
     """Turn a failed run into the reason a user reads."""
-    if not os.path.lexists(path):
+    if fd is None and not os.path.lexists(path):
         return "file vanished before it could be read"
     if "Permission denied" in stderr_tail:
         return "cannot read file: permission denied"
@@ -370,11 +498,11 @@ def _failure_reason(path: str, stderr_tail: str) -> str:
             f"not a media file ffmpeg can read: its format ({refused.group(1)}) "
             "is not an audio or video container whisperd accepts"
         )
-    detail = _last_line(path, stderr_tail) or "ffmpeg gave no reason"
+    detail = _last_line(path, stderr_tail, fd) or "ffmpeg gave no reason"
     return f"not a media file ffmpeg can read: {detail}"
 
 
-def _last_line(path: str, stderr_tail: str) -> str:
+def _last_line(path: str, stderr_tail: str, fd: int | None = None) -> str:
     """The last non-empty stderr line, made readable.
 
     ffmpeg ends a failure with "file:PATH: <error code text>" (often just
@@ -383,7 +511,7 @@ def _last_line(path: str, stderr_tail: str) -> str:
     (MediaError names the file already, and a name may hold newlines).
     """
     file_mark = "\x00"
-    text = stderr_tail.replace("file:" + os.path.abspath(path) + ": ", file_mark)
+    text = stderr_tail.replace(_input_name(path, fd) + ": ", file_mark)
     lines = [_LOG_CONTEXT.sub("", line.strip()) for line in text.splitlines() if line.strip()]
     if not lines:
         return ""

@@ -3,9 +3,10 @@
 `Metrics` owns a private CollectorRegistry. The daemon and the pool record
 what happens through its hook methods (job_queued, job_finished, ...), never
 by touching metric objects inside their loops. What is a state rather than an
-event -- queue depth, running jobs' progress, GPU memory and health -- is read
-at scrape time from callables given to the constructor, so a scrape always
-shows the job store and the hardware as they are.
+event -- queue depth, running jobs' progress and ETA, GPU memory and health,
+each worker process's memory -- is read at scrape time from callables given
+to the constructor, so a scrape always shows the job store and the hardware
+as they are.
 
 Label values are bounded: inbox, device, model and slot names come from the
 config and the hardware; outcome, phase, reason and kind come from the fixed
@@ -32,16 +33,33 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from whisperd.bounded_http import BoundedThreads
 from whisperd.jobs import JobState
 
 _log = structlog.stdlib.get_logger(__name__)
 
 # Bounded label values. A value outside its tuple is recorded as "other".
-OUTCOMES = ("done", "failed", "cancelled")
+# How an attempt ended. "rejected": the file broke an inbox rule (too large,
+# too long, not media) -- the file's fault, so it stays out of failure rates;
+# "retry": the attempt failed and the job went back to the queue; "lease_lost":
+# another worker owns the job now. Only done/failed/cancelled/rejected end a job.
+OUTCOMES = ("done", "failed", "cancelled", "rejected", "retry", "lease_lost")
 CANCEL_PHASES = ("queued", "running")
-REJECT_REASONS = ("symlink", "too_large", "too_long", "not_media", "empty", "unreadable", "duplicate")
-RESTART_REASONS = ("crashed", "cancel_kill", "hung", "unhealthy")
+REJECT_REASONS = (
+    "symlink",
+    "too_large",
+    "too_long",
+    "not_media",
+    "empty",
+    "unreadable",
+    "duplicate",
+    "unsupported_extension",
+)
+RESTART_REASONS = ("crashed", "cancel_kill", "hung", "unhealthy", "silent")
 UNLOAD_REASONS = ("idle", "pressure", "oom", "shutdown")
+# Completion hooks: the kinds, and what one try did (retried: failed, tried again later).
+HOOK_KINDS = ("on_done", "on_failed", "webhook")
+HOOK_OUTCOMES = ("delivered", "retried", "failed")
 # watchdog's event types (closed_no_write: a file opened for reading was
 # closed), plus "overflow" for a kernel queue overflow.
 WATCHER_EVENT_KINDS = (
@@ -81,9 +99,36 @@ class RunningJobView:
     device: str
     # Fraction of the audio decoded so far, 0..1.
     progress: float
+    # Seconds until it is decoded, from its own rate (None: not yet known).
+    eta_seconds: float | None = None
 
 
-# What metrics reads from a GPU probe. nvml.NvmlProbe and nvml.ScriptedProbe
+@dataclass(frozen=True)
+class WorkerView:
+    """A worker process, as a scrape reads its memory."""
+
+    # Slot name ("cpu-0", "gpu0-0") and the torch device it runs on.
+    slot: str
+    device: str
+    # NVML index of the slot's GPU; None for a CPU slot (no GPU series).
+    gpu_index: int | None
+    pid: int
+
+
+def process_rss_bytes(pid: int) -> int | None:
+    """Resident memory of a live process (VmRSS of /proc/PID/status); None
+    for a process that is gone, or a zombie, which has no VmRSS."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024  # the kernel writes "VmRSS:  1234 kB"
+    except OSError:
+        return None
+    return None
+
+
+# What metrics reads from a GPU probe. nvml.NvmlProbe (and the tests' fake_nvml.ScriptedProbe)
 # fit these shapes; they are restated here because an L2 module does not
 # import another L2 module.
 class GpuInfo(Protocol):
@@ -117,15 +162,19 @@ class GpuReading(Protocol):
 class GpuSource(Protocol):
     def devices(self) -> Sequence[GpuInfo]: ...
     def read(self, index: int) -> GpuReading: ...
+    def read_process_gpu_memory(self, index: int, pid: int) -> int | None: ...
 
 
 class Metrics:
     """The daemon's metrics: hooks for events, collectors for state.
 
     job_counts: job count per state name (JobState values), from the store.
+    claimable_jobs: queued jobs this instance may claim (its inboxes, not paused).
     running_jobs: the running jobs, for progress gauges.
     devices: the GPU probe, or None on a CPU-only setup.
+    workers: the worker processes, for their memory gauges.
     version: whisperd's version for whisperd_build_info.
+    instance: this daemon's instance name for whisperd_instance_info ("": none).
     The callables run on the scrape thread and must be thread-safe; one that
     raises costs its own series for that scrape, not the whole scrape.
     """
@@ -137,6 +186,9 @@ class Metrics:
         running_jobs: Callable[[], Sequence[RunningJobView]],
         devices: GpuSource | None,
         version: str,
+        claimable_jobs: Callable[[], int] | None = None,
+        workers: Callable[[], Sequence[WorkerView]] = lambda: (),
+        instance: str = "",
         process_collector: bool = True,
     ) -> None:
         self.registry = CollectorRegistry()
@@ -146,14 +198,19 @@ class Metrics:
         # Label values already warned about, so a bad caller logs once.
         self._warned: set[tuple[str, str]] = set()
         self._define_event_metrics()
+        self._define_store_metrics()
         self._build_info(version)
+        if instance:
+            self._instance_info(instance)
         # The state collector goes first: a source failing during a scrape is
         # then already counted in whisperd_scrape_errors_total of that scrape.
         self.registry.register(
             _StateCollector(
                 job_counts=job_counts,
+                claimable_jobs=claimable_jobs,
                 running_jobs=running_jobs,
                 devices=devices,
+                workers=workers,
                 on_error=self._collector_failed,
             )
         )
@@ -210,6 +267,9 @@ class Metrics:
     def worker_restarted(self, slot: str, reason: str) -> None:
         self._restarts.labels(slot, self._bounded("restart reason", reason, RESTART_REASONS)).inc()
 
+    def job_handling_failed(self, stage: str, count: int = 1) -> None:
+        self._handling_failed.labels(stage).inc(count)
+
     def model_loaded(self, model: str, device: str, seconds: float) -> None:
         self._model_loads.labels(model, device).inc()
         self._model_load_seconds.labels(model, device).observe(max(seconds, 0.0))
@@ -241,8 +301,45 @@ class Metrics:
             kind = self._bounded("watcher event kind", kind, WATCHER_EVENT_KINDS)
             self._watcher_events.labels(kind).inc(count)
 
+    def store_changed(self, up: bool) -> None:
+        self._store_up.set(1 if up else 0)
+
+    def store_error(self) -> None:
+        self._store_errors.inc()
+
+    def _define_store_metrics(self) -> None:
+        self._store_up = Gauge(
+            "whisperd_store_up", "1 while the job store answers, 0 during an outage.", registry=self.registry
+        )
+        self._store_up.set(1)
+        self._store_errors = Counter(
+            "whisperd_store_errors_total",
+            "Job store calls that failed because the store was unreachable (each retry counts).",
+            registry=self.registry,
+        )
+
     def rescan_completed(self, timestamp: float) -> None:
         self._last_rescan.set(timestamp)
+
+    def rescan_interval(self, seconds: float) -> None:
+        """The configured rescan period (0: periodic rescans are off)."""
+        self._rescan_interval.set(max(seconds, 0.0))
+
+    def set_sources_stuck(self, count: int) -> None:
+        self._sources_stuck.set(count)
+
+    def set_inboxes_paused(self, paused: Mapping[str, bool]) -> None:
+        """1 for each configured inbox paused with `whisperd pause`, else 0."""
+        for inbox, on in paused.items():
+            self._inbox_paused.labels(inbox).set(1 if on else 0)
+
+    def jobs_pruned(self, count: int) -> None:
+        self._jobs_pruned.inc(count)
+
+    def hook_delivery(self, inbox: str, kind: str, outcome: str) -> None:
+        """One try at a completion hook: delivered, retried (it failed, tried again later), failed."""
+        kind = self._bounded("hook kind", kind, HOOK_KINDS)
+        self._hook_deliveries.labels(inbox, kind, self._bounded("hook outcome", outcome, HOOK_OUTCOMES)).inc()
 
     # -- internals --------------------------------------------------------
 
@@ -251,7 +348,7 @@ class Metrics:
         self._queued = Counter("whisperd_jobs_queued_total", "Jobs queued.", ["inbox"], registry=r)
         self._finished = Counter(
             "whisperd_jobs_finished_total",
-            "Jobs that ran and ended, by outcome (done, failed, cancelled).",
+            "Job attempts that ended, by outcome (done, failed, cancelled, rejected, retry, lease_lost).",
             ["inbox", "outcome"],
             registry=r,
         )
@@ -282,6 +379,13 @@ class Metrics:
         self._retries = Counter(
             "whisperd_job_retries_total", "Failed attempts put back in the queue.", ["inbox"], registry=r
         )
+        self._hook_deliveries = Counter(
+            "whisperd_hook_deliveries_total",
+            "Tries at completion hooks (on_done, on_failed, webhook), by outcome "
+            "(delivered, retried, failed).",
+            ["inbox", "kind", "outcome"],
+            registry=r,
+        )
         self._cancels = Counter(
             "whisperd_job_cancels_total",
             "Jobs cancelled, by the phase they were in.",
@@ -300,6 +404,12 @@ class Metrics:
             ["slot", "reason"],
             registry=r,
         )
+        self._handling_failed = Counter(
+            "whisperd_job_handling_errors_total",
+            "Jobs whose start-up recovery or sweep step raised (logged with the job; retried next sweep).",
+            ["stage"],
+            registry=r,
+        )
         self._define_model_metrics()
         self._device_healthy = Gauge(
             "whisperd_device_healthy",
@@ -313,6 +423,27 @@ class Metrics:
         self._last_rescan = Gauge(
             "whisperd_last_rescan_timestamp_seconds",
             "Unix time the last full rescan of the inboxes finished (0: none yet).",
+            registry=r,
+        )
+        self._rescan_interval = Gauge(
+            "whisperd_rescan_interval_seconds",
+            "Configured period of the full inbox rescan (daemon.rescan_seconds; 0: off).",
+            registry=r,
+        )
+        self._sources_stuck = Gauge(
+            "whisperd_sources_stuck",
+            "Finished jobs whose source could not be moved out of its inbox (whisperd gave up).",
+            registry=r,
+        )
+        self._inbox_paused = Gauge(
+            "whisperd_inbox_paused",
+            "1 while the inbox is paused (whisperd pause): its queued jobs wait.",
+            ["inbox"],
+            registry=r,
+        )
+        self._jobs_pruned = Counter(
+            "whisperd_jobs_pruned_total",
+            "Finished jobs deleted from the store by retention ([daemon] keep_finished_*).",
             registry=r,
         )
 
@@ -356,6 +487,16 @@ class Metrics:
         )
         info.labels(version, ".".join(str(part) for part in sys.version_info[:3])).set(1)
 
+    def _instance_info(self, instance: str) -> None:
+        # Not "instance": Prometheus sets that label to the scrape target.
+        info = Gauge(
+            "whisperd_instance_info",
+            "Always 1; names this daemon among those sharing the job store ([daemon] instance).",
+            ["whisperd_instance"],
+            registry=self.registry,
+        )
+        info.labels(instance).set(1)
+
     def _set_model(self, model: str, device: str, *, loaded: bool) -> None:
         with self._lock:
             self._known_models.add((model, device))
@@ -383,13 +524,17 @@ class _StateCollector:
         self,
         *,
         job_counts: Callable[[], Mapping[str, int]],
+        claimable_jobs: Callable[[], int] | None,
         running_jobs: Callable[[], Sequence[RunningJobView]],
         devices: GpuSource | None,
+        workers: Callable[[], Sequence[WorkerView]],
         on_error: Callable[[str, Exception], None],
     ) -> None:
         self._job_counts = job_counts
+        self._claimable_jobs = claimable_jobs
         self._running_jobs = running_jobs
         self._devices = devices
+        self._workers = workers
         self._on_error = on_error
 
     def describe(self) -> Iterable[Metric]:
@@ -398,6 +543,7 @@ class _StateCollector:
             *self._job_families(),
             *self._running_families(),
             *self._gpu_families().values(),
+            *self._worker_families(),
         ]
 
     def collect(self) -> Iterator[Metric]:
@@ -405,6 +551,7 @@ class _StateCollector:
         yield from self._guarded("running", self._collect_running)
         if self._devices is not None:
             yield from self._guarded("gpus", self._collect_gpus)
+        yield from self._guarded("workers", self._collect_workers)
 
     def _guarded(self, name: str, collect: Callable[[], list[Metric]]) -> list[Metric]:
         try:
@@ -415,15 +562,37 @@ class _StateCollector:
 
     @staticmethod
     def _job_families() -> list[GaugeMetricFamily]:
-        return [GaugeMetricFamily("whisperd_jobs", "Jobs in the store, by state.", labels=["state"])]
+        return [
+            GaugeMetricFamily(
+                "whisperd_jobs",
+                # The whole store's count: every instance sharing it reports the same numbers.
+                "Jobs in the whole job store, by state (the same on every instance sharing it: "
+                "aggregate with max, not sum).",
+                labels=["state"],
+            ),
+            GaugeMetricFamily(
+                "whisperd_jobs_claimable",
+                # Per instance, so an alert can ask each host about its own work.
+                "Queued jobs this instance may claim: of the inboxes it watches, not paused "
+                "(another host's private inboxes are not counted).",
+            ),
+        ]
 
     @staticmethod
     def _running_families() -> list[GaugeMetricFamily]:
         return [
-            GaugeMetricFamily("whisperd_running_jobs", "Jobs running now.", labels=["inbox", "device"]),
+            GaugeMetricFamily(
+                "whisperd_running_jobs", "Jobs this instance's workers run now.", labels=["inbox", "device"]
+            ),
             GaugeMetricFamily(
                 "whisperd_running_job_progress_ratio",
                 "Progress (0..1) of the least advanced running job: a stuck job is not hidden by others.",
+                labels=["inbox", "device"],
+            ),
+            GaugeMetricFamily(
+                "whisperd_running_job_eta_seconds",
+                "Seconds until the running job that will take longest is decoded, from its own "
+                "rate since its model was loaded (absent while no job's ETA is known).",
                 labels=["inbox", "device"],
             ),
         ]
@@ -457,22 +626,57 @@ class _StateCollector:
 
     def _collect_jobs(self) -> list[Metric]:
         counts = self._job_counts()
-        (family,) = self._job_families()
+        family, claimable = self._job_families()
         # Every state is shown, so "no failed jobs" is a 0 rather than a gap.
         states = [state.value for state in JobState]
         for state in [*states, *sorted(set(counts) - set(states))]:
             family.add_metric([state], float(counts.get(state, 0)))
-        return [family]
+        if self._claimable_jobs is None:
+            return [family]
+        claimable.add_metric([], float(self._claimable_jobs()))
+        return [family, claimable]
 
     def _collect_running(self) -> list[Metric]:
-        grouped: dict[tuple[str, str], list[float]] = {}
+        grouped: dict[tuple[str, str], list[RunningJobView]] = {}
         for job in self._running_jobs():
-            grouped.setdefault((job.inbox, job.device), []).append(min(max(job.progress, 0.0), 1.0))
-        running, progress = self._running_families()
-        for (inbox, device), values in sorted(grouped.items()):
-            running.add_metric([inbox, device], float(len(values)))
-            progress.add_metric([inbox, device], min(values))
-        return [running, progress]
+            grouped.setdefault((job.inbox, job.device), []).append(job)
+        running, progress, eta = self._running_families()
+        for (inbox, device), jobs in sorted(grouped.items()):
+            running.add_metric([inbox, device], float(len(jobs)))
+            progress.add_metric([inbox, device], min(min(max(j.progress, 0.0), 1.0) for j in jobs))
+            etas = [max(j.eta_seconds, 0.0) for j in jobs if j.eta_seconds is not None]
+            if etas:
+                eta.add_metric([inbox, device], max(etas))
+        return [running, progress, eta]
+
+    @staticmethod
+    def _worker_families() -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily(
+                "whisperd_worker_rss_bytes",
+                "Resident memory of each worker process (its loaded models, audio and engine).",
+                labels=["slot"],
+            ),
+            GaugeMetricFamily(
+                "whisperd_worker_gpu_memory_bytes",
+                "GPU memory each GPU slot's worker process holds, as the driver reports it.",
+                labels=["slot", "device"],
+            ),
+        ]
+
+    def _collect_workers(self) -> list[Metric]:
+        rss, gpu = self._worker_families()
+        for worker in self._workers():
+            resident = process_rss_bytes(worker.pid)
+            if resident is None:
+                continue  # exited since the pool listed it: the next scrape shows its successor
+            rss.add_metric([worker.slot], float(resident))
+            if worker.gpu_index is None or self._devices is None:
+                continue
+            held = self._devices.read_process_gpu_memory(worker.gpu_index, worker.pid)
+            if held is not None:
+                gpu.add_metric([worker.slot, gpu_device_label(worker.gpu_index)], float(held))
+        return [rss, gpu]
 
     def _collect_gpus(self) -> list[Metric]:
         assert self._devices is not None
@@ -511,7 +715,7 @@ class _QuietHandler(WSGIRequestHandler):
         _log.debug("metrics.request", message=format % args)
 
 
-class _Server(WSGIServer):
+class _Server(BoundedThreads, WSGIServer):
     def server_bind(self) -> None:
         # HTTPServer.server_bind looks the host up with getfqdn(), a DNS query
         # that can stall start-up on a machine without a resolver.
@@ -538,8 +742,9 @@ class MetricsServer:
 
     host: the address to listen on; loopback by default, so the metrics are
     not exposed beyond the machine unless configured. port: 0 picks a free
-    port (see bound_port). One thread serves requests one at a time: scrapes
-    are small and infrequent.
+    port (see bound_port). Each connection has its own thread (a bounded
+    number, see bounded_http) and client_timeout seconds in all, so a client
+    that trickles bytes blocks neither scrapes nor stop().
     """
 
     # How often the serving loop looks at its stop event, in seconds.
@@ -548,15 +753,14 @@ class MetricsServer:
     def __init__(
         self, metrics: Metrics, host: str = "127.0.0.1", port: int = 9310, *, client_timeout: float = 10.0
     ) -> None:
-        """client_timeout: seconds a client may take to send its request; a
-        client that connects and sends nothing holds the one serving thread
-        (and a stop()) at most this long."""
+        """client_timeout: seconds a connection may stay open in all (and
+        wait for any one read), however slowly its client sends."""
         self._app = make_wsgi_app(metrics.registry)
         self._host = host
         self._port = port
         self._client_timeout = client_timeout
         self._stopping = threading.Event()
-        self._server: WSGIServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -572,7 +776,7 @@ class MetricsServer:
             raise RuntimeError("the metrics server was already started")
         server_class = _Server6 if ":" in self._host else _Server
         try:
-            self._server = make_server(
+            server = make_server(
                 self._host,
                 self._port,
                 self._app,
@@ -583,7 +787,10 @@ class MetricsServer:
             raise OSError(
                 exc.errno, f"metrics: cannot listen on {self._host}:{self._port}: {exc.strerror}"
             ) from exc
+        assert isinstance(server, _Server)
+        self._server = server
         self._server.timeout = self.POLL_SECONDS
+        self._server.request_deadline = self._client_timeout
         self._thread = threading.Thread(target=self._serve, name="whisperd-metrics")
         self._thread.start()
         _log.info("metrics.listening", host=self._host, port=self.bound_port)
@@ -611,7 +818,10 @@ class MetricsServer:
         assert server is not None
         try:
             while not self._stopping.is_set():
-                # Serves one request, or returns after POLL_SECONDS idle.
+                # Accepts one connection (its own thread serves it), or
+                # returns after POLL_SECONDS idle.
                 server.handle_request()
+                server.expire_stuck()
         finally:
+            server.close_clients(self.POLL_SECONDS * 4)
             server.server_close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import itertools
 import json
 import math
@@ -19,14 +20,16 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeAlias
 
 import opencc
 
+from whisperd import safepath
 from whisperd.errors import OutputError
 from whisperd.jobs import OUTPUT_FORMATS, Segment, TranscriptResult
+from whisperd.names import NAME_MAX, fit_name, name_bytes, split_ext
 
 # Suffix of every temp file this module creates; the full name is
 # `.<final name>.<random>.whisperd-tmp`, in the final file's own folder so the
@@ -101,10 +104,24 @@ def _discard(path: str) -> None:
 # ---------------------------------------------------------------- atomic writes
 
 
+def _temp_prefix(name: str) -> str:
+    # Deterministic, so temp_glob finds what a crash left for this name.
+    return f".{fit_name(name, limit=_TEMP_NAME_BYTES)}."
+
+
+def _temp_name_for(name: str) -> str:
+    return f"{_temp_prefix(name)}{secrets.token_hex(8)}{TMP_MARKER}"
+
+
 def _temp_path_for(path: str) -> str:
     folder, name = os.path.split(path)
-    shown = name.encode()[:_TEMP_NAME_BYTES].decode(errors="ignore")
-    return os.path.join(folder, f".{shown}.{secrets.token_hex(8)}{TMP_MARKER}")
+    return os.path.join(folder, _temp_name_for(name))
+
+
+def temp_glob(path: str) -> str:
+    """A glob pattern matching the temp files a write of path may leave."""
+    folder, name = os.path.split(path)
+    return os.path.join(glob.escape(folder), f"{glob.escape(_temp_prefix(name))}*{TMP_MARKER}")
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -114,47 +131,93 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _stage(path: str, data: bytes) -> str:
-    """Write data to a fsynced temp file next to path and return its name.
-    On failure nothing is left behind and the OSError propagates."""
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    tmp = _temp_path_for(path)
-    # 0o666 so the umask decides, as for any file a program creates.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+@dataclass
+class _Staged:
+    """A fsynced temp file waiting to be renamed to `name`, both in the
+    folder open as dir_fd (reached from the root without following links)."""
+
+    dir_fd: int
+    tmp: str
+    name: str
+    path: str
+
+    def discard(self, which: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(which, dir_fd=self.dir_fd)
+
+    def close(self) -> None:
+        os.close(self.dir_fd)
+
+
+def _open_target_folder(path: str, root: str | None) -> int:
+    """The folder of path, created if missing, reached from root (default:
+    the folder itself) without following a link; OSError (ELOOP) on a link."""
+    folder = os.path.dirname(path) or os.curdir
+    if root is not None and not os.path.isabs(root):
+        # A configured folder is always absolute; a relative one would be the cwd's.
+        raise OSError(errno.EINVAL, f"folder {root!r} is not an absolute path", path)
+    base = folder if root is None else root
+    rel_dir = os.path.relpath(folder, base)
+    if rel_dir == os.pardir or rel_dir.startswith(os.pardir + os.sep):
+        raise OSError(errno.EXDEV, f"not inside its folder {base}", path)
+    return safepath.make_dirs_beneath(base, "" if rel_dir == os.curdir else rel_dir)
+
+
+def _stage(path: str, data: bytes, root: str | None) -> _Staged:
+    """Write data to a fsynced temp file next to path. On failure nothing is
+    left behind and the OSError propagates."""
+    dir_fd = _open_target_folder(path, root)
+    staged = _Staged(dir_fd, _temp_name_for(os.path.basename(path)), os.path.basename(path), path)
     try:
+        # 0o666 so the umask decides, as for any file a program creates.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(staged.tmp, flags, 0o666, dir_fd=dir_fd)
         try:
             _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
     except BaseException:
-        _discard(tmp)
+        staged.discard(staged.tmp)
+        staged.close()
         raise
-    return tmp
+    return staged
 
 
-def _commit(tmp: str, path: str) -> None:
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+def _fsync_fd(dir_fd: int) -> None:
+    try:
+        os.fsync(dir_fd)
+    except OSError as exc:
+        # Some file systems cannot fsync a folder; that is not a failed write.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
 
 
-def write_atomic(path: str, data: bytes) -> None:
+def _commit(staged: _Staged) -> None:
+    # A link at the final name is replaced itself, never followed.
+    os.replace(staged.tmp, staged.name, src_dir_fd=staged.dir_fd, dst_dir_fd=staged.dir_fd)
+    _fsync_fd(staged.dir_fd)
+
+
+def write_atomic(path: str, data: bytes, root: str | None = None) -> None:
     """Write data to path so that path is either untouched or complete.
 
-    Creates missing parent folders. Raises OutputError naming path and the
-    reason ("disk full", "permission denied", ...); no temp file is left.
+    Creates missing parent folders below root (default: path's own folder),
+    never through a link. Raises OutputError naming path and the reason
+    ("disk full", "permission denied", a link in the path...); no temp file
+    is left.
     """
     try:
-        tmp = _stage(path, data)
+        staged = _stage(path, data, root)
     except OSError as exc:
         raise OutputError(path, _describe(exc)) from exc
     try:
-        _commit(tmp, path)
+        _commit(staged)
     except OSError as exc:
-        _discard(tmp)
+        staged.discard(staged.tmp)
         raise OutputError(path, _describe(exc)) from exc
+    finally:
+        staged.close()
 
 
 def _is_temp_name(name: str) -> bool:
@@ -349,45 +412,52 @@ def choose_output_base(
     name = os.path.basename(clean)
     stem = os.path.splitext(name)[0]
     numbered = (f"{name}.{number}" for number in range(2, _MAX_NAME_TRIES))
+    # Room for the longest `.<fmt>` the base will carry (names.py says why).
+    room = NAME_MAX - max((name_bytes(f".{fmt}") for fmt in formats), default=0)
     for candidate in itertools.chain(dict.fromkeys([stem, name]), numbered):
-        base = os.path.join(folder, candidate)
+        base = os.path.join(folder, fit_name(*split_ext(candidate), limit=room))
         if not any(is_taken(f"{base}.{fmt}") for fmt in formats):
             return base
     raise OutputError(os.path.join(folder, name), "no free output name")
 
 
-def write_outputs(base: str, contents: Mapping[str, bytes]) -> list[str]:
+def write_outputs(base: str, contents: Mapping[str, bytes], root: str | None = None) -> list[str]:
     """Write `base.<fmt>` for each entry, all or nothing; return the paths.
 
-    Every file is staged (temp file, fsync) before any is renamed into place;
-    if a rename fails, the outputs this call already placed are removed.
+    root is the configured output folder: the folders between it and base
+    are created, and entered, without following links. Every file is staged
+    (temp file, fsync) before any is renamed into place; if a rename fails,
+    the outputs this call already placed are removed.
     """
     paths = [f"{base}.{fmt}" for fmt in contents]
-    staged: list[tuple[str, str]] = []
+    staged: list[_Staged] = []
     try:
         for path, data in zip(paths, contents.values(), strict=True):
             try:
-                staged.append((_stage(path, data), path))
+                staged.append(_stage(path, data, root))
             except OSError as exc:
                 raise OutputError(path, _describe(exc)) from exc
         _commit_all(staged)
     except BaseException:
-        for tmp, _path in staged:
-            _discard(tmp)
+        for item in staged:
+            item.discard(item.tmp)
         raise
+    finally:
+        for item in staged:
+            item.close()
     return paths
 
 
-def _commit_all(staged: list[tuple[str, str]]) -> None:
-    placed: list[str] = []
-    for tmp, path in staged:
+def _commit_all(staged: list[_Staged]) -> None:
+    placed: list[_Staged] = []
+    for item in staged:
         try:
-            _commit(tmp, path)
+            _commit(item)
         except OSError as exc:
             for done in placed:
-                _discard(done)
-            raise OutputError(path, _describe(exc)) from exc
-        placed.append(path)
+                done.discard(done.name)
+            raise OutputError(item.path, _describe(exc)) from exc
+        placed.append(item)
 
 
 # ---------------------------------------------------------------- error notes
@@ -405,7 +475,9 @@ def write_error_note(failed_dir: str, rel_path: str, reason: str, details: Mappi
     details (attempts, model, job id...) are listed as given. Returns the path.
     """
     clean = _checked_rel_path(rel_path)
-    path = os.path.join(failed_dir, f"{clean}.error.txt")
+    folder, name = os.path.split(clean)
+    stem, ext = split_ext(name)
+    path = os.path.join(failed_dir, folder, fit_name(stem, f"{ext}.error.txt"))
     fields = {
         "File": clean,
         "Reason": reason,
@@ -418,7 +490,7 @@ def write_error_note(failed_dir: str, rel_path: str, reason: str, details: Mappi
     for label, value in fields.items():
         lines.extend(_note_lines(label, value, width))
     lines += ["", "To try again, put the file back into its inbox."]
-    write_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    write_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"), root=failed_dir)
     return path
 
 
@@ -426,23 +498,24 @@ def write_error_note(failed_dir: str, rel_path: str, reason: str, details: Mappi
 
 
 def _numbered_names(name: str) -> Iterator[str]:
-    stem, ext = os.path.splitext(name)
-    yield name
+    stem, ext = split_ext(name)
+    yield fit_name(stem, ext)
     for number in range(2, _MAX_NAME_TRIES):
-        yield f"{stem} ({number}){ext}"
+        yield fit_name(stem, f" ({number}){ext}")
 
 
-def _reserve_name(folder: str, name: str) -> str:
-    """Claim a free name in folder with an empty placeholder (O_EXCL, so two
-    movers never get the same one) and return its path."""
+def _reserve_name(folder_fd: int, folder: str, name: str) -> str:
+    """Claim a free name in folder (open as folder_fd) with an empty
+    placeholder (O_EXCL, so two movers never get the same one) and return
+    the name."""
     for candidate in _numbered_names(name):
-        path = os.path.join(folder, candidate)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(candidate, flags, 0o600, dir_fd=folder_fd)
         except FileExistsError:
             continue
         os.close(fd)
-        return path
+        return candidate
     raise FileExistsError(errno.EEXIST, "no free name", os.path.join(folder, name))
 
 
@@ -470,19 +543,30 @@ def _copy_across(src: str, dest: str) -> None:
         raise
 
 
-def _move_onto(src: str, dest: str) -> None:
-    """Move src onto dest, an empty placeholder, which is removed if the
-    move fails."""
+def _move_onto(src: str, folder_fd: int, name: str, dest: str) -> None:
+    """Move src onto dest (name in the folder open as folder_fd), an empty
+    placeholder, which is removed if the move fails."""
     try:
-        os.rename(src, dest)
+        os.rename(src, name, dst_dir_fd=folder_fd)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
-            _discard(dest)
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=folder_fd)
             raise
         _copy_across(src, dest)
     else:
-        _fsync_dir(os.path.dirname(dest))
+        _fsync_fd(folder_fd)
     _fsync_dir(os.path.dirname(src))
+
+
+def _check_no_links(src: str, clean: str) -> None:
+    """Refuse a source whose folders (below the root it was queued in, which
+    src ends with clean under) include a link: a rename would follow it."""
+    parts = clean.split(os.sep)
+    src_parts = os.path.normpath(src).split(os.sep)
+    if len(parts) > 1 and src_parts[-len(parts) :] == parts:
+        root = os.sep.join(src_parts[: -len(parts)]) or os.sep
+        safepath.check_beneath(root, os.path.dirname(clean))
 
 
 def move_source(src: str, dest_dir: str, rel_path: str) -> str:
@@ -500,13 +584,26 @@ def move_source(src: str, dest_dir: str, rel_path: str) -> str:
         raise OutputError(src, _describe(exc)) from exc
     folder = os.path.join(dest_dir, os.path.dirname(clean))
     try:
-        os.makedirs(folder, exist_ok=True)
-        dest = _reserve_name(folder, os.path.basename(clean))
+        _check_no_links(src, clean)
+    except OSError as exc:
+        raise OutputError(src, f"cannot move from here: {_describe(exc)}") from exc
+    try:
+        # Created and entered from dest_dir without following a link: the
+        # move lands inside dest_dir, whatever is swapped in meanwhile.
+        folder_fd = safepath.make_dirs_beneath(dest_dir, os.path.dirname(clean))
     except OSError as exc:
         raise OutputError(src, f"cannot move into {folder}: {_describe(exc)}") from exc
     try:
-        _move_onto(src, dest)
-    except OSError as exc:
-        reason = "source file is gone" if exc.errno == errno.ENOENT else _describe(exc)
-        raise OutputError(src, f"cannot move to {dest}: {reason}") from exc
+        try:
+            name = _reserve_name(folder_fd, folder, os.path.basename(clean))
+        except OSError as exc:
+            raise OutputError(src, f"cannot move into {folder}: {_describe(exc)}") from exc
+        dest = os.path.join(folder, name)
+        try:
+            _move_onto(src, folder_fd, name, dest)
+        except OSError as exc:
+            reason = "source file is gone" if exc.errno == errno.ENOENT else _describe(exc)
+            raise OutputError(src, f"cannot move to {dest}: {reason}") from exc
+    finally:
+        os.close(folder_fd)
     return dest

@@ -13,12 +13,15 @@ when a read lock would have to be upgraded half-way through a transaction.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
+import statistics
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -27,9 +30,11 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, Row
 from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from whisperd.errors import LeaseLost, WhisperdError
+from whisperd import store_hooks, store_instances, store_notify
+from whisperd.errors import LeaseLost, StoreUnavailable, WhisperdError
 from whisperd.jobs import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -39,6 +44,10 @@ from whisperd.jobs import (
     JobSpec,
     JobState,
 )
+from whisperd.store_hooks import HookDelivery
+from whisperd.store_instances import InstanceEntry
+from whisperd.store_notify import StoreListener, StoreNotice
+from whisperd.store_outage import RetryPolicy, StoreHealth, outage_reason
 
 # A migration brings the schema up by one version inside the open() transaction.
 Migration = Callable[[Connection], None]
@@ -176,21 +185,130 @@ def _migration_3_output_index(conn: Connection) -> None:
         conn.execute(job_outputs.insert(), values)
 
 
+def _define_source_moves(metadata: sa.MetaData) -> sa.Table:
+    """Failed attempts at a finished job's owed source move: how many, when
+    the next is due, and, once whisperd gave up (a permanent error or too
+    many attempts), why the source is stuck in its inbox."""
+    return sa.Table(
+        "source_moves",
+        metadata,
+        sa.Column("job_id", sa.Integer, primary_key=True),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("next_at", sa.Float, nullable=False),
+        sa.Column("stuck_reason", sa.Text),
+        sa.Column("updated_at", sa.Float, nullable=False),
+    )
+
+
+def _migration_4_source_moves(conn: Connection) -> None:
+    metadata = sa.MetaData()
+    _define_source_moves(metadata)
+    metadata.create_all(conn, checkfirst=False)
+
+
+def _define_operator_tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
+    """The operator's tables: one row per attempt of a job (who ran it,
+    where, when, how it ended: `whisperd show`), and the paused inboxes
+    (`whisperd pause`), whose queued jobs no worker claims."""
+    job_attempts = sa.Table(
+        "job_attempts",
+        metadata,
+        sa.Column("job_id", sa.Integer, nullable=False),
+        sa.Column("attempt", sa.Integer, nullable=False),
+        sa.Column("claim_token", sa.String(36), nullable=False),
+        sa.Column("worker", sa.Text, nullable=False),
+        sa.Column("device", sa.Text, nullable=False),
+        sa.Column("started_at", sa.Float, nullable=False),
+        sa.Column("ended_at", sa.Float),
+        # The job's state right after the attempt (queued: it was retried or handed back).
+        sa.Column("outcome", sa.String(16)),
+        sa.Column("error", sa.Text),
+    )
+    sa.Index("ix_job_attempts_job", job_attempts.c.job_id, job_attempts.c.attempt)
+    paused_inboxes = sa.Table(
+        "paused_inboxes",
+        metadata,
+        sa.Column("inbox", sa.Text, primary_key=True),
+        sa.Column("paused_at", sa.Float, nullable=False),
+    )
+    return job_attempts, paused_inboxes
+
+
+def _migration_5_operator(conn: Connection) -> None:
+    metadata = sa.MetaData()
+    _define_operator_tables(metadata)
+    metadata.create_all(conn, checkfirst=False)
+    # Retention finds finished jobs by age without reading the whole table;
+    # status lists the few running and queued jobs newest first without
+    # walking a million finished ones.
+    conn.exec_driver_sql("CREATE INDEX ix_jobs_finished ON jobs (finished_at)")
+    conn.exec_driver_sql("CREATE INDEX ix_jobs_state_id ON jobs (state, id)")
+
+
+def _migration_6_instance_registry(conn: Connection) -> None:
+    # The registry of daemons sharing the store and the inboxes each watches
+    # (store_instances.py): one name per live daemon, claims by affinity.
+    metadata = sa.MetaData()
+    store_instances.define_instance_tables(metadata)
+    metadata.create_all(conn, checkfirst=False)
+
+
+# Columns added by migration 7: when the engine began the running attempt
+# (after the model load), and how long a done job's engine ran: the ETA's
+# clock and the realtime factor of earlier jobs of a model on a device.
+_V7_COLUMNS = (("decoding_started_at", sa.Float()), ("decoding_seconds", sa.Float()))
+
+
+def _migration_7_decoding_time(conn: Connection) -> None:
+    for name, type_ in _V7_COLUMNS:
+        compiled = type_.compile(dialect=conn.dialect)
+        conn.exec_driver_sql(f"ALTER TABLE jobs ADD COLUMN {name} {compiled}")
+
+
+def _migration_8_hook_deliveries(conn: Connection) -> None:
+    # Completion hooks (store_hooks.py): the deliveries each job end owes,
+    # written with the job's end, and the hooks each inbox has.
+    metadata = sa.MetaData()
+    store_hooks.define_hook_tables(metadata)
+    metadata.create_all(conn, checkfirst=False)
+
+
+# Column added by migration 9: why the last failed attempt at an owed source
+# move failed, so `whisperd status` can say why a source is still waiting.
+_V9_SOURCE_MOVE_COLUMN = ("last_reason", sa.Text())
+
+
+def _migration_9_move_reason(conn: Connection) -> None:
+    name, type_ = _V9_SOURCE_MOVE_COLUMN
+    conn.exec_driver_sql(f"ALTER TABLE source_moves ADD COLUMN {name} {type_.compile(dialect=conn.dialect)}")
+
+
 # Applied in order; the schema version is the number applied. Append, never edit.
 MIGRATIONS: tuple[Migration, ...] = (
     _migration_1_create_tables,
     _migration_2_source_disposal,
     _migration_3_output_index,
+    _migration_4_source_moves,
+    _migration_5_operator,
+    _migration_6_instance_registry,
+    _migration_7_decoding_time,
+    _migration_8_hook_deliveries,
+    _migration_9_move_reason,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # The tables as the current code reads and writes them.
 _METADATA = sa.MetaData()
 JOBS, MODEL_MEMORY = _define_v1(_METADATA)
-for _name, _type in _V2_COLUMNS:
+for _name, _type in (*_V2_COLUMNS, *_V7_COLUMNS):
     JOBS.append_column(sa.Column(_name, _type))
 sa.Index("ix_jobs_undisposed", JOBS.c.state, JOBS.c.disposed_at)
 JOB_OUTPUTS = _define_job_outputs(_METADATA)
+SOURCE_MOVES = _define_source_moves(_METADATA)
+SOURCE_MOVES.append_column(sa.Column(*_V9_SOURCE_MOVE_COLUMN))
+JOB_ATTEMPTS, PAUSED_INBOXES = _define_operator_tables(_METADATA)
+sa.Index("ix_jobs_finished", JOBS.c.finished_at)
+sa.Index("ix_jobs_state_id", JOBS.c.state, JOBS.c.id)
 SCHEMA_TABLE = sa.Table(
     "whisperd_schema",
     _METADATA,
@@ -216,6 +334,30 @@ class HeartbeatReply:
 
 def _clock(now: float | None) -> float:
     return time.time() if now is None else now
+
+
+class _DbEpoch(sa.sql.functions.FunctionElement[float]):
+    """The database server's clock, in Unix seconds. Leases are set and
+    judged by it, so a step of one host's wall clock neither reclaims live jobs
+    nor keeps dead ones; every host of a shared database agrees on it."""
+
+    type = sa.Float()
+    inherit_cache = True
+
+
+@compiles(_DbEpoch, "sqlite")
+def _sqlite_epoch(_element: _DbEpoch, _compiler: Any, **_kw: Any) -> str:
+    return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+@compiles(_DbEpoch, "postgresql")
+def _postgresql_epoch(_element: _DbEpoch, _compiler: Any, **_kw: Any) -> str:
+    return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
+
+
+def _lease_clock(now: float | None) -> Any:
+    """`now` where a caller (a test) fixes the time, else the database's clock."""
+    return _DbEpoch() if now is None else now
 
 
 def _to_int64(value: int) -> int:
@@ -265,6 +407,8 @@ def _job_from_row(row: Row[Any]) -> Job:
         cancel_requested=bool(m["cancel_requested"]),
         disposed_to=m.get("disposed_to"),
         disposed_at=m.get("disposed_at"),
+        decoding_started_at=m.get("decoding_started_at"),
+        decoding_seconds=m.get("decoding_seconds"),
     )
 
 
@@ -301,6 +445,75 @@ def _cleared_claim() -> dict[str, Any]:
     return {"claim_token": None, "worker": None, "device": None, "lease_expires": None}
 
 
+# ------------------------------------- operator helpers (history, pauses) ---
+
+
+@dataclass(frozen=True, kw_only=True)
+class Attempt:
+    """One attempt at a job, as `whisperd show` reports it."""
+
+    # 1 for the first claim of the job, counting up (a retried job continues).
+    number: int
+    # Worker id (host/pid/slot) and device label it ran on.
+    worker: str
+    device: str
+    started_at: float
+    # None while the attempt runs.
+    ended_at: float | None
+    # The job's state right after the attempt: done, failed, cancelled, or
+    # queued (retried after an error, handed back at shutdown, lease lost).
+    outcome: str | None
+    # Why it did not end done (None: it did, or it is still running).
+    error: str | None
+
+
+def _not_paused() -> sa.ColumnElement[bool]:
+    """A job's inbox is not paused (claims skip paused inboxes)."""
+    return ~sa.exists().where(PAUSED_INBOXES.c.inbox == JOBS.c.inbox)
+
+
+def _attempt_started(conn: Connection, job: Job, token: str, now: float) -> None:
+    conn.execute(
+        JOB_ATTEMPTS.insert().values(
+            job_id=job.id,
+            attempt=job.attempts,
+            claim_token=token,
+            worker=job.worker or "",
+            device=job.device or "",
+            started_at=now,
+        )
+    )
+
+
+def _attempt_ended(conn: Connection, job_id: int, token: str, values: dict[str, Any]) -> None:
+    """Close the attempt of `token` with the state the job was just moved to."""
+    conn.execute(
+        JOB_ATTEMPTS.update()
+        .where(
+            JOB_ATTEMPTS.c.job_id == job_id,
+            JOB_ATTEMPTS.c.claim_token == token,
+            JOB_ATTEMPTS.c.ended_at.is_(None),
+        )
+        .values(
+            ended_at=values.get("updated_at", time.time()),
+            outcome=values["state"],
+            error=values.get("last_error"),
+        )
+    )
+
+
+def _finished_and_moved() -> sa.ColumnElement[bool]:
+    """Jobs retention may delete: ended, their source moved (an owed or
+    stuck move keeps its job, which says where the file is and why), and no
+    completion hook still owed (it is delivered or given up first)."""
+    deliveries = store_hooks.HOOK_DELIVERIES
+    return sa.and_(
+        JOBS.c.state.in_([s.value for s in TERMINAL_STATES]),
+        JOBS.c.disposed_at.is_not(None),
+        ~sa.exists().where(deliveries.c.job_id == JOBS.c.id, deliveries.c.state == store_hooks.PENDING),
+    )
+
+
 def _display_url(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
@@ -333,12 +546,17 @@ def _prepare_sqlite_file(url: URL) -> None:
         raise WhisperdError(f"{path}: cannot create the job store's folder: {exc.strerror}") from exc
 
 
-def _on_sqlite_connect(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+def _on_sqlite_connect(
+    dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry, busy_timeout_ms: int
+) -> None:
     # Take transaction control away from pysqlite: _on_sqlite_begin emits BEGIN.
     dbapi_conn.isolation_level = None
     cursor = dbapi_conn.cursor()
     # busy_timeout first, so switching a fresh file to WAL waits for other openers.
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+    # Before WAL, which writes the header of a new file: only a file that has
+    # no header yet takes auto_vacuum (older files: JobStore.enable_incremental_vacuum).
+    cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
@@ -350,11 +568,15 @@ def _on_sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
-def _create_engine(url: URL) -> Engine:
+def _create_engine(url: URL, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> Engine:
     if url.get_backend_name() == "sqlite":
         _prepare_sqlite_file(url)
         engine = sa.create_engine(url)
-        event.listen(engine, "connect", _on_sqlite_connect)
+
+        def on_connect(dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+            _on_sqlite_connect(dbapi_conn, record, busy_timeout_ms)
+
+        event.listen(engine, "connect", on_connect)
         event.listen(engine, "begin", _on_sqlite_begin)
         return engine
     return sa.create_engine(url, pool_pre_ping=True)
@@ -388,24 +610,114 @@ class JobStore:
     """Jobs in a database. Thread-safe; any number of processes and hosts may
     open the same database. Build with JobStore.open(url); close() when done."""
 
-    def __init__(self, engine: Engine, where: str) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        where: str,
+        *,
+        retry: RetryPolicy | None = None,
+        health: StoreHealth | None = None,
+    ) -> None:
         self._engine = engine
         self._reader = engine.execution_options(**{_READ_ONLY_OPTION: True})
         self._where = where
+        self._retry = retry
+        self._health = health or StoreHealth(where)
+        self._fail_fast = threading.local()
 
     @classmethod
-    def open(cls, url: str, *, migrations: Sequence[Migration] = MIGRATIONS) -> JobStore:
+    def open(
+        cls,
+        url: str,
+        *,
+        migrations: Sequence[Migration] = MIGRATIONS,
+        busy_timeout_seconds: float = SQLITE_BUSY_TIMEOUT_MS / 1000,
+        retry: RetryPolicy | None = None,
+    ) -> JobStore:
         """Connect and bring the schema up to date.
 
         url: ``sqlite:////abs/path/jobs.db`` or ``postgresql+psycopg://user@host/db``.
         migrations: the schema history; tests pass a longer one to check upgrades.
+        busy_timeout_seconds: how long an SQLite writer waits for the write lock.
+        retry: wait out outages (here and in every call) instead of raising
+        StoreUnavailable.
         """
         parsed = _normalise_url(url)
         where = _display_url(parsed)
-        engine = _create_engine(parsed)
+        engine = _create_engine(parsed, max(1, int(busy_timeout_seconds * 1000)))
+        store = cls(engine, where, retry=retry)
+        try:
+            store._with_retry(lambda: store._migrate(migrations))
+        except StoreUnavailable as exc:
+            engine.dispose()
+            raise StoreUnavailable(where, exc.reason, "cannot open the job store: ") from exc
+        except sa.exc.OperationalError as exc:
+            engine.dispose()
+            raise WhisperdError(f"{where}: cannot open the job store: {exc.orig}") from exc
+        except BaseException:
+            engine.dispose()
+            raise
+        return store
+
+    def _migrate(self, migrations: Sequence[Migration]) -> None:
+        with self._engine.begin() as conn:
+            _apply_migrations(conn, migrations, self._where)
+
+    @property
+    def health(self) -> StoreHealth:
+        """Up/down state of this store as seen by this process."""
+        return self._health
+
+    @contextmanager
+    def failing_fast(self) -> Iterator[None]:
+        """In this thread, raise StoreUnavailable at once instead of waiting out
+        an outage (a metrics scrape or a heartbeat must not hang on the store)."""
+        before = getattr(self._fail_fast, "on", False)
+        self._fail_fast.on = True
+        try:
+            yield
+        finally:
+            self._fail_fast.on = before
+
+    def _with_retry(self, call: Callable[[], _T]) -> _T:
+        """Run `call`; while it fails because the store is unreachable, back off
+        and run it again (every call is one transaction, so a rerun is safe)."""
+        backoff = None if self._retry is None else self._retry.delays()
+        while True:
+            try:
+                result = call()
+            except sa.exc.DBAPIError as exc:
+                reason = outage_reason(exc)
+                if reason is None:
+                    raise
+                self._health.failed(reason)
+                policy = self._retry
+                fail_fast = getattr(self._fail_fast, "on", False)
+                if policy is None or backoff is None or policy.stop.is_set() or fail_fast:
+                    raise StoreUnavailable(self._where, reason) from exc
+                delay = backoff.next()
+                if policy.on_wait is not None:
+                    policy.on_wait(reason, delay)
+                policy.pause(delay)
+            else:
+                return result
+
+    @classmethod
+    def open_read_only(cls, url: str, *, migrations: Sequence[Migration] = MIGRATIONS) -> JobStore:
+        """Connect for reading only (status, jobs): never creates the database,
+        never migrates; a missing store or another schema version is an error."""
+        from whisperd.store_readonly import check_schema_version, read_only_engine
+
+        parsed = _normalise_url(url)
+        where = _display_url(parsed)
+        engine = read_only_engine(parsed)
         try:
             with engine.begin() as conn:
-                _apply_migrations(conn, migrations, where)
+                if not sa.inspect(conn).has_table(SCHEMA_TABLE.name):
+                    version = None
+                else:
+                    version = conn.execute(sa.select(sa.func.max(SCHEMA_TABLE.c.version))).scalar()
+            check_schema_version(version, len(migrations), where)
         except sa.exc.OperationalError as exc:
             engine.dispose()
             raise WhisperdError(f"{where}: cannot open the job store: {exc.orig}") from exc
@@ -417,6 +729,13 @@ class JobStore:
     def close(self) -> None:
         self._engine.dispose()
 
+    def listener(self, on_notice: Callable[[StoreNotice], None]) -> StoreListener | None:
+        """A listener for this store's wake-ups (store_notify.py), not yet
+        started; None where the store sends none (SQLite)."""
+        if self._engine.dialect.name != "postgresql":
+            return None
+        return StoreListener(store_notify.libpq_url(self._engine.url), self._where, on_notice)
+
     @property
     def where(self) -> str:
         """The database URL, password hidden (for messages and logs)."""
@@ -426,6 +745,9 @@ class JobStore:
     def _writing(self) -> Iterator[Connection]:
         with self._engine.begin() as conn:
             yield conn
+        # A committed write ends an outage (SQLite still serves reads while
+        # another process holds the write lock, so a read proves nothing).
+        self._health.succeeded()
 
     def _write_racing_inserts(self, write: Callable[[Connection], _T]) -> _T:
         """Run `write` in a write transaction, again if it lost an insert race:
@@ -462,6 +784,11 @@ class JobStore:
             )
             .values(**values)
         )
+        if result.rowcount == 1 and values.get("state", JobState.RUNNING.value) != JobState.RUNNING.value:
+            _attempt_ended(conn, job_id, token, values)
+            # Every end of a running job passes here: its hook deliveries are owed from this commit.
+            ended_at = values.get("updated_at", time.time())
+            store_hooks.record_job_end(conn, JOBS, job_id, values["state"], ended_at)
         return result.rowcount == 1
 
     # -------------------------------------------------------------- enqueue ---
@@ -481,28 +808,84 @@ class JobStore:
             lambda conn: self._enqueue_in(conn, spec, identity, max_attempts, moment)
         )
 
+    @staticmethod
+    def _finished_unmoved(conn: Connection, spec: JobSpec, identity: FileIdentity) -> Job | None:
+        """The finished job of this very file (same path and identity) whose
+        source is still owed a move: the file stayed in the inbox because it
+        could not be moved, and must not be transcribed again."""
+        row = conn.execute(
+            sa.select(JOBS)
+            .where(
+                JOBS.c.inbox == spec.inbox,
+                JOBS.c.rel_path == spec.rel_path,
+                JOBS.c.state.in_([s.value for s in TERMINAL_STATES]),
+                JOBS.c.disposed_at.is_(None),
+                JOBS.c.file_device == _to_int64(identity.device),
+                JOBS.c.file_inode == _to_int64(identity.inode),
+                JOBS.c.file_size == identity.size,
+                JOBS.c.file_mtime_ns == identity.mtime_ns,
+            )
+            .order_by(JOBS.c.id.desc())
+            .limit(1)
+        ).first()
+        return None if row is None else _job_from_row(row)
+
+    @staticmethod
+    def _moved_twin(conn: Connection, spec: JobSpec, identity: FileIdentity) -> Job | None:
+        """The last job of this path, if it ended and moved out this very file
+        (same identity): a host that saw the file before that move and queues
+        it after would run a job for a file that is gone."""
+        row = conn.execute(
+            sa.select(JOBS)
+            .where(JOBS.c.inbox == spec.inbox, JOBS.c.rel_path == spec.rel_path)
+            .order_by(JOBS.c.id.desc())
+            .limit(1)
+        ).first()
+        if row is None:
+            return None
+        job = _job_from_row(row)
+        if job.state.is_active or job.disposed_at is None or job.identity != identity:
+            return None
+        return job
+
     def enqueue_many(
         self,
         items: Sequence[tuple[JobSpec, FileIdentity]],
         *,
         max_attempts: int,
         now: float | None = None,
+        skip_moved_twins: bool = False,
     ) -> list[tuple[Job, bool]]:
         """enqueue() for many files in one transaction: one commit (one fsync)
         instead of one per file, which is what bounds how fast a folder of
         2,000 dropped files becomes jobs. Returns enqueue()'s answer per item,
-        in order; a file listed twice is queued once."""
+        in order; a file listed twice is queued once.
+
+        skip_moved_twins: a file whose path's last job ended and moved out
+        this very file (same identity) is not queued; that job is returned
+        (not new). The caller tells a late sighting (the file is gone) from
+        the same file put back (it is there) and enqueue()s the latter."""
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, not {max_attempts}")
         moment = _clock(now)
         return self._write_racing_inserts(
             lambda conn: [
-                self._enqueue_in(conn, spec, identity, max_attempts, moment) for spec, identity in items
+                self._enqueue_in(
+                    conn, spec, identity, max_attempts, moment, skip_moved_twins=skip_moved_twins
+                )
+                for spec, identity in items
             ]
         )
 
     def _enqueue_in(
-        self, conn: Connection, spec: JobSpec, identity: FileIdentity, max_attempts: int, now: float
+        self,
+        conn: Connection,
+        spec: JobSpec,
+        identity: FileIdentity,
+        max_attempts: int,
+        now: float,
+        *,
+        skip_moved_twins: bool = False,
     ) -> tuple[Job, bool]:
         existing = conn.execute(
             sa.select(JOBS).where(
@@ -513,6 +896,12 @@ class JobStore:
         ).first()
         if existing is not None:
             return _job_from_row(existing), False
+        unmoved = self._finished_unmoved(conn, spec, identity)
+        if unmoved is not None:
+            return unmoved, False
+        twin = self._moved_twin(conn, spec, identity) if skip_moved_twins else None
+        if twin is not None:
+            return twin, False
         result = conn.execute(
             JOBS.insert().values(
                 **_new_row(spec, identity, now), state=JobState.QUEUED.value, max_attempts=max_attempts
@@ -522,6 +911,7 @@ class JobStore:
         job = None if job_id is None else self._fetch(conn, int(job_id))
         if job is None:
             raise WhisperdError(f"{self._where}: inserted job for {spec.source} cannot be read back")
+        store_notify.notify(conn, StoreNotice(kind=store_notify.QUEUED, inbox=spec.inbox))
         return job, True
 
     # ---------------------------------------------------------------- claim ---
@@ -533,10 +923,14 @@ class JobStore:
         device: str,
         lease_seconds: float,
         inboxes: Sequence[str] | None = None,
+        instance: str | None = None,
         now: float | None = None,
     ) -> Claim | None:
         """Take the best claimable job (priority first, then oldest) or None.
 
+        inboxes: only jobs of these inboxes; instance: only jobs of the
+        inboxes that instance registered (set_instance_inboxes), read at each
+        claim so a reload's inboxes apply to running workers at once.
         The attempt is counted here, so a file that kills its worker every time
         still runs out of attempts.
         """
@@ -549,6 +943,7 @@ class JobStore:
                 JOBS.c.state == JobState.QUEUED.value,
                 JOBS.c.not_before <= moment,
                 JOBS.c.cancel_requested == sa.false(),
+                _not_paused(),
             )
             .order_by(JOBS.c.priority.desc(), JOBS.c.id.asc())
             .limit(CLAIM_CANDIDATES)
@@ -558,6 +953,8 @@ class JobStore:
         )
         if inboxes is not None:
             query = query.where(JOBS.c.inbox.in_(list(inboxes)))
+        if instance is not None:
+            query = query.where(JOBS.c.inbox.in_(store_instances.watched_by(instance)))
         with self._writing() as conn:
             for job_id in conn.execute(query).scalars().all():
                 token = str(uuid.uuid4())
@@ -572,15 +969,18 @@ class JobStore:
                         device=device,
                         started_at=moment,
                         finished_at=None,
-                        lease_expires=moment + lease_seconds,
+                        lease_expires=_lease_clock(now) + lease_seconds,
                         progress=0.0,
                         eta_seconds=None,
+                        decoding_started_at=None,
+                        decoding_seconds=None,
                         updated_at=moment,
                     )
                 )
                 if taken.rowcount == 1:
                     job = self._fetch(conn, job_id)
                     if job is not None:
+                        _attempt_started(conn, job, token, moment)
                         return Claim(job=job, token=token)
         return None
 
@@ -599,7 +999,7 @@ class JobStore:
     ) -> HeartbeatReply:
         """Extend the lease and record progress; ok=False means the lease is lost."""
         moment = _clock(now)
-        values: dict[str, Any] = {"lease_expires": moment + lease_seconds, "updated_at": moment}
+        values: dict[str, Any] = {"lease_expires": _lease_clock(now) + lease_seconds, "updated_at": moment}
         if progress is not None:
             values["progress"] = min(1.0, max(0.0, progress))
         if eta_seconds is not None:
@@ -627,6 +1027,41 @@ class JobStore:
         with self._writing() as conn:
             return self._fenced_update(conn, job_id, token, values)
 
+    def decoding_started(self, job_id: int, token: str, *, now: float | None = None) -> bool:
+        """Record that the running attempt's engine began (its model is
+        loaded): the ETA and realtime factor count from here."""
+        moment = _clock(now)
+        with self._writing() as conn:
+            return self._fenced_update(
+                conn, job_id, token, {"decoding_started_at": moment, "updated_at": moment}
+            )
+
+    def realtime_factor(self, model: str, engine: str, device: str, *, sample: int = 20) -> float | None:
+        """Seconds of engine time per second of audio of the last `sample`
+        done jobs of this model and engine on this device (the median: one
+        job slowed by a busy neighbour does not skew it); None without any.
+        The model is read from each row's spec, so a few more rows are read
+        than kept; the finished-at index keeps that to the newest ones."""
+        query = (
+            sa.select(JOBS.c.spec_json, JOBS.c.decoding_seconds, JOBS.c.audio_seconds)
+            .where(
+                JOBS.c.state == JobState.DONE.value,
+                JOBS.c.device == device,
+                JOBS.c.decoding_seconds.is_not(None),
+                JOBS.c.audio_seconds > 0,
+            )
+            .order_by(JOBS.c.finished_at.desc())
+            .limit(sample * 10)
+        )
+        with self._reading() as conn:
+            rows = conn.execute(query).all()
+        factors = []
+        for spec_json, seconds, audio in rows:
+            spec = JobSpec.from_dict(json.loads(spec_json))
+            if spec.model == model and spec.options.engine == engine:
+                factors.append(float(seconds) / float(audio))
+        return statistics.median(factors[:sample]) if factors else None
+
     def set_device(self, job_id: int, token: str, device: str, *, now: float | None = None) -> bool:
         """Record the device a running job really runs on (a CPU fallback)."""
         with self._writing() as conn:
@@ -652,9 +1087,14 @@ class JobStore:
         state: JobState,
         outputs: Sequence[str] = (),
         error: str | None = None,
+        decoding_seconds: float | None = None,
+        audio_seconds: float | None = None,
         now: float | None = None,
     ) -> bool:
-        """End a running job as done, failed or cancelled.
+        """End a running job as done, failed or cancelled (a done job with the
+        seconds its engine ran and of its audio: the realtime factor of the
+        next jobs' ETA and of `whisperd jobs`; a job shorter than a heartbeat
+        has had no beat to record its length).
 
         False if the token no longer holds. Finishing again with the same token
         and state returns True and changes nothing (a worker may retry after a
@@ -673,9 +1113,13 @@ class JobStore:
         # Outputs recorded earlier by set_outputs stay unless new ones are given.
         if outputs:
             values["outputs_json"] = json.dumps(list(outputs))
+        if audio_seconds is not None:
+            values["audio_seconds"] = audio_seconds
         if state is JobState.DONE:
             values["progress"] = 1.0
             values["eta_seconds"] = 0.0
+            if decoding_seconds is not None:
+                values["decoding_seconds"] = decoding_seconds
         with self._writing() as conn:
             if self._fenced_update(conn, job_id, token, values):
                 if outputs:
@@ -746,7 +1190,11 @@ class JobStore:
                     "not_before": moment,
                     "last_error": reason,
                 }
-            return self._fenced_update(conn, job_id, token, {**values, "updated_at": moment})
+            released = self._fenced_update(conn, job_id, token, {**values, "updated_at": moment})
+            if released and values["state"] == JobState.QUEUED.value:
+                # Handed back (a shutdown): another host's idle worker may take it now.
+                store_notify.notify(conn, StoreNotice(kind=store_notify.QUEUED, inbox=job.spec.inbox))
+            return released
 
     def cancel_running(self, job_id: int, token: str, *, reason: str, now: float | None = None) -> bool:
         """End a running job as cancelled (the pool, after killing its worker)."""
@@ -770,7 +1218,7 @@ class JobStore:
         moment = _clock(now)
         query = (
             sa.select(JOBS)
-            .where(JOBS.c.state == JobState.RUNNING.value, JOBS.c.lease_expires < moment)
+            .where(JOBS.c.state == JobState.RUNNING.value, JOBS.c.lease_expires < _lease_clock(now))
             .order_by(JOBS.c.id)
             .with_for_update(skip_locked=True)
         )
@@ -784,6 +1232,8 @@ class JobStore:
                     after = self._fetch(conn, job.id)
                     if after is not None:
                         reclaimed.append(after)
+            for inbox in sorted({j.spec.inbox for j in reclaimed if j.state is JobState.QUEUED}):
+                store_notify.notify(conn, StoreNotice(kind=store_notify.QUEUED, inbox=inbox))
         return reclaimed
 
     @staticmethod
@@ -822,6 +1272,9 @@ class JobStore:
                 .where(JOBS.c.id == job_id, JOBS.c.state == state.value)
                 .values(**values, last_error=reason, updated_at=moment)
             )
+            if state is JobState.RUNNING:
+                inbox = str(row._mapping["inbox"])
+                store_notify.notify(conn, StoreNotice(kind=store_notify.CANCEL, inbox=inbox, job_id=job_id))
             return self._fetch(conn, job_id)
 
     # --------------------------------------------------------------- reads ---
@@ -853,6 +1306,26 @@ class JobStore:
 
         return sorted(jobs, key=exact_first)
 
+    def queued_with_inodes(self, inbox: str, files: Sequence[tuple[int, int]]) -> list[Job]:
+        """Queued jobs of `inbox` whose file is one of these (device, inode):
+        one query for a whole batch of new files (renames.py)."""
+        by_device: dict[int, list[int]] = {}
+        for device, inode in files:
+            by_device.setdefault(device, []).append(inode)
+        if not by_device:
+            return []
+        same = sa.or_(
+            *(
+                sa.and_(
+                    JOBS.c.file_device == _to_int64(device),
+                    JOBS.c.file_inode.in_([_to_int64(i) for i in inodes]),
+                )
+                for device, inodes in by_device.items()
+            )
+        )
+        query = sa.select(JOBS).where(JOBS.c.inbox == inbox, JOBS.c.state == JobState.QUEUED.value, same)
+        return self._select_jobs(query.order_by(JOBS.c.id))
+
     def find_by_source(self, path: str) -> list[Job]:
         """Jobs whose source is this absolute path, newest first."""
         return self._select_jobs(sa.select(JOBS).where(JOBS.c.source == path).order_by(JOBS.c.id.desc()))
@@ -880,11 +1353,30 @@ class JobStore:
                 totals[JobState(state)] = int(count)
         return totals
 
+    def claimable_count(self, inboxes: Sequence[str]) -> int:
+        """Queued jobs an instance watching `inboxes` may claim (a paused
+        inbox's jobs wait; another host's private inboxes are not its work)."""
+        if not inboxes:
+            return 0
+        query = (
+            sa.select(sa.func.count())
+            .select_from(JOBS)
+            .where(JOBS.c.state == JobState.QUEUED.value, JOBS.c.inbox.in_(list(inboxes)), _not_paused())
+        )
+        with self._reading() as conn:
+            return int(conn.execute(query).scalar_one())
+
     def output_owner(self, path: str) -> str | None:
         """rel_path of the newest done or running job whose outputs include
         `path`, so two sources never write the same output file."""
+        owner = self.output_owner_job(path)
+        return None if owner is None else owner[1]
+
+    def output_owner_job(self, path: str) -> tuple[int, str] | None:
+        """(job id, rel_path) of the newest done or running job whose outputs
+        include `path`: a name dropped again is another job with the same rel_path."""
         query = (
-            sa.select(JOBS.c.rel_path)
+            sa.select(JOBS.c.id, JOBS.c.rel_path)
             .select_from(JOB_OUTPUTS.join(JOBS, JOBS.c.id == JOB_OUTPUTS.c.job_id))
             .where(
                 JOB_OUTPUTS.c.path == path,
@@ -894,8 +1386,8 @@ class JobStore:
             .limit(1)
         )
         with self._reading() as conn:
-            owner = conn.execute(query).scalar()
-        return None if owner is None else str(owner)
+            row = conn.execute(query).first()
+        return None if row is None else (int(row[0]), str(row[1]))
 
     # ------------------------------------------------------- source disposal ---
 
@@ -910,20 +1402,111 @@ class JobStore:
             )
             return result.rowcount == 1
 
-    def undisposed(self, *, older_than: float = 0.0, now: float | None = None, limit: int = 500) -> list[Job]:
+    def undisposed(
+        self,
+        *,
+        older_than: float = 0.0,
+        inboxes: Sequence[str] | None = None,
+        now: float | None = None,
+        limit: int = 500,
+    ) -> list[Job]:
         """Finished jobs whose source has not been moved yet, finished at least
-        older_than seconds ago (their worker normally moves them at once)."""
+        older_than seconds ago (their worker normally moves them at once);
+        only those of `inboxes` when given (a host moves only what it sees)."""
         cutoff = _clock(now) - older_than
-        return self._select_jobs(
-            sa.select(JOBS)
-            .where(
-                JOBS.c.state.in_([s.value for s in TERMINAL_STATES]),
-                JOBS.c.disposed_at.is_(None),
-                JOBS.c.finished_at <= cutoff,
-            )
+        # Not those stuck, nor those whose next attempt is not yet due.
+        waiting = sa.exists().where(
+            SOURCE_MOVES.c.job_id == JOBS.c.id,
+            sa.or_(SOURCE_MOVES.c.stuck_reason.is_not(None), SOURCE_MOVES.c.next_at > _clock(now)),
+        )
+        query = sa.select(JOBS).where(
+            JOBS.c.state.in_([s.value for s in TERMINAL_STATES]),
+            JOBS.c.disposed_at.is_(None),
+            JOBS.c.finished_at <= cutoff,
+            ~waiting,
+        )
+        if inboxes is not None:
+            query = query.where(JOBS.c.inbox.in_(list(inboxes)))
+        return self._select_jobs(query.order_by(JOBS.c.id).limit(limit))
+
+    def record_move_failure(
+        self,
+        job_id: int,
+        *,
+        stuck_reason: str | None,
+        next_at: float,
+        reason: str = "",
+        now: float | None = None,
+    ) -> int:
+        """Record a failed attempt at job_id's owed source move (why: reason):
+        the next one is due at next_at, or none when stuck_reason says why
+        whisperd gave up. Returns the number of failed attempts so far, this
+        one included."""
+        moment = _clock(now)
+        key = SOURCE_MOVES.c.job_id == job_id
+
+        def upsert(conn: Connection) -> int:
+            before = conn.execute(sa.select(SOURCE_MOVES.c.attempts).where(key)).scalar()
+            values = {
+                "next_at": next_at,
+                "stuck_reason": stuck_reason,
+                "last_reason": reason or stuck_reason,
+                "updated_at": moment,
+            }
+            if before is None:
+                conn.execute(SOURCE_MOVES.insert().values(job_id=job_id, attempts=1, **values))
+                return 1
+            conn.execute(SOURCE_MOVES.update().where(key).values(attempts=before + 1, **values))
+            return int(before) + 1
+
+        return self._write_racing_inserts(upsert)
+
+    def move_attempts(self, job_id: int) -> int:
+        """Failed attempts recorded at job_id's owed source move."""
+        with self._reading() as conn:
+            value = conn.execute(
+                sa.select(SOURCE_MOVES.c.attempts).where(SOURCE_MOVES.c.job_id == job_id)
+            ).scalar()
+        return 0 if value is None else int(value)
+
+    def stuck_sources(self, *, limit: int = 1000) -> list[tuple[Job, str]]:
+        """Finished jobs whose source whisperd gave up moving, with the reason."""
+        query = (
+            sa.select(JOBS, SOURCE_MOVES.c.stuck_reason)
+            .join(SOURCE_MOVES, SOURCE_MOVES.c.job_id == JOBS.c.id)
+            .where(SOURCE_MOVES.c.stuck_reason.is_not(None), JOBS.c.disposed_at.is_(None))
             .order_by(JOBS.c.id)
             .limit(limit)
         )
+        with self._reading() as conn:
+            rows = conn.execute(query).all()
+        return [(_job_from_row(row), str(row._mapping["stuck_reason"])) for row in rows]
+
+    def retrying_moves(self, *, limit: int = 1000) -> list[tuple[Job, int, str]]:
+        """Finished jobs whose owed source move failed and will be tried
+        again: each with its failed attempts so far and the last reason."""
+        query = (
+            sa.select(JOBS, SOURCE_MOVES.c.attempts, SOURCE_MOVES.c.last_reason)
+            .join(SOURCE_MOVES, SOURCE_MOVES.c.job_id == JOBS.c.id)
+            .where(SOURCE_MOVES.c.stuck_reason.is_(None), JOBS.c.disposed_at.is_(None))
+            .order_by(JOBS.c.id)
+            .limit(limit)
+        )
+        with self._reading() as conn:
+            rows = conn.execute(query).all()
+        return [
+            (_job_from_row(row), int(row._mapping["attempts"]), str(row._mapping["last_reason"] or "?"))
+            for row in rows
+        ]
+
+    def forget_move_failures(self, job_id: int | None = None) -> int:
+        """Forget failed source moves (of one job, or all): they are tried
+        again at the next sweep. Returns how many jobs that concerned."""
+        delete = SOURCE_MOVES.delete()
+        if job_id is not None:
+            delete = delete.where(SOURCE_MOVES.c.job_id == job_id)
+        with self._writing() as conn:
+            return int(conn.execute(delete).rowcount)
 
     def record_rejected(
         self, spec: JobSpec, identity: FileIdentity, *, reason: str, now: float | None = None
@@ -946,6 +1529,47 @@ class JobStore:
         if job is None:
             raise WhisperdError(f"{self._where}: rejected job for {spec.source} cannot be read back")
         return job
+
+    # ------------------------------------------------------------ instances ---
+
+    def register_instance(self, entry: InstanceEntry, *, stale_after: float) -> InstanceEntry | None:
+        """Register this daemon under entry.instance. Returns the live daemon
+        already holding that name (heartbeat younger than stale_after, another
+        state folder) instead; nothing is written then."""
+        return self._write_racing_inserts(
+            lambda conn: store_instances.register(conn, entry, stale_after=stale_after, db_now=_DbEpoch())
+        )
+
+    def instance_heartbeat(self, instance: str, token: str) -> bool:
+        """Renew the instance's heartbeat; False if another daemon took its name over."""
+        with self._writing() as conn:
+            return store_instances.beat(conn, instance, token, db_now=_DbEpoch())
+
+    def set_instance_inboxes(
+        self, instance: str, inboxes: Sequence[tuple[str, str]], *, stale_after: float
+    ) -> list[tuple[str, str, str]]:
+        """Record the inboxes (name, path) the instance watches, less those
+        another live instance watches at another path under the same name;
+        returns those conflicts (inbox, other instance, its path)."""
+
+        def write(conn: Connection) -> list[tuple[str, str, str]]:
+            conflicts = store_instances.path_conflicts(
+                conn, instance, inboxes, stale_after=stale_after, db_now=_DbEpoch()
+            )
+            clashing = {inbox for inbox, _other, _path in conflicts}
+            store_instances.set_inboxes(conn, instance, [i for i in inboxes if i[0] not in clashing])
+            return conflicts
+
+        return self._write_racing_inserts(write)
+
+    def unregister_instance(self, instance: str, token: str) -> None:
+        with self._writing() as conn:
+            store_instances.unregister(conn, instance, token)
+
+    def instances(self) -> list[InstanceEntry]:
+        """Every registered daemon, alive or stale (see age_seconds)."""
+        with self._reading() as conn:
+            return store_instances.list_instances(conn, db_now=_DbEpoch())
 
     # --------------------------------------------------------- model memory ---
 
@@ -971,3 +1595,284 @@ class JobStore:
         with self._reading() as conn:
             value = conn.execute(query).scalar()
         return None if value is None else int(value)
+
+    # ------------------------------- operator: retention, history, retry, pause ---
+
+    def prune_finished(
+        self, *, keep_days: float, keep_jobs: int, batch: int = 500, now: float | None = None
+    ) -> int:
+        """Delete up to `batch` finished jobs (done, failed, cancelled, source
+        moved) older than keep_days or beyond the newest keep_jobs finished
+        ones (0: no such limit), with their outputs, moves and attempts
+        records. Never a queued or running job, nor one whose source move is
+        still owed. Returns how many were deleted."""
+        moment = _clock(now)
+        # Chosen in a read transaction, so the write lock is held only for the deletes.
+        with self._reading() as conn:
+            ids = self._prune_candidates(conn, keep_days, keep_jobs, batch, moment)
+        if not ids:
+            return 0
+        with self._writing() as conn:
+            # The state test again: nothing that became active meanwhile goes.
+            ids = list(
+                conn.execute(sa.select(JOBS.c.id).where(JOBS.c.id.in_(ids), _finished_and_moved())).scalars()
+            )
+            for table, column in (
+                (JOB_OUTPUTS, JOB_OUTPUTS.c.job_id),
+                (SOURCE_MOVES, SOURCE_MOVES.c.job_id),
+                (JOB_ATTEMPTS, JOB_ATTEMPTS.c.job_id),
+                (store_hooks.HOOK_DELIVERIES, store_hooks.HOOK_DELIVERIES.c.job_id),
+                (JOBS, JOBS.c.id),
+            ):
+                conn.execute(table.delete().where(column.in_(ids)))
+        return len(ids)
+
+    @staticmethod
+    def _prune_candidates(
+        conn: Connection, keep_days: float, keep_jobs: int, batch: int, now: float
+    ) -> list[int]:
+        found: list[int] = []
+        if keep_days > 0:
+            # Oldest first along ix_jobs_finished: a pass with nothing to do reads one entry.
+            old = (
+                sa.select(JOBS.c.id)
+                .where(JOBS.c.finished_at < now - keep_days * 86400.0, _finished_and_moved())
+                .order_by(JOBS.c.finished_at)
+                .limit(batch)
+            )
+            found.extend(conn.execute(old).scalars())
+        if keep_jobs > 0 and len(found) < batch:
+            # The newest finished job beyond keep_jobs: the primary key walked
+            # backwards, so this costs keep_jobs steps, not the table.
+            boundary = conn.execute(
+                sa.select(JOBS.c.id)
+                .where(JOBS.c.state.in_([s.value for s in TERMINAL_STATES]))
+                .order_by(JOBS.c.id.desc())
+                .offset(keep_jobs)
+                .limit(1)
+            ).scalar()
+            if boundary is not None:
+                excess = (
+                    sa.select(JOBS.c.id)
+                    .where(JOBS.c.id <= boundary, _finished_and_moved(), JOBS.c.id.not_in(found))
+                    .order_by(JOBS.c.id)
+                    .limit(batch - len(found))
+                )
+                found.extend(conn.execute(excess).scalars())
+        return [int(i) for i in found]
+
+    def _sqlite_script(self, script: str) -> None:
+        """Run `script` outside any transaction (PRAGMAs that must step to the
+        end, VACUUM) on a connection of the pool (SQLite only)."""
+        raw = self._engine.raw_connection()
+        try:
+            raw.driver_connection.executescript(script)  # type: ignore[union-attr]
+        finally:
+            raw.close()
+
+    def enable_incremental_vacuum(self) -> bool:
+        """Switch an SQLite file made before whisperd set auto_vacuum to
+        INCREMENTAL (a one-time VACUUM: it rewrites the file, so the daemon
+        does it at start, before its workers open the store). True if it did;
+        False on PostgreSQL or when the file is already incremental."""
+        if self._engine.dialect.name != "sqlite":
+            return False
+        with self._reading() as conn:
+            mode = conn.exec_driver_sql("PRAGMA auto_vacuum").scalar()
+        if mode == 2:
+            return False
+        self._sqlite_script("PRAGMA auto_vacuum=INCREMENTAL; VACUUM;")
+        return True
+
+    def vacuum_free_pages(self, pages: int = 2000) -> int:
+        """Hand up to `pages` free pages back to the file system (SQLite with
+        auto_vacuum=INCREMENTAL; nothing elsewhere: PostgreSQL's autovacuum
+        reuses the space). Returns the free pages left."""
+        if self._engine.dialect.name != "sqlite" or pages < 1:  # 0 would mean "all"
+            return 0
+        # A passive checkpoint then lets the main file shrink without waiting for readers.
+        self._sqlite_script(f"PRAGMA incremental_vacuum({int(pages)}); PRAGMA wal_checkpoint(PASSIVE);")
+        with self._reading() as conn:
+            return int(conn.exec_driver_sql("PRAGMA freelist_count").scalar() or 0)
+
+    def attempts_of(self, job_id: int) -> list[Attempt]:
+        """Every recorded attempt at a job, oldest first."""
+        query = (
+            sa.select(JOB_ATTEMPTS)
+            .where(JOB_ATTEMPTS.c.job_id == job_id)
+            .order_by(JOB_ATTEMPTS.c.attempt, JOB_ATTEMPTS.c.started_at)
+        )
+        with self._reading() as conn:
+            rows = conn.execute(query).all()
+        return [
+            Attempt(
+                number=int(m["attempt"]),
+                worker=str(m["worker"]),
+                device=str(m["device"]),
+                started_at=float(m["started_at"]),
+                ended_at=m["ended_at"],
+                outcome=m["outcome"],
+                error=m["error"],
+            )
+            for m in (row._mapping for row in rows)
+        ]
+
+    def source_stuck_reason(self, job_id: int) -> str | None:
+        """Why whisperd gave up moving this finished job's source (None: it did not)."""
+        with self._reading() as conn:
+            return conn.execute(
+                sa.select(SOURCE_MOVES.c.stuck_reason).where(SOURCE_MOVES.c.job_id == job_id)
+            ).scalar()
+
+    def requeue_ended(
+        self,
+        job_id: int,
+        *,
+        expected: JobState,
+        identity: FileIdentity,
+        extra_attempts: int,
+        now: float | None = None,
+    ) -> Job | None:
+        """Queue a failed or cancelled job again (`whisperd retry`): the same
+        job, its next claim a new attempt, with `extra_attempts` more allowed,
+        for its source file as it is now (identity), back at its inbox path.
+        None if the job is no longer in state `expected`, or another job is
+        active for its path."""
+        if expected not in (JobState.FAILED, JobState.CANCELLED):
+            raise ValueError(f"job {job_id}: only failed or cancelled jobs are retried, not {expected.value}")
+        moment = _clock(now)
+        with self._writing() as conn:
+            job = self._fetch(conn, job_id)
+            if job is None or job.state is not expected:
+                return None
+            other = conn.execute(
+                sa.select(JOBS.c.id).where(
+                    JOBS.c.inbox == job.spec.inbox,
+                    JOBS.c.rel_path == job.spec.rel_path,
+                    JOBS.c.state.in_(_ACTIVE_VALUES),
+                )
+            ).first()
+            if other is not None:
+                return None
+            conn.execute(SOURCE_MOVES.delete().where(SOURCE_MOVES.c.job_id == job_id))
+            store_hooks.forsake_owed(
+                conn, job_id, "the job was queued again (whisperd retry) before this was made"
+            )
+            conn.execute(
+                JOBS.update()
+                .where(JOBS.c.id == job_id, JOBS.c.state == expected.value)
+                .values(
+                    **_cleared_claim(),
+                    state=JobState.QUEUED.value,
+                    max_attempts=job.attempts + max(1, extra_attempts),
+                    not_before=moment,
+                    finished_at=None,
+                    disposed_at=None,
+                    disposed_to=None,
+                    cancel_requested=False,
+                    progress=0.0,
+                    eta_seconds=None,
+                    decoding_started_at=None,
+                    decoding_seconds=None,
+                    file_device=_to_int64(identity.device),
+                    file_inode=_to_int64(identity.inode),
+                    file_size=identity.size,
+                    file_mtime_ns=identity.mtime_ns,
+                    updated_at=moment,
+                )
+            )
+            store_notify.notify(conn, StoreNotice(kind=store_notify.QUEUED, inbox=job.spec.inbox))
+            return self._fetch(conn, job_id)
+
+    def pause_inbox(self, inbox: str, *, now: float | None = None) -> bool:
+        """Stop workers claiming the queued jobs of `inbox` (running ones
+        finish). Kept in the store: it holds across restarts and for every
+        host. True if it was not paused already."""
+
+        def pause(conn: Connection) -> bool:
+            found = conn.execute(sa.select(PAUSED_INBOXES.c.inbox).where(PAUSED_INBOXES.c.inbox == inbox))
+            if found.first() is not None:
+                return False
+            conn.execute(PAUSED_INBOXES.insert().values(inbox=inbox, paused_at=_clock(now)))
+            return True
+
+        return self._write_racing_inserts(pause)
+
+    def resume_inbox(self, inbox: str) -> bool:
+        """Let workers claim `inbox`'s jobs again. True if it was paused."""
+        with self._writing() as conn:
+            return (
+                int(conn.execute(PAUSED_INBOXES.delete().where(PAUSED_INBOXES.c.inbox == inbox)).rowcount) > 0
+            )
+
+    # ------------------------------------------------------- completion hooks ---
+
+    def set_hook_subscriptions(self, instance: str, hooks: Mapping[str, Sequence[str]]) -> None:
+        """The hook kinds (on_done, on_failed, webhook) each inbox of
+        `instance` has now: a job of it that ends from then on, on any host,
+        owes a delivery to each kind some daemon has."""
+        with self._writing() as conn:
+            store_hooks.set_subscriptions(conn, instance, hooks)
+
+    def abandon_unsubscribed_hooks(self, *, now: float | None = None) -> int:
+        """End failed the owed deliveries whose hook no daemon has any more."""
+        with self._writing() as conn:
+            return store_hooks.abandon_unsubscribed(conn, JOBS, now=_clock(now))
+
+    def claim_hook_delivery(
+        self,
+        hooks: Mapping[str, Sequence[str]],
+        *,
+        lease: float,
+        moved_before: float,
+        now: float | None = None,
+    ) -> HookDelivery | None:
+        """The pending delivery due longest among the (inbox, kinds) in
+        `hooks` whose job's source has moved (or that is owed since before
+        `moved_before`), taken for `lease` seconds with its try counted."""
+        moment = _clock(now)
+        pairs = store_hooks.due_pairs(JOBS, hooks)
+        if not pairs:
+            return None
+        # Looked for first without the write lock: idle runners poll often.
+        with self._reading() as conn:
+            query = store_hooks.due_query(JOBS, pairs, now=moment, moved_before=moved_before)
+            if conn.execute(query).first() is None:
+                return None
+        with self._writing() as conn:
+            return store_hooks.claim_due(
+                conn, JOBS, hooks, now=moment, lease=lease, moved_before=moved_before
+            )
+
+    def record_hook_outcome(
+        self, delivery: HookDelivery, *, error: str | None, retry_at: float | None, now: float | None = None
+    ) -> bool:
+        """A try's result: delivered (error None), due again at retry_at, or
+        failed. False if the claim no longer held (the try outlived its lease)."""
+        with self._writing() as conn:
+            return store_hooks.record_outcome(conn, delivery, error=error, retry_at=retry_at, now=_clock(now))
+
+    def hook_deliveries_of(self, job_id: int) -> list[HookDelivery]:
+        """Every hook delivery a job's ends owed, oldest first."""
+        with self._reading() as conn:
+            return store_hooks.deliveries_of(conn, job_id)
+
+    def paused_inboxes(self) -> dict[str, float]:
+        """Paused inbox name -> when it was paused (Unix time)."""
+        with self._reading() as conn:
+            rows = conn.execute(sa.select(PAUSED_INBOXES.c.inbox, PAUSED_INBOXES.c.paused_at)).all()
+        return {str(inbox): float(at) for inbox, at in rows}
+
+
+def _retried(method: Callable[..., _T]) -> Callable[..., _T]:
+    @functools.wraps(method)
+    def call(self: JobStore, *args: Any, **kwargs: Any) -> _T:
+        return self._with_retry(lambda: method(self, *args, **kwargs))
+
+    return call
+
+
+# Every public call of the store rides out outages the same way (JobStore._with_retry).
+for _name, _method in list(vars(JobStore).items()):
+    if not _name.startswith("_") and callable(_method) and _name not in ("close", "failing_fast", "open"):
+        setattr(JobStore, _name, _retried(_method))

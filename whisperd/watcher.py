@@ -11,7 +11,8 @@ The watcher turns file-system activity into three kinds of callback:
   ``settle_seconds`` old (moved from the inbox, or copied with ``cp -p``) is
   delivered at first sight: it settled in the inbox, and a cancel should not
   wait for it twice;
-- ``on_rejected(spec, path, reason)``: a file the inbox refuses (symbolic links).
+- ``on_rejected(spec, path, reason)``: a file the inbox refuses (symbolic
+  links; a settled file with an extension not in MEDIA_EXTENSIONS, once per identity).
 
 It never touches the job store; the daemon wires the callbacks to it. Delivery
 is at-least-once: the job store is idempotent, and the watcher only remembers
@@ -74,6 +75,9 @@ TEMP_MARKER = ".whisperd-tmp"
 
 REASON_SYMLINK_REFUSED = "symbolic links are not accepted in this inbox (allow_symlinks = false)"
 REASON_SYMLINK_OUTSIDE = "symbolic link points outside the inbox"
+# A settled file whose extension is not in MEDIA_EXTENSIONS: reported once
+# (on_rejected) and left where it is, so the user sees why nothing happens.
+REASON_UNSUPPORTED_PREFIX = "unsupported extension"
 
 # Events that say nothing about a file changing: reading a file opens and closes it.
 _IGNORED_EVENT_TYPES = frozenset({EVENT_TYPE_OPENED, EVENT_TYPE_CLOSED_NO_WRITE})
@@ -94,6 +98,23 @@ def is_candidate_name(name: str) -> bool:
         return False
     suffix = os.path.splitext(base)[1].lower()
     return suffix in MEDIA_EXTENSIONS and suffix not in TEMP_SUFFIXES
+
+
+def unsupported_reason(name: str) -> str | None:
+    """Why a finished-looking file that is not media is not taken
+    ("unsupported extension .docx"); None for media and for files still being
+    written or hidden (temporary names, dot files, editor backups)."""
+    base = os.path.basename(name)
+    if not base or base.startswith(".") or base.endswith("~") or TEMP_MARKER in base:
+        return None
+    suffix = os.path.splitext(base)[1].lower()
+    if suffix in MEDIA_EXTENSIONS or suffix in TEMP_SUFFIXES:
+        return None
+    return f"{REASON_UNSUPPORTED_PREFIX} {suffix or '(none)'}"
+
+
+def _is_watched_name(name: str) -> bool:
+    return is_candidate_name(name) or unsupported_reason(name) is not None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,6 +218,11 @@ def _look_at(spec: WatchSpec, kind: _Kind, path: str) -> _Look:
 
 
 def _look_at_link(spec: WatchSpec, kind: _Kind, path: str, link_identity: FileIdentity) -> _Look:
+    if not is_candidate_name(path) and not os.path.isfile(path):
+        # A link to a folder (or a dangling one) under a non-media name is no
+        # file to take or refuse: the walk does not follow it, and a source
+        # beneath it is refused when its job opens it (safepath).
+        return _NOTHING
     if not spec.allow_symlinks:
         return _Look(reason=REASON_SYMLINK_REFUSED, rejected_identity=link_identity)
     target = os.path.realpath(path)
@@ -223,7 +249,7 @@ def _walk_files(folder: str) -> Iterator[str]:
 
     for dirpath, _dirnames, filenames in os.walk(folder, onerror=report, followlinks=False):
         for name in filenames:
-            if is_candidate_name(name):
+            if _is_watched_name(name):
                 yield os.path.join(dirpath, name)
 
 
@@ -452,7 +478,7 @@ class Watcher:
                     self._pending_arrivals.add(src)
 
     def _note_file(self, inbox: str, path: str, at: float | None) -> None:
-        if is_candidate_name(path):
+        if _is_watched_name(path):
             self._pending_files[path] = (inbox, at)
 
     def _drain_pending(self) -> tuple[dict[str, tuple[str, float | None]], dict[str, str], set[str]]:
@@ -492,7 +518,7 @@ class Watcher:
     def _take_path(self, inbox: str, path: str, at: float | None, now: float) -> None:
         spec = self._specs.get(inbox)
         kind = None if spec is None else _kind_of(spec, path)
-        if kind is None:
+        if kind is None or (kind is _Kind.CANCEL and not is_candidate_name(path)):
             return
         candidate = self._tracking.get(path)
         if candidate is None or candidate.inbox != inbox or candidate.kind is not kind:
@@ -541,6 +567,9 @@ class Watcher:
         if self._delivered.get(path) == identity:
             return []  # same file, same content: already handed over
         self._delivered[path] = identity
+        unsupported = unsupported_reason(path)
+        if unsupported is not None:
+            return [_Delivery(spec=spec, path=path, kind=kind, reason=unsupported)]
         return [_Delivery(spec=spec, path=path, kind=kind, identity=identity)]
 
     def _reject(self, spec: WatchSpec, path: str, reason: str, identity: FileIdentity) -> list[_Delivery]:

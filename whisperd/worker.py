@@ -15,15 +15,14 @@ import gc
 import glob
 import os
 import signal
-import socket
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from whisperd import logs, media, outputs
+from whisperd import liveness, logs, media, outputs
 from whisperd.errors import (
     JobCancelled,
     LeaseLost,
@@ -32,8 +31,11 @@ from whisperd.errors import (
     NoRoomOnDevice,
     OutputError,
 )
-from whisperd.jobs import Claim, FileIdentity, Job, JobState, TranscriptResult
+from whisperd.jobs import Claim, DecodeOptions, FileIdentity, Job, JobState, TranscriptResult
 from whisperd.queue_db import JobStore
+from whisperd.repeat_names import done_rel_path, unrepeated_base
+from whisperd.source_change import SourceChanged, changed_since_done, ensure_unchanged, requeue_changed
+from whisperd.store_outage import RetryPolicy
 
 log = logs.get_logger("whisperd.worker")
 
@@ -44,11 +46,13 @@ _PR_SET_PDEATHSIG = 1
 class WorkerSettings:
     """What a worker process needs; picklable for the spawn context."""
 
-    # Worker id in the job store: "<host>/<slot>", unique across hosts.
+    # Worker id in the job store: "<instance>/<slot>", unique across hosts.
     worker_id: str
     # torch device: "cpu" or "cuda:N".
     device: str
     database_url: str
+    # SQLite: how long a write waits for another process's lock (then: backoff and retry).
+    database_busy_timeout_seconds: float = 30.0
     models_folder: str
     allow_download: bool
     cpu_threads: int
@@ -71,10 +75,15 @@ class WorkerSettings:
     parent_pid: int
     # Inbox names this worker serves (None: all).
     inboxes: tuple[str, ...] | None = None
+    # The daemon instance this worker belongs to: it claims only jobs of the
+    # inboxes that instance registered in the store (None: no such filter).
+    instance: str | None = None
     # Test hook for crash-recovery tests (env WHISPERD_CRASH_POINT): at this
     # point of a job the worker SIGKILLs the daemon and itself. One of
     # CRASH_POINTS; empty in normal operation.
     crash_point: str = ""
+    # Longest a decode may take (workers.decode_timeout_seconds).
+    decode_timeout_seconds: float = 900.0
 
 
 CRASH_POINTS = ("after_claim", "during_transcription", "after_outputs", "after_done")
@@ -145,15 +154,24 @@ class SlotChannel:
     paused: Any
     # Events for the pool (metrics): tuples (kind, fields).
     events: Any
+    # Monotonic time of the worker's last liveness beat (a shared double; see liveness.py).
+    beat: Any = None
 
 
-def worker_id_for(slot: str) -> str:
-    return f"{socket.gethostname()}/{slot}"
+def worker_id_for(instance: str, slot: str) -> str:
+    """The worker id of `slot` of daemon `instance`; recovery finds an
+    instance's jobs by this prefix."""
+    return f"{instance}/{slot}"
 
 
 def worker_main(settings: WorkerSettings, channel: SlotChannel) -> None:
     """Entry point of a worker process."""
     _die_with_parent()
+    # Its own process group, so the pool's kill reaches the ffmpeg it runs too.
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    if channel.beat is not None:
+        liveness.start_beating(channel.beat)  # first: a frozen start-up is caught too
     # The daemon decides when workers stop; a terminal's Ctrl-C reaches the
     # whole process group and must not kill a job mid-write.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -163,7 +181,16 @@ def worker_main(settings: WorkerSettings, channel: SlotChannel) -> None:
     from whisperd import transcriber  # heavy import (torch), worker processes only
 
     transcriber.set_cpu_threads(settings.cpu_threads)
-    store = JobStore.open(settings.database_url)
+
+    # A store outage is waited out (claim, finish...) until the daemon says stop;
+    # meanwhile the pool is told this worker still answers (no canary runs then).
+    def still_alive(_reason: str, _delay: float) -> None:
+        _emit(channel, "worker_alive", worker=settings.worker_id, ok=True, error="")
+
+    retry = RetryPolicy(stop=channel.stop, on_wait=still_alive)
+    store = JobStore.open(
+        settings.database_url, busy_timeout_seconds=settings.database_busy_timeout_seconds, retry=retry
+    )
     cache = ModelCache(settings, channel, store)
     worker = Worker(settings, channel, store, cache)
     _emit(channel, "worker_started", worker=settings.worker_id, device=settings.device, pid=os.getpid())
@@ -214,6 +241,47 @@ def readme_estimate_bytes(name: str) -> int | None:
     return None
 
 
+def engine_module(engine: str) -> Any:
+    """The engine module a job's `engine` option names (imported on first use:
+    faster-whisper's only in workers that run one of its jobs)."""
+    if engine == "faster-whisper":
+        from whisperd import engine_faster
+
+        return engine_faster
+    from whisperd import transcriber
+
+    return transcriber
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelKey:
+    """What a loaded model is kept under: one model name may be loaded by
+    both engines, and by faster-whisper in several compute types."""
+
+    engine: str
+    name: str
+    # The concrete CTranslate2 type ("" for openai-whisper).
+    compute_type: str = ""
+
+    @property
+    def label(self) -> str:
+        """The name in logs, metrics and the store's memory records: the bare
+        model name for openai-whisper, as before there were two engines."""
+        if self.engine == "openai-whisper":
+            return self.name
+        return f"{self.name}@{self.engine}:{self.compute_type}"
+
+
+def model_key(options: DecodeOptions, name: str, device: str) -> ModelKey:
+    if options.engine != "faster-whisper":
+        return ModelKey(engine="openai-whisper", name=name)
+    from whisperd.engine_faster import resolve_compute_type
+
+    return ModelKey(
+        engine=options.engine, name=name, compute_type=resolve_compute_type(options.compute_type, device)
+    )
+
+
 class ModelCache:
     """The models one worker keeps loaded, least recently used first, within
     the device's free memory (GPU) or the RAM budget (CPU)."""
@@ -225,35 +293,33 @@ class ModelCache:
         self._settings = settings
         self._channel = channel
         self._store = store
-        self._models: OrderedDict[str, Any] = OrderedDict()
+        self._models: OrderedDict[ModelKey, Any] = OrderedDict()
         self.on_gpu = settings.device.startswith("cuda")
         self._kind = transcriber.device_kind(settings.device)
 
-    def get(self, name: str) -> Any:
-        loaded = self._models.get(name)
+    def get(self, name: str, options: DecodeOptions | None = None) -> Any:
+        key = model_key(options or DecodeOptions(), name, self._settings.device)
+        loaded = self._models.get(key)
         if loaded is not None:
-            self._models.move_to_end(name)
+            self._models.move_to_end(key)
             return loaded
-        self._make_room(name, self.estimate(name))
-        before = self._transcriber.cuda_allocated_bytes(self._settings.device) if self.on_gpu else 0
-        loaded = self._transcriber.load_model(
-            name,
-            self._settings.models_folder,
-            self._settings.device,
-            allow_download=self._settings.allow_download,
-        )
-        landed = self._transcriber.model_device(loaded)
+        self._make_room(key.label, self.estimate(key))
+        before = self._gpu_bytes_held(key.engine)
+        loaded = self._load(key)
+        landed = engine_module(key.engine).model_device(loaded)
         if landed.split(":")[0] != self._settings.device.split(":")[0]:
             # A job meant for a GPU never silently runs on the CPU.
-            raise RuntimeError(f"model {name} landed on {landed}, not on {self._settings.device}")
-        self._models[name] = loaded
+            raise RuntimeError(f"model {key.label} landed on {landed}, not on {self._settings.device}")
+        self._models[key] = loaded
         measured = loaded.size_bytes
         if self.on_gpu:
-            measured = max(measured, self._transcriber.cuda_allocated_bytes(self._settings.device) - before)
-        self._store.record_model_memory(name, self._kind, measured)
+            measured = max(measured, self._gpu_bytes_held(key.engine) - before)
+            loaded.size_bytes = measured
+        self._store.record_model_memory(key.label, self._kind, measured)
         log.info(
             "model.loaded",
-            model=name,
+            model=key.label,
+            engine=key.engine,
             device=self._settings.device,
             seconds=round(loaded.load_seconds, 3),
             bytes=measured,
@@ -261,24 +327,65 @@ class ModelCache:
         _emit(
             self._channel,
             "model_loaded",
-            model=name,
+            model=key.label,
             device=self._settings.device,
             seconds=loaded.load_seconds,
         )
         self._report_loaded()
         return loaded
 
-    def estimate(self, name: str) -> int:
-        """Bytes `name` will take here: what it took when last measured on
+    def _load(self, key: ModelKey) -> Any:
+        settings = self._settings
+        if key.engine == "openai-whisper":
+            return self._transcriber.load_model(
+                key.name, settings.models_folder, settings.device, allow_download=settings.allow_download
+            )
+        from whisperd import engine_faster, models
+
+        source = models.ct2_model_folder(settings.models_folder, key.name)
+        if source is None:
+            raise ModelNotFoundError(key.name, settings.models_folder, key.engine)
+        return engine_faster.load_model(
+            key.name,
+            source,
+            settings.device,
+            compute_type=key.compute_type,
+            cpu_threads=settings.cpu_threads,
+        )
+
+    def _gpu_bytes_held(self, engine: str) -> int:
+        """GPU memory this worker holds: torch's allocator for openai-whisper;
+        NVML's per-process count for CTranslate2, whose memory torch never sees."""
+        if not self.on_gpu:
+            return 0
+        if engine == "openai-whisper":
+            return int(self._transcriber.cuda_allocated_bytes(self._settings.device))
+        from whisperd.nvml import NvmlProbe
+
+        probe = NvmlProbe()
+        try:
+            index = int(self._settings.device.partition(":")[2] or 0)
+            return probe.read_process_gpu_memory(index, os.getpid()) or 0
+        finally:
+            probe.close()
+
+    def estimate(self, key: ModelKey) -> int:
+        """Bytes the model will take here: what it took when last measured on
         this kind of device, else the README table (GPU), else twice its
-        checkpoint (fp16 weights load as fp32 on the CPU)."""
-        recorded = self._store.model_memory(name, self._kind)
+        checkpoint (fp16 weights load as fp32 on the CPU; for CTranslate2,
+        its model.bin once)."""
+        recorded = self._store.model_memory(key.label, self._kind)
         if recorded:
             return recorded
-        table = readme_estimate_bytes(name) if self.on_gpu else None
+        table = readme_estimate_bytes(key.name) if self.on_gpu else None
         if table:
             return table
-        path = os.path.join(self._settings.models_folder, f"{name}.pt")
+        if key.engine == "faster-whisper":
+            from whisperd import models
+
+            source = models.ct2_model_folder(self._settings.models_folder, key.name)
+            return os.path.getsize(os.path.join(source, "model.bin")) if source else 0
+        path = os.path.join(self._settings.models_folder, f"{key.name}.pt")
         return 2 * os.path.getsize(path) if os.path.isfile(path) else 0
 
     def _make_room(self, incoming: str, estimate: int) -> None:
@@ -305,38 +412,40 @@ class ModelCache:
                 f"{free / 2**20:.0f} MiB free with {reserve / 2**20:.0f} MiB kept in reserve"
             )
 
-    def unload(self, name: str, reason: str) -> None:
-        loaded = self._models.pop(name, None)
+    def unload(self, key: ModelKey, reason: str) -> None:
+        loaded = self._models.pop(key, None)
         if loaded is None:
             return
-        self._transcriber.release_model(loaded)
+        engine_module(key.engine).release_model(loaded)
         del loaded
         if not self.on_gpu:
             # An unloaded model must really leave the worker's RSS (an idle
             # unload comes long after the post-job trim).
             _return_freed_memory()
-        log.info("model.unloaded", model=name, device=self._settings.device, reason=reason)
-        _emit(self._channel, "model_unloaded", model=name, device=self._settings.device, reason=reason)
+        log.info("model.unloaded", model=key.label, device=self._settings.device, reason=reason)
+        _emit(self._channel, "model_unloaded", model=key.label, device=self._settings.device, reason=reason)
         self._report_loaded()
 
-    def unload_others(self, keep: str, reason: str) -> None:
-        for name in [n for n in self._models if n != keep]:
-            self.unload(name, reason)
+    def unload_others(self, keep: Any, reason: str) -> None:
+        """Unload every model but `keep` (a loaded model this cache holds)."""
+        for key in [k for k, m in self._models.items() if m is not keep]:
+            self.unload(key, reason)
 
     def unload_idle(self, now: float) -> None:
         limit = self._settings.model_idle_unload_seconds
         if not limit:
             return
-        for name, loaded in list(self._models.items()):
+        for key, loaded in list(self._models.items()):
             if now - loaded.last_used >= limit:
-                self.unload(name, "idle")
+                self.unload(key, "idle")
 
     def clear(self, reason: str) -> None:
-        for name in list(self._models):
-            self.unload(name, reason)
+        for key in list(self._models):
+            self.unload(key, reason)
 
     def _report_loaded(self) -> None:
-        _emit(self._channel, "models_loaded", device=self._settings.device, models=list(self._models))
+        models = [key.label for key in self._models]
+        _emit(self._channel, "models_loaded", device=self._settings.device, models=models)
 
 
 @dataclass(kw_only=True)
@@ -355,6 +464,13 @@ class JobSession:
     fraction: float = 0.0
     cancelled: threading.Event = field(default_factory=threading.Event)
     lease_lost: threading.Event = field(default_factory=threading.Event)
+    # time.monotonic() when the engine began (model loaded, audio read): the
+    # ETA's clock, so neither counts as decoding time.
+    decoding_since: float | None = None
+    audio_seconds: float = 0.0
+    # Seconds of work per second of audio of earlier jobs of this model on
+    # this device: the ETA before this job's own progress has moved.
+    expected_realtime_factor: float | None = None
 
     def progress(self, fraction: float) -> None:
         self.fraction = max(self.fraction, min(1.0, fraction))
@@ -367,11 +483,29 @@ class JobSession:
         if self.cancelled.is_set() or self.channel.cancel_job.value == self.job_id:
             raise JobCancelled(f"job {self.job_id} was cancelled")
 
-    def eta_seconds(self) -> float | None:
-        if self.fraction <= 0.0:
-            return None
-        elapsed = time.monotonic() - self.started
-        return elapsed * (1.0 - self.fraction) / self.fraction
+    def decoding_started(self, audio_seconds: float, expected_realtime_factor: float | None) -> None:
+        self.audio_seconds = audio_seconds
+        self.expected_realtime_factor = expected_realtime_factor
+        self.decoding_since = time.monotonic()
+
+    def decoding_seconds(self) -> float | None:
+        """How long the engine has run so far (None: it has not begun)."""
+        return None if self.decoding_since is None else time.monotonic() - self.decoding_since
+
+    def snapshot(self, now: float | None = None) -> tuple[float, float | None]:
+        """The fraction done and the ETA in seconds, read together (the engine
+        moves the fraction meanwhile). The ETA is the time decoding took so
+        far per fraction done, times the fraction left; before the fraction
+        moves, the earlier jobs' realtime factor times the audio left."""
+        fraction = self.fraction
+        if self.decoding_since is None:
+            return fraction, None
+        elapsed = max(0.0, (time.monotonic() if now is None else now) - self.decoding_since)
+        if fraction > 0.0:
+            return fraction, elapsed * (1.0 - fraction) / fraction
+        if self.expected_realtime_factor is None or self.audio_seconds <= 0.0:
+            return fraction, None
+        return fraction, max(0.0, self.expected_realtime_factor * self.audio_seconds - elapsed)
 
 
 class Heartbeat:
@@ -395,12 +529,15 @@ class Heartbeat:
         self._thread.join(timeout)
 
     def beat(self) -> None:
+        # Progress rides on the lease renewal: one store write per
+        # heartbeat_seconds, however often the engine reports.
+        fraction, eta = self._session.snapshot()
         reply = self._store.heartbeat(
             self._claim.job.id,
             self._claim.token,
             lease_seconds=self._settings.lease_seconds,
-            progress=self._session.fraction,
-            eta_seconds=self._session.eta_seconds(),
+            progress=fraction,
+            eta_seconds=eta,
             audio_seconds=self.audio_seconds,
         )
         if not reply.ok:
@@ -411,9 +548,11 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self._settings.heartbeat_seconds):
             try:
-                self.beat()
+                # The next beat tries again; waiting here would delay the job's end.
+                with self._store.failing_fast():
+                    self.beat()
             except Exception as exc:  # noqa: BLE001 - a database hiccup must not kill the job; the lease covers it
-                log.warning("job.heartbeat_failed", job_id=self._claim.job.id, error=str(exc))
+                log.warning("job.heartbeat_failed", **logs.job_fields(self._claim.job), error=str(exc))
 
 
 class Worker:
@@ -430,6 +569,7 @@ class Worker:
         self._hold_off_until = 0.0
         # False from the end of a job until the worker finds the queue empty.
         self._memory_returned = True
+        self._device_used = settings.device
 
     def loop(self) -> None:
         next_canary = 0.0
@@ -460,6 +600,7 @@ class Worker:
             device=self._settings.device,
             lease_seconds=self._settings.lease_seconds,
             inboxes=self._settings.inboxes,
+            instance=self._settings.instance,
         )
         if claim is None:
             self._cache.unload_idle(time.monotonic())
@@ -482,32 +623,44 @@ class Worker:
             self._memory_returned = True
             _return_freed_memory()
 
-    @staticmethod
-    def _read_audio(job: Job, heartbeat: Heartbeat) -> Any:
+    def _read_audio(self, job: Job, heartbeat: Heartbeat, fd: int) -> Any:
         """The source's audio. ffprobe runs first only where the inbox has
         limits to enforce before decoding (a ten-hour file is refused, not
         decoded); otherwise decoding is the check, and only a failure asks
         ffprobe for the reason users know ("no audio stream", "file is
         empty"). The probe is one more process per job: about 5 % of a short
-        clip's time on a 2-core machine."""
+        clip's time on a 2-core machine. Both read `fd`, the file opened once.
+        What is decoded is capped at the inbox's max_duration_seconds, or else
+        at what the worker's memory allows, whatever the container declares."""
         spec = job.spec
         if spec.max_size_bytes > 0 or spec.max_duration_seconds > 0:
             info = media.check_source(
                 job.source,
                 max_size_bytes=spec.max_size_bytes,
                 max_duration_seconds=spec.max_duration_seconds,
+                fd=fd,
             )
             heartbeat.audio_seconds = info.duration_seconds
         try:
-            return media.decode_audio(job.source)
+            return media.decode_audio(
+                job.source,
+                fd=fd,
+                timeout=self._settings.decode_timeout_seconds,
+                max_seconds=self._max_decode_seconds(spec.max_duration_seconds),
+            )
         except MediaError:
-            media.check_source(job.source)  # raises with the clearer reason, when it finds one
+            media.check_source(job.source, fd=fd)  # raises with the clearer reason, when it finds one
             raise
 
-    def _check_still_there(self, claim: Claim) -> None:
+    def _max_decode_seconds(self, inbox_limit: float) -> float:
+        default = media.default_max_decode_seconds(self._settings.memory_budget_bytes)
+        return min(inbox_limit, default) if inbox_limit > 0 else default
+
+    def _check_still_there(self, claim: Claim) -> FileIdentity:
         """A file deleted before its job ran fails with that reason; a file
-        replaced since (new inode) is transcribed as it is now, and the store
-        learns its identity (so the right file moves to done/ afterwards)."""
+        replaced or changed since (new inode, size or mtime) is transcribed as
+        it is now, and the store learns its identity (so the right file moves
+        to done/ afterwards). Returns the identity of the content read."""
         job = claim.job
         try:
             current = FileIdentity.of(job.source)
@@ -516,8 +669,10 @@ class Worker:
         except OSError as exc:
             raise MediaError(job.source, f"cannot read file: {exc.strerror}") from None
         if (current.device, current.inode) != (job.identity.device, job.identity.inode):
-            log.info("job.source_replaced", job_id=job.id, inbox=job.spec.inbox, file=job.spec.rel_path)
+            log.info("job.source_replaced", **logs.job_fields(job))
+        if current != job.identity:
             self._store.set_identity(job.id, claim.token, current)
+        return current
 
     def _crash_if(self, point: str) -> None:
         """The crash-recovery test hook: die like a power cut, daemon first."""
@@ -531,10 +686,10 @@ class Worker:
 
     def run(self, claim: Claim) -> None:
         job = claim.job
-        bound = log.bind(
-            job_id=job.id, inbox=job.spec.inbox, file=job.spec.rel_path, device=self._settings.device
-        )
+        bound = log.bind(**logs.job_fields(job), device=self._settings.device)
         bound.info("job.claimed", attempt=job.attempts, max_attempts=job.max_attempts)
+        # Where this attempt runs; "cpu" once it falls back (json, metric, log and store agree).
+        self._device_used = self._settings.device
         _emit(
             self._channel,
             "job_started",
@@ -552,15 +707,7 @@ class Worker:
         finally:
             heartbeat.stop()
         duration = time.monotonic() - started
-        _emit(
-            self._channel,
-            "job_finished",
-            inbox=job.spec.inbox,
-            outcome=state.value,
-            device=self._settings.device,
-            duration_seconds=duration,
-            audio_seconds=audio_seconds,
-        )
+        self._report_finished(job, state, error, duration, audio_seconds)
         if state is JobState.RUNNING:  # lease lost: the job is someone else's now
             return
         if state is JobState.QUEUED:
@@ -573,35 +720,73 @@ class Worker:
         rtf = duration / audio_seconds if audio_seconds else None
         bound.info(
             f"job.{state.value}",
+            device=self._device_used,
             seconds=round(duration, 3),
             audio_seconds=audio_seconds,
             realtime_factor=rtf,
             error=error,
         )
 
-    def _attempt(
+    def _report_finished(
+        self, job: Job, state: JobState, error: str | None, duration: float, audio_seconds: float | None
+    ) -> None:
+        """job_finished with the attempt's outcome (see metrics.OUTCOMES), on
+        the device the job actually ran on (the store says "cpu" after a fallback)."""
+        outcome = {JobState.RUNNING: "lease_lost", JobState.QUEUED: "retry"}.get(state, state.value)
+        reason = (error or "").removeprefix(f"{job.source}: ")
+        rejected = media.reject_kind(reason) if state is JobState.FAILED else None
+        device = self._device_used
+        if rejected is not None:
+            outcome = "rejected"
+            _emit(self._channel, "job_rejected", inbox=job.spec.inbox, reason=rejected)
+        _emit(
+            self._channel,
+            "job_finished",
+            job_id=job.id,
+            inbox=job.spec.inbox,
+            outcome=outcome,
+            device=device,
+            duration_seconds=duration,
+            audio_seconds=audio_seconds,
+        )
+
+    def _attempt(  # noqa: PLR0911 - one return per way an attempt ends
         self, claim: Claim, session: JobSession, heartbeat: Heartbeat, bound: Any
     ) -> tuple[JobState, str | None, float | None]:
         """Run one attempt; returns (state reached, error, audio seconds)."""
         job, token = claim.job, claim.token
         audio_seconds: float | None = None
         try:
-            self._check_still_there(claim)
-            audio = self._read_audio(job, heartbeat)
+            read = self._check_still_there(claim)
+            expected = (read.device, read.inode)
+            with media.opened_source(job.spec.inbox_root, job.spec.rel_path, expected) as fd:
+                audio = self._read_audio(job, heartbeat, fd)
+            ensure_unchanged(job.source, read)  # grown or rewritten while decoding
             audio_seconds = len(audio) / media.SAMPLE_RATE
             heartbeat.audio_seconds = audio_seconds
             session.checkpoint()
-            loaded = self._cache.get(job.spec.model)
+            loaded = self._cache.get(job.spec.model, job.spec.options)
             session.checkpoint()
+            self._start_decoding(claim, session, audio_seconds)
             try:
                 result = self._transcribe(loaded, audio, claim, session)
             finally:
                 # A cancelled or failed run used the model too: its idle time
                 # starts now, not when that run began.
                 loaded.last_used = time.monotonic()
+            decoding_seconds = session.decoding_seconds()
+            ensure_unchanged(job.source, read)  # changed while transcribing
             written = self._write_outputs(claim, result, audio_seconds, session)
             self._crash_if("after_outputs")
-            if not self._store.finish(job.id, token, state=JobState.DONE, outputs=written):
+            finished = self._store.finish(
+                job.id,
+                token,
+                state=JobState.DONE,
+                outputs=written,
+                decoding_seconds=decoding_seconds,
+                audio_seconds=audio_seconds,
+            )
+            if not finished:
                 raise LeaseLost(f"job {job.id}: lease lost before it could be marked done")
             self._crash_if("after_done")
             return JobState.DONE, None, audio_seconds
@@ -617,14 +802,17 @@ class Worker:
             self._store.release(job.id, token, reason=str(exc))
             self._hold_off_until = time.monotonic() + 5.0
             return JobState.QUEUED, str(exc), audio_seconds
+        except SourceChanged as exc:
+            bound.info("job.source_changed", error=str(exc))
+            # Lease lost (RUNNING: someone else's now) or back in the queue.
+            requeued = requeue_changed(self._store, job, token, exc)
+            return (JobState.QUEUED if requeued else JobState.RUNNING), str(exc), audio_seconds
         except (MediaError, ModelNotFoundError) as exc:
             # The same file or model fails the same way every time: no retry.
             self._store.finish(job.id, token, state=JobState.FAILED, error=str(exc))
             return JobState.FAILED, str(exc), audio_seconds
         except Exception as exc:  # noqa: BLE001 - any other failure (disk full, CUDA, a bug) is retried
-            from whisperd import transcriber
-
-            if transcriber.is_out_of_memory(exc):
+            if engine_module(job.spec.options.engine).is_out_of_memory(exc):
                 self._cache.clear("oom")
             error = f"{type(exc).__name__}: {exc}"
             state = self._store.retry_or_fail(
@@ -636,6 +824,25 @@ class Worker:
             )
             return state, error, audio_seconds
 
+    def _start_decoding(self, claim: Claim, session: JobSession, audio_seconds: float) -> None:
+        """Start the ETA's clock, seeded with the realtime factor of earlier
+        jobs of this model on this device, and tell the store when decoding
+        began (`whisperd show`). Neither is worth failing the job for."""
+        job = claim.job
+        expected: float | None = None
+        try:
+            with self._store.failing_fast():
+                expected = self._store.realtime_factor(
+                    job.spec.model, job.spec.options.engine, job.device or self._settings.device
+                )
+                # The store's time and the ETA's clock start at the same moment.
+                session.decoding_started(audio_seconds, expected)
+                self._store.decoding_started(job.id, claim.token, now=time.time())
+        except Exception as exc:  # noqa: BLE001 - only the ETA is poorer for it; the next beat renews the lease
+            log.warning("job.decoding_start_unrecorded", **logs.job_fields(job), error=str(exc))
+        if session.decoding_since is None:
+            session.decoding_started(audio_seconds, expected)
+
     def _transcribe(self, loaded: Any, audio: Any, claim: Claim, session: JobSession) -> TranscriptResult:
         """Transcribe; on CUDA out-of-memory unload the other models and try
         once more, then (cpu_fallback) finish on the CPU, else fail the
@@ -643,43 +850,61 @@ class Worker:
         from whisperd import transcriber
 
         options = claim.job.spec.options
+        engine = engine_module(options.engine)
         try:
-            return transcriber.transcribe(loaded, audio, options, session)
+            return engine.transcribe(loaded, audio, options, session)  # type: ignore[no-any-return]
         except Exception as exc:
-            if not (self._cache.on_gpu and transcriber.is_out_of_memory(exc)):
+            if not (self._cache.on_gpu and engine.is_out_of_memory(exc)):
                 raise
             log.warning(
-                "job.out_of_memory", job_id=claim.job.id, device=self._settings.device, retry="in place"
+                "job.out_of_memory",
+                **logs.job_fields(claim.job),
+                device=self._settings.device,
+                retry="in place",
             )
-            self._cache.unload_others(claim.job.spec.model, "oom")
+            self._cache.unload_others(loaded, "oom")
             transcriber.empty_cuda_cache()
         try:
-            return transcriber.transcribe(loaded, audio, options, session)
+            return engine.transcribe(loaded, audio, options, session)  # type: ignore[no-any-return]
         except Exception as exc:
-            if not (transcriber.is_out_of_memory(exc) and self._settings.cpu_fallback):
+            if not (engine.is_out_of_memory(exc) and self._settings.cpu_fallback):
                 raise
         return self._transcribe_on_cpu(audio, claim, session)
 
     def _transcribe_on_cpu(self, audio: Any, claim: Claim, session: JobSession) -> TranscriptResult:
-        from whisperd import transcriber
-
         job = claim.job
         log.warning(
             "job.cpu_fallback",
-            job_id=job.id,
-            inbox=job.spec.inbox,
-            file=job.spec.rel_path,
+            **logs.job_fields(job),
             device=self._settings.device,
         )
         _emit(self._channel, "cpu_fallback", model=job.spec.model)
         self._store.set_device(job.id, claim.token, "cpu")
-        on_cpu = transcriber.load_model(
-            job.spec.model, self._settings.models_folder, "cpu", allow_download=self._settings.allow_download
-        )
+        self._device_used = "cpu"
+        options = job.spec.options
+        engine = engine_module(options.engine)
+        on_cpu = self._load_on_cpu(job)
         try:
-            return transcriber.transcribe(on_cpu, audio, job.spec.options, session)
+            return engine.transcribe(on_cpu, audio, options, session)  # type: ignore[no-any-return]
         finally:
-            transcriber.release_model(on_cpu)
+            engine.release_model(on_cpu)
+
+    def _load_on_cpu(self, job: Job) -> Any:
+        """The job's model loaded on the CPU, outside the cache (a GPU compute
+        type falls back to "auto", int8: the CPU cannot run float16)."""
+        settings = self._settings
+        if job.spec.options.engine != "faster-whisper":
+            from whisperd import transcriber
+
+            return transcriber.load_model(
+                job.spec.model, settings.models_folder, "cpu", allow_download=settings.allow_download
+            )
+        from whisperd import engine_faster, models
+
+        source = models.ct2_model_folder(settings.models_folder, job.spec.model)
+        if source is None:
+            raise ModelNotFoundError(job.spec.model, settings.models_folder, "faster-whisper")
+        return engine_faster.load_model(job.spec.model, source, "cpu", cpu_threads=settings.cpu_threads)
 
     def _write_outputs(
         self, claim: Claim, result: TranscriptResult, audio_seconds: float, session: JobSession
@@ -693,13 +918,15 @@ class Worker:
             "inbox": spec.inbox,
             "source": spec.rel_path,
             "model": spec.model,
-            "device": self._settings.device,
+            "engine": spec.options.engine,
+            "device": self._device_used,
             "worker": self._settings.worker_id,
             "attempt": job.attempts,
             "audio_seconds": audio_seconds,
             "transcribe_seconds": time.monotonic() - session.started,
             "options": spec.options.to_dict(),
             "chinese": spec.chinese,
+            "vad": asdict(result.vad) if result.vad is not None else None,
         }
         contents = outputs.render_outputs(result, spec.formats, metadata)
 
@@ -707,14 +934,21 @@ class Worker:
             owner = self._store.output_owner(path)
             return owner is not None and owner != spec.rel_path
 
+        def owned_by_other_job(path: str) -> bool:
+            owner = self._store.output_owner_job(path)
+            return owner is not None and owner[0] != job.id
+
         base = outputs.choose_output_base(spec.output_dir, spec.rel_path, spec.formats, is_taken)
+        base = unrepeated_base(
+            base, spec.rel_path, spec.formats, owned_by_other_job=owned_by_other_job, done_dir=spec.done_dir
+        )
         planned = [f"{base}.{fmt}" for fmt in contents]
         # Recorded before writing so a cancel that kills this process can
         # find and remove what was written.
         if not self._store.set_outputs(job.id, claim.token, planned):
             raise LeaseLost(f"job {job.id}: lease lost before writing outputs")
         session.checkpoint()
-        return outputs.write_outputs(base, contents)
+        return outputs.write_outputs(base, contents, root=spec.output_dir)
 
     def _planned(self, job_id: int) -> list[str]:
         job = self._store.get(job_id)
@@ -724,10 +958,7 @@ class Worker:
 def remove_outputs(paths: list[str]) -> None:
     """Remove a job's outputs and any temp files left for them."""
     for path in paths:
-        folder, name = os.path.split(path)
-        leftovers = glob.glob(
-            os.path.join(glob.escape(folder), f".{glob.escape(name)}.*{outputs.TMP_MARKER}")
-        )
+        leftovers = glob.glob(outputs.temp_glob(path))
         for item in [path, *leftovers]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(item)
@@ -738,7 +969,19 @@ def dispose_source(store: JobStore, job: Job) -> None:
     failed/ (with NAME.error.txt); a cancelled job's file stays in the cancel
     folder, or moves there when it was cancelled by id. Idempotent: the store
     records that it was done, and a different file now at the same path
-    (dropped again) is left alone."""
+    (dropped again) is left alone. A failed move is logged; the daemon's
+    sweep retries it (disposal.py)."""
+    error = try_dispose(store, job)
+    if error is not None:
+        spec = job.spec
+        log.warning(
+            "job.dispose_failed", job_id=job.id, inbox=spec.inbox, file=spec.rel_path, error=str(error)
+        )
+
+
+def try_dispose(store: JobStore, job: Job) -> OutputError | ValueError | None:
+    """dispose_source() without the log line: returns why the move failed
+    (the source is then still owed its move), None when it is done."""
     spec = job.spec
     target = {
         JobState.DONE: spec.done_dir,
@@ -746,17 +989,28 @@ def dispose_source(store: JobStore, job: Job) -> None:
         JobState.CANCELLED: spec.cancel_dir or None,
     }.get(job.state)
     if target is None:
-        return
+        return None
     moved_to = ""
+    if job.state is JobState.DONE and _requeued_changed_source(store, job):
+        return None
     if _same_file_still_there(job):
         try:
-            moved_to = outputs.move_source(job.source, target, spec.rel_path)
+            rel_path = done_rel_path(job) if job.state is JobState.DONE else spec.rel_path
+            moved_to = outputs.move_source(job.source, target, rel_path)
         except (OutputError, ValueError) as exc:
-            log.warning(
-                "job.dispose_failed", job_id=job.id, inbox=spec.inbox, file=spec.rel_path, error=str(exc)
-            )
-            return
+            return exc
     if job.state is JobState.FAILED:
+        _write_note(job, moved_to)
+    store.mark_disposed(job.id, moved_to)
+    return None
+
+
+def _write_note(job: Job, moved_to: str) -> None:
+    """NAME.error.txt next to the failed source; a note that cannot be written
+    is logged, never raised: the source has moved already and must not be
+    retried forever (nor take the caller down)."""
+    spec = job.spec
+    try:
         outputs.write_error_note(
             spec.failed_dir,
             spec.rel_path,
@@ -770,7 +1024,26 @@ def dispose_source(store: JobStore, job: Job) -> None:
                 "moved_to": moved_to or "(source was gone)",
             },
         )
-    store.mark_disposed(job.id, moved_to)
+    except (OutputError, ValueError) as exc:
+        log.error("job.note_failed", job_id=job.id, inbox=spec.inbox, file=spec.rel_path, error=str(exc))
+
+
+def _requeued_changed_source(store: JobStore, job: Job) -> bool:
+    """A done job's file changed in place after its transcript was made: the
+    file stays in the inbox and a new job transcribes its final content."""
+    changed = changed_since_done(job)
+    if changed is None:
+        return False
+    again, _new = store.enqueue(job.spec, changed, max_attempts=job.max_attempts)
+    log.info(
+        "job.source_changed_after_done",
+        job_id=job.id,
+        new_job_id=again.id,
+        inbox=job.spec.inbox,
+        file=job.spec.rel_path,
+    )
+    store.mark_disposed(job.id, "")
+    return True
 
 
 def _same_file_still_there(job: Job) -> bool:

@@ -1,0 +1,71 @@
+"""`whisperd reload`: SIGHUP the running daemon and wait until it has reloaded
+(layer L2 with sdnotify: the systemd side; stdlib only).
+
+systemd's Type=notify-reload (which makes `systemctl reload` wait for the
+daemon's READY=1) needs systemd >= 253; the unit keeps Type=notify and runs
+`whisperd reload` as ExecReload instead, so `systemctl reload` returns only
+once the new config is in force (or was refused). The daemon counts finished
+reloads in STATE_DIR/reloads; this command reads the count, signals the pid
+in STATE_DIR/whisperd.lock and waits for the count to move.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import time
+
+COUNT_FILE = "reloads"
+LOCK_FILE = "whisperd.lock"
+
+
+def reload_count(state_dir: str) -> int:
+    """Reloads the running daemon has finished (0: none, or no file)."""
+    try:
+        with open(os.path.join(state_dir, COUNT_FILE), encoding="utf-8") as handle:
+            return int(handle.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def note_reloaded(state_dir: str) -> None:
+    """Called by the daemon when a reload is done (applied or refused)."""
+    path = os.path.join(state_dir, COUNT_FILE)
+    temp = f"{path}.{os.getpid()}.tmp"
+    with open(temp, "w", encoding="utf-8") as handle:
+        handle.write(f"{reload_count(state_dir) + 1}\n")
+    os.replace(temp, path)
+
+
+def daemon_pid(state_dir: str) -> int | None:
+    """The pid of the daemon holding the state folder's lock; None when no
+    daemon holds it (a pid left in the file by a dead one is never signalled)."""
+    try:
+        with open(os.path.join(state_dir, LOCK_FILE), encoding="utf-8") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return int(handle.read().strip())
+            return None  # we got the lock: nobody holds it
+    except (OSError, ValueError):
+        return None
+
+
+def reload_and_wait(state_dir: str, timeout: float) -> str | None:
+    """SIGHUP the daemon owning state_dir; wait until it says the reload is
+    done. Returns None on success, else what went wrong."""
+    pid = daemon_pid(state_dir)
+    if pid is None:
+        return f"{os.path.join(state_dir, LOCK_FILE)}: no running daemon recorded there"
+    before = reload_count(state_dir)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        return f"cannot signal whisperd (pid {pid}): {exc.strerror}"
+    deadline = time.monotonic() + timeout
+    while reload_count(state_dir) == before:
+        if time.monotonic() >= deadline:
+            return f"whisperd (pid {pid}) did not finish reloading within {timeout:.0f} s"
+        time.sleep(0.1)
+    return None
