@@ -152,9 +152,11 @@ def _write_config(root: Path, models: Path, settle_seconds: float | None) -> Pat
 class Daemon:
     """`whisperd run` in a subprocess, with its JSON log lines kept."""
 
-    def __init__(self, config: Path, root: Path) -> None:
+    def __init__(self, config: Path, root: Path, store_url: str | None = None) -> None:
         self.config = config
         self.root = root
+        # The daemon's job store: its SQLite file under root/state unless given.
+        self.store_url = store_url or "sqlite:///" + str(root / "state" / "jobs.db")
         self.events: list[dict[str, Any]] = []
         self._process: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
@@ -170,7 +172,7 @@ class Daemon:
         self._reader = threading.Thread(target=self._read, name="bench-log-reader")
         self._reader.start()
         self.wait(lambda: bool(self.find("daemon.ready")), 120.0, "the daemon to start")
-        self._store = JobStore.open("sqlite:///" + str(self.root / "state" / "jobs.db"))
+        self._store = JobStore.open(self.store_url)
 
     def _read(self) -> None:
         assert self._process is not None and self._process.stdout is not None
