@@ -85,3 +85,27 @@ def test_linked_subfolders_of_output_failed_and_done_get_nothing_written_outside
         assert daemon.process is not None and daemon.process.poll() is None
     finally:
         daemon.close()
+
+
+def test_a_linked_subfolder_of_cancel_gets_nothing_when_a_job_is_cancelled_by_id(
+    tmp_path: Path, models_dir: Path, speech: SpeechFactory
+) -> None:
+    # `whisperd cancel ID` moves the job's source into cancel/ (the user did
+    # not put it there): that move, too, must not follow a link.
+    daemon = DaemonUnderTest(tmp_path / "d", models_dir)
+    outside = tmp_path / "outside"
+    try:
+        daemon.start()
+        assert daemon.cli("pause", "main").returncode == 0
+        daemon.drop(speech(TEXT, "talk"), sub="c")
+        queued = daemon.wait_for_state("c/talk.wav", JobState.QUEUED)
+        _link(daemon.cancel, "c", outside / "c")
+        assert daemon.cli("cancel", str(queued.id)).returncode == 0
+
+        cancelled = daemon.wait_for_state("c/talk.wav", JobState.CANCELLED, timeout=60)
+        assert REASON_LINK in _stuck_line(daemon, cancelled)
+        assert (daemon.inbox / "c" / "talk.wav").is_file(), "the source stays in the inbox"
+        assert list((outside / "c").iterdir()) == []
+        assert daemon.process is not None and daemon.process.poll() is None
+    finally:
+        daemon.close()
