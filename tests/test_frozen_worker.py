@@ -98,10 +98,23 @@ def test_frozen_worker_whose_job_was_already_requeued_is_replaced(
     frozen = worker_pid(daemon)
     os.kill(frozen, signal.SIGSTOP)
     daemon.wait_for_event("job.lease_expired", file="requeued.wav")
-    assert process_state(frozen) == "T"  # still there, stopped: the lease went first
     daemon.wait_for(
         lambda: any(e.get("pid") == frozen for e in daemon.events("worker.silent")), what="silent"
     )
+    # The lease went first: its expiry is logged before the pool calls the
+    # worker silent (both lines come from the daemon, in the order they happened).
+    # Read from the log, not from /proc: on a loaded machine the pool may
+    # already have killed the frozen worker by the time the test looks.
+    events = daemon.events()
+    expired = next(
+        i
+        for i, e in enumerate(events)
+        if e.get("event") == "job.lease_expired" and e.get("file") == "requeued.wav"
+    )
+    silent = next(
+        i for i, e in enumerate(events) if e.get("event") == "worker.silent" and e.get("pid") == frozen
+    )
+    assert expired < silent, daemon.log_text()
     daemon.wait_for(lambda: process_state(frozen) is None, what="the frozen worker gone")
     assert_done(daemon, "requeued.wav", attempts=2)
     daemon.drop(speech(SENTENCES[3], "next"))
