@@ -64,7 +64,9 @@ def assert_done(daemon: DaemonUnderTest, name: str, attempts: int) -> None:
 def test_frozen_idle_worker_and_frozen_busy_worker_are_replaced(
     daemon_factory: DaemonFactory, speech: SpeechFactory
 ) -> None:
-    daemon = daemon_factory(workers=FAST_HEALTH)
+    # A lease far longer than the silence bound (8 s): the frozen busy worker
+    # is caught by its missing beat, never by its lease, however loaded the machine.
+    daemon = daemon_factory(workers={**FAST_HEALTH, "lease_seconds": 60.0})
     daemon.start()
     daemon.drop(speech(SENTENCES[4], "first"))
     assert_done(daemon, "first.wav", attempts=1)  # the worker is up and idle now
@@ -74,7 +76,7 @@ def test_frozen_idle_worker_and_frozen_busy_worker_are_replaced(
     daemon.drop(speech(SENTENCES[0], "after-idle"))
     assert_done(daemon, "after-idle.wav", attempts=1)
 
-    # (a) while it runs a job (the lease, 15 s, has not run out yet).
+    # (a) while it runs a job (the lease, 60 s, has not run out yet).
     daemon.drop(speech(SENTENCES[1], "busy"))
     daemon.wait_for_state("busy.wav", JobState.RUNNING)
     freeze_and_wait_replaced(daemon)
