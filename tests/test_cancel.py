@@ -121,10 +121,17 @@ def assert_complete_outputs(daemon: DaemonUnderTest, stem: str) -> None:
 def assert_cancelled_cleanly(daemon: DaemonUnderTest, rel_path: str) -> Job:
     job = daemon.wait_for_state(rel_path, JobState.CANCELLED, JobState.DONE, timeout=CANCEL_SECONDS)
     assert job.state is JobState.CANCELLED, f"{rel_path} ended {job.state.value}:\n{daemon.log_text()}"
-    # The store says cancelled first; when the pool killed the worker, it
-    # removes the outputs (and temp files) after that, then logs job.cancelled.
-    # Every path that cancels a running job logs it once its cleanup is done.
-    daemon.wait_for_event("job.cancelled", job_id=job.id, timeout=60.0)
+
+    # The store may say cancelled before the outputs are gone: when the pool
+    # kills the worker, it marks the job cancelled, then removes the outputs
+    # (and temp files), logs job.cancelled, then worker.killed. A worker that
+    # stops by itself removes them before it marks the job, and logs
+    # job.cancelled after (unless the grace ran out and it was killed first:
+    # worker.killed again). Either line means the cleanup is over.
+    def cleaned_up() -> bool:
+        return any(e.get("job_id") == job.id for e in daemon.events("job.cancelled") + kills_of(daemon, job))
+
+    daemon.wait_for(cleaned_up, timeout=60.0, what=f"{rel_path}'s cancel logged")
     assert outputs_named(daemon, Path(rel_path).stem) == []
     return job
 
