@@ -158,6 +158,9 @@ def test_a_folder_swapped_for_a_link_before_the_job_runs_is_not_followed(
 
     job = daemon.wait_for_state("sub/talk.wav", JobState.FAILED, JobState.DONE)
     assert job.state is JobState.FAILED and "symbolic link" in (job.last_error or ""), job.last_error
+    # The worker records failed, then handles the source, then logs job.failed:
+    # only after that line has the source's handling had its chance to go wrong.
+    daemon.wait_for_event("job.failed", job_id=job.id)
     assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
     assert [p for p in daemon.output.rglob("*") if "talk" in p.name] == []
     assert not list(daemon.done.rglob("talk*"))

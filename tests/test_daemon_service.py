@@ -368,9 +368,17 @@ def test_sighup_adds_and_removes_inboxes_without_touching_the_running_job(
     added = daemon.wait_for_state("added.wav", JobState.DONE)
     assert added.spec.inbox == "second"
     assert (Path(second["output"]) / "added.txt").read_text().strip()
+    # The worker records done first and moves the source a moment later.
+    daemon.wait_for(
+        lambda: (daemon.store.get(added.id) or added).disposed_at is not None,
+        timeout=60.0,
+        what="added.wav moved after its job ended",
+    )
     assert (Path(second["done"]) / "added.wav").exists()
     # The job that ran through the reload finished normally.
     assert daemon.wait_for_state("running.wav", JobState.DONE).attempts == 1
+    # job.done is logged after the store says done (and the source moved).
+    daemon.wait_for_event("job.done", file="running.wav")
     names = [(e.get("event"), e.get("file")) for e in daemon.events()]
     reloaded = names.index(("config.reloaded", None))
     assert names.index(("job.claimed", "running.wav")) < reloaded < names.index(("job.done", "running.wav"))
@@ -396,7 +404,8 @@ def test_sighup_adds_and_removes_inboxes_without_touching_the_running_job(
     ignored = drop_into(Path(second["path"]), speech(SENTENCES[2], "ignored"))
     daemon.drop(speech(SENTENCES[3], "kept"))
     daemon.wait_for_state("kept.wav", JobState.DONE)
-    # By now the watcher's rescan (every 2 s) has run more than once.
+    # A rescan (every 2 s) after the drop would have found it, had the inbox still been watched.
+    daemon.wait_for_rescans(2)
     assert daemon.job_for("ignored.wav") is None
     assert ignored.exists()
     assert daemon.stop() == 0
@@ -481,6 +490,9 @@ def test_a_finished_job_shows_in_a_real_scrape_and_in_json_logs(
     assert value(text, "whisperd_build_info") == 1
     assert (value(text, "process_resident_memory_bytes") or 0) > 0
 
+    # The worker logs job.done after it reported the job to the pool (the
+    # metric) and moved the source: the scrape may come first.
+    daemon.wait_for_event("job.done", file="scraped.wav")
     every_line_is_a_json_object(daemon)
     for name in ("job.queued", "job.claimed", "job.done"):
         (event,) = daemon.events(name)

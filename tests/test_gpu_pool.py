@@ -581,6 +581,12 @@ def test_a_sick_gpu_is_drained_its_job_requeued_uncounted_and_resumed_when_it_re
     long_id = rig.enqueue(speech(" ".join(SENTENCES[:3]), "long"), "long.wav")
     rig.pool.start()
     rig.drive(lambda: bool(rig.of("model_loaded")), timeout=120.0, what="long.wav being transcribed")
+    # Held mid-job (as in the hung-job test): on a fast or an idle machine the
+    # job could otherwise end before the next health check reads the GPU lost.
+    # The drain SIGKILLs the worker whatever it is doing.
+    running_pid = rig.started_pid()
+    assert running_pid is not None
+    os.kill(running_pid, signal.SIGSTOP)
     assert rig.job(long_id).state is JobState.RUNNING
 
     # The GPU falls off the bus: its running job goes back to the queue, uncounted.

@@ -106,6 +106,22 @@ def counted(text: str, **labels: str) -> float:
     return 0.0
 
 
+def wait_counted(daemon: DaemonUnderTest, wanted: dict[tuple[str, str], float]) -> None:
+    """Until whisperd_hook_deliveries_total of inbox main shows exactly `wanted`
+    ((kind, outcome) -> count): each outcome is counted just after the store
+    records it. A count past the wanted one fails at once."""
+    seen: dict[tuple[str, str], float] = {}
+
+    def reached() -> bool:
+        text = scrape(daemon)
+        seen.update({key: counted(text, inbox="main", kind=key[0], outcome=key[1]) for key in wanted})
+        over = {key: n for key, n in seen.items() if n > wanted[key]}
+        assert not over, f"counted more than {wanted}: {seen}"
+        return seen == wanted
+
+    daemon.wait_for(reached, timeout=30.0, what=f"hook deliveries counted {wanted}")
+
+
 # -- hook programs -----------------------------------------------------------------
 
 
@@ -155,9 +171,8 @@ def test_each_ended_job_runs_its_hook_program_once_with_its_facts(
 
     logged = daemon.wait_for_event("hook.delivered", job_id=done.id)
     assert logged["kind"] == "on_done" and logged["file"] == "fox.wav"
-    metrics = scrape(daemon)
-    assert counted(metrics, inbox="main", kind="on_done", outcome="delivered") == 1
-    assert counted(metrics, inbox="main", kind="on_failed", outcome="delivered") == 1
+    # The runner records a delivery in the store, logs it, then counts it.
+    wait_counted(daemon, {("on_done", "delivered"): 1, ("on_failed", "delivered"): 1})
 
 
 # -- webhooks --------------------------------------------------------------------------
@@ -223,9 +238,7 @@ def test_a_webhook_gets_exactly_the_ended_jobs_and_a_500_is_retried(
         daemon.wait_for_event(
             "hook.retry", job_id=first.id, kind="webhook", error="HTTP 500 Internal Server Error"
         )
-        metrics = scrape(daemon)
-        assert counted(metrics, inbox="main", kind="webhook", outcome="retried") == 1
-        assert counted(metrics, inbox="main", kind="webhook", outcome="delivered") == 2
+        wait_counted(daemon, {("webhook", "retried"): 1, ("webhook", "delivered"): 2})
 
 
 def free_port() -> int:

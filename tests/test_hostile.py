@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -211,11 +212,24 @@ def keep_worker_busy(daemon: DaemonUnderTest, clips: ClipFactory, name: str) -> 
     daemon.wait_for_state(f"{name}.wav", JobState.RUNNING)
 
 
+@contextmanager
+def claims_paused(daemon: DaemonUnderTest, inbox: str = "main") -> Iterator[None]:
+    """No worker starts a queued job of `inbox` meanwhile (the running one
+    goes on): a file dropped now stays queued however soon the busy job ends
+    on a loaded machine."""
+    daemon.store.pause_inbox(inbox)
+    try:
+        yield
+    finally:
+        daemon.store.resume_inbox(inbox)
+
+
 def assert_still_queued_behind(daemon: DaemonUnderTest, name: str, busy: str) -> None:
-    """The premise of a "before it runs" test: the change came while queued."""
+    """The premise of a "before it runs" test: the change came while queued
+    (held there by claims_paused, not by timing), behind a job that ran."""
     job, running = daemon.job_for(name), daemon.job_for(busy)
     assert job is not None and job.state is JobState.QUEUED, "the worker took the file too early"
-    assert running is not None and running.state is JobState.RUNNING
+    assert running is not None and running.attempts == 1 and running.started_at is not None
 
 
 # --------------------------------------------------------------------------- broken media
@@ -278,10 +292,12 @@ def test_unreadable_file_fails_with_permission_denied(
 
 def test_file_deleted_before_it_runs_fails_as_vanished(daemon: DaemonUnderTest, clips: ClipFactory) -> None:
     keep_worker_busy(daemon, clips, "busy-one")
-    victim = daemon.drop(clips(SHORT_TEXT, "gone"))
-    daemon.wait_for_state("gone.wav", JobState.QUEUED, JobState.RUNNING)
-    victim.unlink()
-    assert_still_queued_behind(daemon, "gone.wav", "busy-one.wav")
+    with claims_paused(daemon):
+        victim = daemon.drop(clips(SHORT_TEXT, "gone"))
+        daemon.wait_for_state("gone.wav", JobState.QUEUED, JobState.RUNNING)
+        victim.unlink()
+        daemon.wait_for_rescans(1)  # whatever the daemon makes of it, it does while queued
+        assert_still_queued_behind(daemon, "gone.wav", "busy-one.wav")
 
     job = wait_ended(daemon, "gone.wav")
     assert job.state is JobState.FAILED
@@ -296,11 +312,13 @@ def test_file_replaced_before_it_runs_is_transcribed_as_replaced_once(
 ) -> None:
     keep_worker_busy(daemon, clips, "busy-two")
     inbox = folders(daemon)["path"]
-    daemon.drop(clips(SENTENCES[0], "swap"))
-    daemon.wait_for_state("swap.wav", JobState.QUEUED, JobState.RUNNING)
-    replacement = clips(SENTENCES[3], "swap-replacement").read_bytes()
-    write_into(inbox, "swap.wav", replacement)
-    assert_still_queued_behind(daemon, "swap.wav", "busy-two.wav")
+    with claims_paused(daemon):
+        daemon.drop(clips(SENTENCES[0], "swap"))
+        daemon.wait_for_state("swap.wav", JobState.QUEUED, JobState.RUNNING)
+        replacement = clips(SENTENCES[3], "swap-replacement").read_bytes()
+        write_into(inbox, "swap.wav", replacement)
+        daemon.wait_for_rescans(1)  # whatever the daemon makes of it, it does while queued
+        assert_still_queued_behind(daemon, "swap.wav", "busy-two.wav")
 
     job = assert_done(daemon, "swap.wav")
     assert wer(SENTENCES[3], transcript(job)) < 0.5
@@ -324,7 +342,8 @@ def test_file_replaced_while_it_runs_gets_a_job_of_its_own_afterwards(
     # once that job ends it becomes a job of its own.
     def two_jobs_done() -> bool:
         jobs = jobs_for(daemon, "relay.wav")
-        return len(jobs) == 2 and all(j.state is JobState.DONE for j in jobs)
+        # Done and moved: the worker records done first and moves the source after.
+        return len(jobs) == 2 and all(j.state is JobState.DONE and j.disposed_at for j in jobs)
 
     daemon.wait_for(two_jobs_done, timeout=240, what="the replacement's own job to end done")
     newest = max(jobs_for(daemon, "relay.wav"), key=lambda j: j.id)

@@ -64,6 +64,12 @@ def test_linked_subfolders_of_output_failed_and_done_get_nothing_written_outside
         talk = _ended(daemon, "o/talk.wav")
         assert talk.state is JobState.FAILED
         assert REASON_LINK in (talk.last_error or ""), talk.last_error
+        # The store says failed first; the source moves and the note is written after.
+        daemon.wait_for(
+            lambda: (daemon.store.get(talk.id) or talk).disposed_at is not None,
+            timeout=60,
+            what="o/talk.wav moved to failed/ with its note",
+        )
         # Its source and note went to a real failed/o, inside failed/.
         note = daemon.failed / "o" / "talk.wav.error.txt"
         assert REASON_LINK in note.read_text(encoding="utf-8")

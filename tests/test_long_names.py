@@ -124,9 +124,17 @@ def test_a_job_whose_recovery_raises_is_logged_and_skipped(
     daemon.start()  # waits for READY
     failure = daemon.wait_for_event("job.handling_failed", stage="dispose", job_id=first.id)
     assert "null byte" in failure["error"]
-    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    assert re.search(r'^whisperd_job_handling_errors_total\{stage="dispose"\} [1-9]', text, re.M), text
+    # The daemon logs the failure, then counts it: the scrape waits for the count.
+    texts: list[str] = []
+
+    def counted() -> bool:
+        url = f"http://127.0.0.1:{daemon.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            texts[:] = [response.read().decode()]
+        pattern = r'^whisperd_job_handling_errors_total\{stage="dispose"\} [1-9]'
+        return bool(re.search(pattern, texts[0], re.M))
+
+    daemon.wait_for(counted, timeout=60, what="whisperd_job_handling_errors_total{stage=dispose} counted")
 
     _drop(daemon, speech(SENTENCES[2], "two"), "two.wav")
     [second] = _ended(daemon, "two.wav", 1)

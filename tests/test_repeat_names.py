@@ -31,8 +31,15 @@ def _ended_jobs(daemon: DaemonUnderTest, rel_path: str) -> list[Job]:
 
 
 def _finished(daemon: DaemonUnderTest, rel_path: str, count: int) -> Callable[[], bool]:
-    """True once `count` jobs of rel_path ended and the inbox no longer holds it."""
-    return lambda: len(_ended_jobs(daemon, rel_path)) == count and not (daemon.inbox / rel_path).exists()
+    """True once `count` jobs of rel_path ended, their sources were moved (the
+    store records the move just after the rename) and the inbox no longer holds it."""
+
+    def finished() -> bool:
+        ended = _ended_jobs(daemon, rel_path)
+        moved = len(ended) == count and all(j.disposed_at is not None for j in ended)
+        return moved and not (daemon.inbox / rel_path).exists()
+
+    return finished
 
 
 @pytest.mark.slow

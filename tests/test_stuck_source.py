@@ -150,10 +150,14 @@ def test_a_transient_obstacle_in_done_is_retried_and_status_shows_the_waiting_so
 
         obstacle.unlink()
         arrived = daemon.done / "sub" / "blocked.wav"
-        daemon.wait_for(arrived.is_file, timeout=120, what="the source moved to done/")
+        # The sweep moves the file, then records the move in the store.
+        daemon.wait_for(
+            lambda: (daemon.store.get(job.id) or job).disposed_at is not None,
+            timeout=120,
+            what="the source's move recorded",
+        )
+        assert arrived.is_file()
         assert not source.exists()
-        moved = daemon.store.get(job.id)
-        assert moved is not None and moved.disposed_at is not None
         assert f"#{job.id}" not in daemon.cli("status").stdout
         assert daemon.process is not None and daemon.process.poll() is None
     finally:

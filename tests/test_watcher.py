@@ -300,7 +300,9 @@ def test_a_slowly_written_file_is_delivered_once_when_writing_stopped(
     tmp_path: Path, mode: str, recorder: Recorder, new_watcher: Callable[..., Watcher]
 ) -> None:
     inbox = spec_with_mode(tmp_path, mode)
-    watcher = new_watcher([inbox.spec], settle=1.0)
+    # The writer pauses 0.2 s between chunks; the settle period is far longer,
+    # so a writer thread held up on a loaded machine is not taken for done.
+    watcher = new_watcher([inbox.spec], settle=3.0)
     watcher.start()
     talk = inbox.root / "slow.wav"
     finished = threading.Event()
