@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from daemon_harness import WHISPERD
 
-from whisperd.config import describe_keys, load_config
+from whisperd.config import describe_keys
+from whisperd.config_load import load_config
 from whisperd.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent

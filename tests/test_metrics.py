@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 from whisperd.daemon import store_job_counts, store_running_jobs
 from whisperd.jobs import FileIdentity, Job, JobSpec, JobState
 from whisperd.metrics import Metrics, MetricsServer, WorkerView
-from whisperd.nvml import THROTTLE_HW_THERMAL, DeviceInfo
+from whisperd.protocols import THROTTLE_HW_THERMAL, DeviceInfo
 from whisperd.queue_db import JobStore
 
 GIB = 1024**3

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -180,8 +182,8 @@ def test_pt_import_round_trip(models_dir: Path, tmp_path: Path) -> None:
     assert Path(info.path).read_bytes() == source.read_bytes()
     assert info.size_bytes == source.stat().st_size
     assert models.list_models(str(folder)) == [info]
-    assert models.model_path(str(folder), "my-model") == info.path
-    assert models.model_path(str(folder), "absent") is None
+    assert models.model_location(str(folder), "my-model", models.OPENAI_WHISPER) == info.path
+    assert models.model_location(str(folder), "absent", models.OPENAI_WHISPER) is None
     assert [name for name in os.listdir(folder)] == ["my-model.pt"]  # no temp file left behind
 
 
@@ -322,7 +324,90 @@ def test_bad_model_names(models_dir: Path, tmp_path: Path, name: str, reason: st
     with pytest.raises(ModelImportError, match=reason):
         models.validate_model_name(name)
     with pytest.raises(ModelImportError, match=reason):
-        models.model_path(str(models_dir), name)
+        models.model_location(str(models_dir), name, models.OPENAI_WHISPER)
     with pytest.raises(ModelImportError, match=reason):
         import_model(str(models_dir / "tiny.en.pt"), str(tmp_path / "models"), name)
     assert not (tmp_path / "evil.pt").exists()
+
+
+# --------------------------------------------------------------------------- one rule for where a model lives
+
+
+def _agreement_config(tmp_path: Path, folder: Path) -> Path:
+    """A config whose inboxes ask for every model form, each on its engine."""
+    lines = [f'[models]\nfolder = "{folder}"\ndefault = "pt-only"\n']
+    wanted = [
+        ("pt-only", "openai-whisper"),
+        ("cached", "openai-whisper"),
+        ("fw", "faster-whisper"),
+        ("tiny.en", "faster-whisper"),
+    ]
+    for n, (model, engine) in enumerate(wanted):
+        folders = "".join(
+            f'{key} = "{tmp_path / f"{key}{n}"}"\n' for key in ("output", "cancel", "done", "failed")
+        )
+        lines.append(
+            f'[[inbox]]\nname = "i{n}"\npath = "{tmp_path / f"in{n}"}"\n{folders}'
+            f'model = "{model}"\nengine = "{engine}"\n'
+        )
+    config = tmp_path / "config.toml"
+    config.write_text("\n".join(lines))
+    return config
+
+
+def test_workers_doctor_and_models_list_find_each_model_in_one_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from whisperd import cli, doctor, transcriber
+    from whisperd.config_load import load_config
+
+    bundled = require_tiny_en_folder()
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "pt-only.pt").write_bytes(b"weights")
+    (folder / "fw.ct2").mkdir()
+    for item in models.CT2_REQUIRED:
+        os.link(Path(bundled) / item, folder / "fw.ct2" / item)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "whisper").mkdir(parents=True)
+    (tmp_path / "cache" / "whisper" / "cached.pt").write_bytes(b"downloaded")
+    config_path = _agreement_config(tmp_path, folder)
+    config = load_config(str(config_path))
+
+    expected = {
+        ("pt-only", "openai-whisper"): str(folder / "pt-only.pt"),
+        ("cached", "openai-whisper"): str(tmp_path / "cache" / "whisper" / "cached.pt"),
+        ("fw", "faster-whisper"): str(folder / "fw.ct2"),
+        ("tiny.en", "faster-whisper"): bundled,
+    }
+    # The workers' engines: openai-whisper resolves a file, faster-whisper a folder.
+    for (name, engine), where in expected.items():
+        if engine == "openai-whisper":
+            assert transcriber.resolve_model_file(name, str(folder), allow_download=False) == where
+        else:
+            assert models.ct2_model_folder(str(folder), name) == where
+    # doctor points at the same places.
+    checks = {check.name: check for check in doctor.run_checks(config)}
+    for (name, engine), where in expected.items():
+        label = f"model {name}" if engine == "openai-whisper" else f"model {name} ({engine})"
+        assert checks[label].ok and checks[label].detail == f"available ({where})"
+    # models list shows what is in the folder and the bundled tiny.en, at those paths.
+    assert cli.main(["models", "list", "--config", str(config_path)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert expected[("pt-only", "openai-whisper")] in rows["pt-only"].split()
+    assert expected[("fw", "faster-whisper")] in rows["fw"].split()
+    assert bundled in rows["tiny.en"] and "bundled" in rows["tiny.en"]
+    # A model none of them can find is missing for all of them.
+    assert models.model_location(str(folder), "absent", models.OPENAI_WHISPER) is None
+    assert models.ct2_model_folder(str(folder), "pt-only") is None
+
+
+def test_model_commands_do_not_load_torch() -> None:
+    """`models list`, `doctor` and the CLI start without torch: only the worker's
+    engine modules (and reading or writing a checkpoint) import it."""
+    probe = (
+        "import sys, whisperd.cli, whisperd.models, whisperd.checkpoints, whisperd.doctor;"
+        "print('torch' in sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False"

@@ -24,15 +24,13 @@ import gc
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from whisperd import vad
 from whisperd.jobs import DecodeOptions, Segment, TranscriptResult, Word
-
-if TYPE_CHECKING:
-    from whisperd.transcriber import JobControl
+from whisperd.protocols import JobControl
 
 ENGINE = "faster-whisper"
 

@@ -39,6 +39,7 @@ import numpy.typing as npt
 
 from whisperd import safepath
 from whisperd.errors import MediaError
+from whisperd.protocols import SAMPLE_RATE
 
 # prctl(2) option: signal this process when its parent dies.
 _PR_SET_PDEATHSIG = 1
@@ -47,9 +48,6 @@ _PR_SET_PDEATHSIG = 1
 _BYTES_PER_SAMPLE = 2
 # Peak bytes of memory a decoded sample costs (see default_max_decode_seconds).
 _DECODE_BYTES_PER_SAMPLE = 8
-
-# Sample rate whisper models expect; decode_audio resamples to it.
-SAMPLE_RATE = 16000
 
 # Demuxers ffmpeg may use on a source file: audio and video containers and raw
 # audio streams. Every other demuxer is refused, and on purpose: hls, dash,

@@ -26,7 +26,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import structlog
@@ -35,6 +35,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from whisperd.bounded_http import BoundedThreads
 from whisperd.jobs import JobState
+from whisperd.protocols import BAD_THROTTLE_REASON_NAMES, DeviceProbe, DeviceReading
 
 _log = structlog.stdlib.get_logger(__name__)
 
@@ -128,43 +129,6 @@ def process_rss_bytes(pid: int) -> int | None:
     return None
 
 
-# What metrics reads from a GPU probe. nvml.NvmlProbe (and the tests' fake_nvml.ScriptedProbe)
-# fit these shapes; they are restated here because an L2 module does not
-# import another L2 module.
-class GpuInfo(Protocol):
-    @property
-    def index(self) -> int: ...
-    @property
-    def name(self) -> str: ...
-    @property
-    def uuid(self) -> str: ...
-
-
-class GpuReading(Protocol):
-    @property
-    def ok(self) -> bool: ...
-    @property
-    def healthy(self) -> bool: ...
-    @property
-    def memory_total_bytes(self) -> int: ...
-    @property
-    def memory_used_bytes(self) -> int: ...
-    @property
-    def utilization_percent(self) -> float | None: ...
-    @property
-    def temperature_c(self) -> float | None: ...
-    @property
-    def bad_throttle_reasons(self) -> tuple[str, ...]: ...
-    @property
-    def ecc_uncorrected(self) -> int | None: ...
-
-
-class GpuSource(Protocol):
-    def devices(self) -> Sequence[GpuInfo]: ...
-    def read(self, index: int) -> GpuReading: ...
-    def read_process_gpu_memory(self, index: int, pid: int) -> int | None: ...
-
-
 class Metrics:
     """The daemon's metrics: hooks for events, collectors for state.
 
@@ -184,7 +148,7 @@ class Metrics:
         *,
         job_counts: Callable[[], Mapping[str, int]],
         running_jobs: Callable[[], Sequence[RunningJobView]],
-        devices: GpuSource | None,
+        devices: DeviceProbe | None,
         version: str,
         claimable_jobs: Callable[[], int] | None = None,
         workers: Callable[[], Sequence[WorkerView]] = lambda: (),
@@ -526,7 +490,7 @@ class _StateCollector:
         job_counts: Callable[[], Mapping[str, int]],
         claimable_jobs: Callable[[], int] | None,
         running_jobs: Callable[[], Sequence[RunningJobView]],
-        devices: GpuSource | None,
+        devices: DeviceProbe | None,
         workers: Callable[[], Sequence[WorkerView]],
         on_error: Callable[[str, Exception], None],
     ) -> None:
@@ -688,7 +652,7 @@ class _StateCollector:
         return list(families.values())
 
 
-def _add_reading(families: Mapping[str, GaugeMetricFamily], device: str, reading: GpuReading) -> None:
+def _add_reading(families: Mapping[str, GaugeMetricFamily], device: str, reading: DeviceReading) -> None:
     families["healthy"].add_metric([device], 1.0 if reading.healthy else 0.0)
     if not reading.ok:
         return
@@ -698,16 +662,12 @@ def _add_reading(families: Mapping[str, GaugeMetricFamily], device: str, reading
         families["util"].add_metric([device], reading.utilization_percent / 100.0)
     if reading.temperature_c is not None:
         families["temp"].add_metric([device], reading.temperature_c)
-    for reason in _THROTTLE_REASONS:
+    for reason in BAD_THROTTLE_REASON_NAMES:
         families["throttled"].add_metric(
             [device, reason], 1.0 if reason in reading.bad_throttle_reasons else 0.0
         )
     if reading.ecc_uncorrected is not None:
         families["ecc"].add_metric([device], float(reading.ecc_uncorrected))
-
-
-# The names nvml.bad_throttle_reason_names() can give (restated: see GpuSource).
-_THROTTLE_REASONS = ("hw_slowdown", "sw_thermal", "hw_thermal", "hw_power_brake")
 
 
 class _QuietHandler(WSGIRequestHandler):

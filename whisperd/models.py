@@ -190,10 +190,22 @@ def _name_problem(name: str) -> str:
     return next((reason for failed, reason in problems if failed), "")
 
 
-def model_path(folder: str, name: str) -> str | None:
-    """Path of the checkpoint for `name` in `folder`, or None when there is none."""
+def model_location(folder: str, name: str, engine: str) -> str | None:
+    """Where `engine` loads model `name` from: the one rule the workers'
+    engines, `doctor` and `models list` share. None when it has no copy.
+
+    openai-whisper: `<name>.pt` in the models folder, else openai-whisper's
+    own download cache. faster-whisper: `<name>.ct2/` in the models folder,
+    else (tiny.en) the bundled package's folder. A name that cannot name a
+    model file raises ModelImportError.
+    """
+    if engine == FASTER_WHISPER:
+        return ct2_model_folder(folder, name)
     path = os.path.join(folder, validate_model_name(name) + ".pt")
-    return os.path.abspath(path) if os.path.isfile(path) else None
+    if os.path.isfile(path):
+        return os.path.abspath(path)
+    cached = whisper_cache_path(name)
+    return cached if os.path.isfile(cached) else None
 
 
 def list_models(folder: str) -> list[ModelInfo]:
