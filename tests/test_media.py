@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import require_tool
 
-from whisperd import media, protocols
+from whisperd import media, media_tool, protocols
 from whisperd.errors import MediaError
 
 SPOKEN_TEXT = "Please write down every word of this short sentence about the weather."
@@ -413,7 +413,7 @@ def test_decoding_past_the_timeout_stops_ffmpeg(tmp_path: Path) -> None:
 
 
 def test_ffmpeg_available_reports_the_version() -> None:
-    ok, line = media.ffmpeg_available()
+    ok, line = media_tool.ffmpeg_available()
 
     assert ok
     assert line.startswith("ffmpeg version ")
@@ -425,7 +425,7 @@ def test_missing_ffmpeg_says_what_to_install(
     assert shutil.which("ffmpeg") is not None
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no ffmpeg, no ffprobe
 
-    ok, message = media.ffmpeg_available()
+    ok, message = media_tool.ffmpeg_available()
     assert not ok
     assert "ffmpeg not found on PATH" in message
     assert "apt-get install ffmpeg" in message

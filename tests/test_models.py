@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import SENTENCES, SpeechFactory, require_tiny_en_folder, wer
 
-from whisperd import models
+from whisperd import model_convert, models
 from whisperd.checkpoints import import_model, read_checkpoint_dims, save_checkpoint
 from whisperd.errors import ModelImportError
 
@@ -117,11 +117,11 @@ def test_bundled_tiny_en_imports_and_transcribes_speech(
 def test_int8_quantized_folder_imports_and_transcribes(
     bundled: str, tmp_path: Path, speech: SpeechFactory
 ) -> None:
-    raw = models.read_ct2_file(os.path.join(bundled, "model.bin"))
+    raw = model_convert.read_ct2_file(os.path.join(bundled, "model.bin"))
     quantized = write_ct2_folder(tmp_path / "int8", _int8_quantized(raw.variables), raw.aliases)
-    _, reference = models.parse_ct2_model(bundled)
+    _, reference = model_convert.parse_ct2_model(bundled)
 
-    dims, state = models.parse_ct2_model(str(quantized))
+    dims, state = model_convert.parse_ct2_model(str(quantized))
 
     assert dims == TINY_EN_DIMS
     query = "decoder.blocks.1.attn.query.weight"
@@ -134,9 +134,9 @@ def test_int8_quantized_folder_imports_and_transcribes(
 
 
 def test_conversion_splits_fused_attention_and_keeps_the_tied_embedding(bundled: str) -> None:
-    raw = models.read_ct2_file(os.path.join(bundled, "model.bin"))
+    raw = model_convert.read_ct2_file(os.path.join(bundled, "model.bin"))
 
-    _, state = models.parse_ct2_model(bundled)
+    _, state = model_convert.parse_ct2_model(bundled)
 
     fused = raw.variables["encoder/layer_2/self_attention/linear_0/weight"]
     width = fused.shape[1]
@@ -156,7 +156,7 @@ def test_models_dir_fixture_holds_a_loadable_tiny_en(models_dir: Path) -> None:
 
 
 def test_unknown_dimensions_need_a_name(bundled: str, tmp_path: Path) -> None:
-    raw = models.read_ct2_file(os.path.join(bundled, "model.bin"))
+    raw = model_convert.read_ct2_file(os.path.join(bundled, "model.bin"))
     three_layers = {name: value for name, value in raw.variables.items() if "/layer_3/" not in name}
     source = write_ct2_folder(tmp_path / "custom", three_layers, raw.aliases)
 
@@ -250,7 +250,7 @@ def test_truncated_model_bin(bundled: str, tmp_path: Path, keep: int) -> None:
         (tmp_path / "model.bin").write_bytes(source.read(keep))
 
     with pytest.raises(ModelImportError, match="truncated") as error:
-        models.parse_ct2_model(str(tmp_path))
+        model_convert.parse_ct2_model(str(tmp_path))
     assert error.value.path == str(tmp_path / "model.bin")
     assert f"file ends at {keep} bytes" in error.value.reason
 
@@ -258,24 +258,24 @@ def test_truncated_model_bin(bundled: str, tmp_path: Path, keep: int) -> None:
 def test_unsupported_binary_version(bundled: str, tmp_path: Path) -> None:
     folder = _patched_model_bin(bundled, tmp_path, struct.pack("<I", 6), struct.pack("<I", 5))
     with pytest.raises(ModelImportError, match="binary version 5 is not supported"):
-        models.parse_ct2_model(str(folder))
+        model_convert.parse_ct2_model(str(folder))
 
 
 def test_model_that_is_not_whisper(bundled: str, tmp_path: Path) -> None:
     folder = _patched_model_bin(bundled, tmp_path, _ct2_string("WhisperSpec"), _ct2_string("TransformerSpec"))
     with pytest.raises(ModelImportError, match="'TransformerSpec', not 'WhisperSpec'"):
-        models.parse_ct2_model(str(folder))
+        model_convert.parse_ct2_model(str(folder))
 
 
 def test_integer_weights_without_scale(bundled: str, tmp_path: Path) -> None:
-    raw = models.read_ct2_file(os.path.join(bundled, "model.bin"))
+    raw = model_convert.read_ct2_file(os.path.join(bundled, "model.bin"))
     broken = _int8_quantized(raw.variables)
     del broken["encoder/layer_0/ffn/linear_0/weight_scale"]
     folder = write_ct2_folder(tmp_path / "broken", broken, raw.aliases)
     with pytest.raises(
         ModelImportError, match="encoder/layer_0/ffn/linear_0/weight holds int8 values with no scale"
     ):
-        models.parse_ct2_model(str(folder))
+        model_convert.parse_ct2_model(str(folder))
 
 
 def test_text_file_named_pt(tmp_path: Path) -> None:

@@ -22,7 +22,8 @@ from fake_nvml import ScriptedProbe
 
 from whisperd.daemon import store_job_counts, store_running_jobs
 from whisperd.jobs import FileIdentity, JobSpec
-from whisperd.metrics import Metrics, WorkerView
+from whisperd.metrics import Metrics
+from whisperd.metrics_state import WorkerView
 from whisperd.protocols import DeviceInfo
 from whisperd.queue_db import JobStore
 

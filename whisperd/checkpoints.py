@@ -21,15 +21,12 @@ import numpy.typing as npt
 
 from whisperd.atomic_files import write_stream_atomic
 from whisperd.errors import ModelImportError
+from whisperd.model_convert import DIM_KEYS, check_whisper_state, parse_ct2_model, standard_model_name
 from whisperd.models import (
     CT2_SUFFIX,
-    DIM_KEYS,
     FASTER_WHISPER,
     OPENAI_WHISPER,
     ModelInfo,
-    check_whisper_state,
-    parse_ct2_model,
-    standard_model_name,
     store_ct2_folder,
     validate_model_name,
 )

@@ -33,7 +33,9 @@ from whisperd.errors import ConfigError, StoreUnavailable, WhisperdError
 from whisperd.gpu_pool import HealthPolicy, Slot, WorkerPool, default_cpu_threads, plan_slots
 from whisperd.hook_runner import HookRunner
 from whisperd.jobs import FileIdentity, Job, JobSpec, JobState
-from whisperd.metrics import Metrics, MetricsServer, RunningJobView, WorkerView
+from whisperd.metrics import Metrics
+from whisperd.metrics_server import MetricsServer
+from whisperd.metrics_state import RunningJobView, WorkerView
 from whisperd.nvml import NvmlProbe
 from whisperd.protocols import DeviceProbe
 from whisperd.queue_db import JobStore

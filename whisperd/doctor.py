@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from whisperd import media, models
+from whisperd import media_tool, models
 from whisperd.config import Config
 from whisperd.errors import ModelImportError
 from whisperd.nvml import NvmlProbe
@@ -32,7 +32,7 @@ def run_checks(config: Config) -> Iterator[Check]:
 
 
 def _ffmpeg() -> Check:
-    ok, detail = media.ffmpeg_available()
+    ok, detail = media_tool.ffmpeg_available()
     return Check(
         name="ffmpeg", ok=ok, detail=detail, fix="" if ok else "install ffmpeg (apt-get install ffmpeg)"
     )
