@@ -488,12 +488,3 @@ SECTIONS: Mapping[str, type[Any]] = {
     "workers": WorkersConfig,
     "metrics": MetricsConfig,
 }
-
-
-def describe_keys() -> dict[str, dict[str, str]]:
-    """Every key with its documentation, per section (for docs and tests)."""
-    out: dict[str, dict[str, str]] = {}
-    sections: list[tuple[str, type[Any]]] = [*SECTIONS.items(), ("inbox", InboxConfig)]
-    for section, cls in sections:
-        out[section] = {f.name: str(f.metadata.get("doc", "")) for f in dataclasses.fields(cls)}
-    return out

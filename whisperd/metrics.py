@@ -38,7 +38,6 @@ _log = structlog.stdlib.get_logger(__name__)
 # "retry": the attempt failed and the job went back to the queue; "lease_lost":
 # another worker owns the job now. Only done/failed/cancelled/rejected end a job.
 OUTCOMES = ("done", "failed", "cancelled", "rejected", "retry", "lease_lost")
-CANCEL_PHASES = ("queued", "running")
 REJECT_REASONS = (
     "symlink",
     "too_large",

@@ -44,9 +44,6 @@ from whisperd.errors import ModelNotFoundError
 from whisperd.jobs import DecodeOptions, TranscriptResult
 from whisperd.protocols import JobControl
 
-# Mel frames per second of audio (whisper's HOP_LENGTH is 160 at 16 kHz).
-FRAMES_PER_SECOND = 100
-
 
 @dataclass(kw_only=True)
 class LoadedModel:
