@@ -1,4 +1,4 @@
-"""Whisper models on disk (layer L2): where each engine finds a model.
+"""Whisper models on disk (layer L1, stdlib only): where each engine finds a model.
 
 A models folder holds, per model name, what each engine loads:
 `<name>.pt` (an openai-whisper checkpoint) and `<name>.ct2/` (a CTranslate2
@@ -7,7 +7,8 @@ loads as it is). Offline machines fill it with `whisperd models import`: a
 CTranslate2 folder is kept for faster-whisper and converted for
 openai-whisper (model_convert.py reads it, checkpoints.py writes the .pt).
 `model_location` is the one rule for where an engine loads a model from.
-No torch, no numpy: the daemon's processes that only look models up stay light.
+No torch, no numpy: the daemon's processes that only look models up stay
+light, and both engine modules (L2) may import it.
 """
 
 from __future__ import annotations
