@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -185,6 +186,19 @@ def test_pt_import_round_trip(models_dir: Path, tmp_path: Path) -> None:
     assert models.model_location(str(folder), "my-model", models.OPENAI_WHISPER) == info.path
     assert models.model_location(str(folder), "absent", models.OPENAI_WHISPER) is None
     assert [name for name in os.listdir(folder)] == ["my-model.pt"]  # no temp file left behind
+
+
+def test_an_imported_checkpoint_is_readable_by_the_daemons_user_whatever_the_umask(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "models"
+    old = os.umask(0o077)  # an operator's private umask must not hide the model from the daemon
+    try:
+        info = import_model(str(models_dir / "tiny.en.pt"), str(folder), "private")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(info.path).st_mode) == 0o644
+    assert os.listdir(folder) == ["private.pt"]
 
 
 def test_import_refuses_to_overwrite_unless_asked(models_dir: Path, tmp_path: Path) -> None:
