@@ -124,7 +124,7 @@ def make_random(folder: Path, arches: Sequence[str]) -> list[Path]:
     import numpy as np
 
     from whisperd.checkpoints import save_checkpoint
-    from whisperd.models import whisper_state_shapes
+    from whisperd.model_convert import whisper_state_shapes
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 from daemon_harness import DaemonUnderTest
 
-from whisperd import models
+from whisperd import model_convert, models
 
 # Plain English sentences, 8-15 s each when espeak-ng speaks them at speed 150.
 SENTENCES: tuple[str, ...] = (
@@ -121,7 +121,7 @@ def _converter_fingerprint() -> str:
     """Changes whenever the converter's code does, so a fixed bug never hides in the cache."""
     digest = hashlib.sha256()
     package = Path(models.__file__).parent
-    for name in ("models.py", "checkpoints.py"):
+    for name in ("model_convert.py", "checkpoints.py", "atomic_files.py"):
         digest.update((package / name).read_bytes())
     return digest.hexdigest()[:12]
 
@@ -135,7 +135,7 @@ def _converted_tiny_en(ct2_folder: str) -> Path:
     key = f"tiny.en-{source.st_size}-{source.st_mtime_ns}-{_converter_fingerprint()}"
     cached = cache / f"{key}.pt"
     if not cached.exists():
-        dims, state = models.parse_ct2_model(ct2_folder)
+        dims, state = model_convert.parse_ct2_model(ct2_folder)
         save_checkpoint(dims, state, str(cached))
         for stale in cache.glob("tiny.en-*.pt"):
             if stale != cached:

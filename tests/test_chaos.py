@@ -22,8 +22,8 @@ import pytest
 from conftest import SpeechFactory, missing_install
 from daemon_harness import DaemonUnderTest, WrappedDaemon
 
+from whisperd.atomic_files import TMP_MARKER
 from whisperd.jobs import TERMINAL_STATES, Job, JobState
-from whisperd.outputs import TMP_MARKER
 from whisperd.queue_db import JobStore
 
 T = TypeVar("T")

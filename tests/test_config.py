@@ -7,19 +7,33 @@ person does (the real CLI in a subprocess: message on stderr, exit code).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from daemon_harness import WHISPERD
 
-from whisperd.config import describe_keys, load_config
+from whisperd.config import SECTIONS, InboxConfig
+from whisperd.config_load import load_config
 from whisperd.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def describe_keys() -> dict[str, dict[str, str]]:
+    """Every key config.py defines with its documentation, per section."""
+    sections: list[tuple[str, type[Any]]] = [*SECTIONS.items(), ("inbox", InboxConfig)]
+    return {
+        section: {f.name: str(f.metadata.get("doc", "")) for f in dataclasses.fields(cls)}
+        for section, cls in sections
+    }
+
+
 SHIPPED_CONFIG = REPO / "config.toml"
 
 # A valid inbox; the cases below change one thing about it or around it.

@@ -30,7 +30,8 @@ from daemon_harness import DaemonUnderTest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from whisperd.config import DaemonConfig, load_config
+from whisperd.config import DaemonConfig
+from whisperd.config_load import load_config
 from whisperd.daemon import Daemon, watchdog_ping_seconds
 from whisperd.jobs import FileIdentity, JobState
 from whisperd.sdnotify import Notifier

@@ -21,7 +21,7 @@ from conftest import SENTENCES, SpeechFactory, require_tiny_en_folder, wer
 from daemon_harness import DaemonUnderTest
 
 from whisperd import media, models
-from whisperd.config import parse_config
+from whisperd.config_load import parse_config
 from whisperd.errors import ConfigError
 from whisperd.jobs import Job, JobState
 

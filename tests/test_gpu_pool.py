@@ -33,7 +33,7 @@ from whisperd.daemon import Daemon
 from whisperd.errors import WhisperdError
 from whisperd.gpu_pool import HealthPolicy, Slot, WorkerPool, default_cpu_threads, plan_slots
 from whisperd.jobs import DecodeOptions, FileIdentity, Job, JobSpec, JobState
-from whisperd.nvml import THROTTLE_HW_SLOWDOWN, THROTTLE_HW_THERMAL, DeviceInfo
+from whisperd.protocols import THROTTLE_HW_SLOWDOWN, THROTTLE_HW_THERMAL, DeviceInfo
 from whisperd.queue_db import JobStore
 from whisperd.worker import WorkerSettings
 

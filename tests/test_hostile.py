@@ -24,8 +24,8 @@ import pytest
 from conftest import SENTENCES, _synthesised, wer
 from daemon_harness import DaemonUnderTest, WrappedDaemon
 
+from whisperd.atomic_files import TMP_MARKER
 from whisperd.jobs import Job, JobState
-from whisperd.outputs import TMP_MARKER
 from whisperd.watcher import REASON_SYMLINK_OUTSIDE, REASON_SYMLINK_REFUSED
 
 pytestmark = pytest.mark.slow

@@ -17,9 +17,9 @@ import pytest
 from conftest import SENTENCES
 from daemon_harness import DaemonUnderTest
 
+from whisperd.atomic_files import TMP_MARKER
 from whisperd.jobs import Job, JobState
 from whisperd.names import NAME_MAX, name_bytes
-from whisperd.outputs import TMP_MARKER
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import require_tool
 
-from whisperd import media
+from whisperd import media, media_tool, protocols
 from whisperd.errors import MediaError
 
 SPOKEN_TEXT = "Please write down every word of this short sentence about the weather."
@@ -50,7 +50,7 @@ def _wav_seconds(path: Path) -> float:
 
 
 def _decoded_seconds(path: Path | str) -> float:
-    return len(media.decode_audio(str(path))) / media.SAMPLE_RATE
+    return len(media.decode_audio(str(path))) / protocols.SAMPLE_RATE
 
 
 def _media_error(call: Callable[..., object], path: Path | str, **kwargs: object) -> MediaError:
@@ -122,7 +122,9 @@ def test_every_format_decodes_to_its_length_of_16khz_mono_speech(
 
     assert audio.dtype == np.float32
     assert audio.ndim == 1
-    assert len(audio) / media.SAMPLE_RATE == pytest.approx(speech_files.seconds, abs=LENGTH_TOLERANCE_SECONDS)
+    assert len(audio) / protocols.SAMPLE_RATE == pytest.approx(
+        speech_files.seconds, abs=LENGTH_TOLERANCE_SECONDS
+    )
     assert float(np.max(np.abs(audio))) <= 1.0
     # Speech, not silence: espeak-ng speaks at a loud, steady level.
     assert float(np.sqrt(np.mean(audio**2))) > 0.02
@@ -411,7 +413,7 @@ def test_decoding_past_the_timeout_stops_ffmpeg(tmp_path: Path) -> None:
 
 
 def test_ffmpeg_available_reports_the_version() -> None:
-    ok, line = media.ffmpeg_available()
+    ok, line = media_tool.ffmpeg_available()
 
     assert ok
     assert line.startswith("ffmpeg version ")
@@ -423,7 +425,7 @@ def test_missing_ffmpeg_says_what_to_install(
     assert shutil.which("ffmpeg") is not None
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no ffmpeg, no ffprobe
 
-    ok, message = media.ffmpeg_available()
+    ok, message = media_tool.ffmpeg_available()
     assert not ok
     assert "ffmpeg not found on PATH" in message
     assert "apt-get install ffmpeg" in message

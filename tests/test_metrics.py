@@ -18,8 +18,10 @@ from structlog.testing import capture_logs
 
 from whisperd.daemon import store_job_counts, store_running_jobs
 from whisperd.jobs import FileIdentity, Job, JobSpec, JobState
-from whisperd.metrics import Metrics, MetricsServer, WorkerView
-from whisperd.nvml import THROTTLE_HW_THERMAL, DeviceInfo
+from whisperd.metrics import Metrics
+from whisperd.metrics_server import MetricsServer
+from whisperd.metrics_state import WorkerView
+from whisperd.protocols import THROTTLE_HW_THERMAL, DeviceInfo
 from whisperd.queue_db import JobStore
 
 GIB = 1024**3

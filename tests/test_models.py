@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import struct
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pytest
 import torch
 from conftest import SENTENCES, SpeechFactory, require_tiny_en_folder, wer
 
-from whisperd import models
+from whisperd import model_convert, models
 from whisperd.checkpoints import import_model, read_checkpoint_dims, save_checkpoint
 from whisperd.errors import ModelImportError
 
@@ -115,11 +118,11 @@ def test_bundled_tiny_en_imports_and_transcribes_speech(
 def test_int8_quantized_folder_imports_and_transcribes(
     bundled: str, tmp_path: Path, speech: SpeechFactory
 ) -> None:
-    raw = models.read_ct2_file(os.path.join(bundled, "model.bin"))
+    raw = model_convert.read_ct2_file(os.path.join(bundled, "model.bin"))
     quantized = write_ct2_folder(tmp_path / "int8", _int8_quantized(raw.variables), raw.aliases)
-    _, reference = models.parse_ct2_model(bundled)
+    _, reference = model_convert.parse_ct2_model(bundled)
 
-    dims, state = models.parse_ct2_model(str(quantized))
+    dims, state = model_convert.parse_ct2_model(str(quantized))
 
     assert dims == TINY_EN_DIMS
     query = "decoder.blocks.1.attn.query.weight"
@@ -132,9 +135,9 @@ def test_int8_quantized_folder_imports_and_transcribes(
 
 
 def test_conversion_splits_fused_attention_and_keeps_the_tied_embedding(bundled: str) -> None:
-    raw = models.read_ct2_file(os.path.join(bundled, "model.bin"))
+    raw = model_convert.read_ct2_file(os.path.join(bundled, "model.bin"))
 
-    _, state = models.parse_ct2_model(bundled)
+    _, state = model_convert.parse_ct2_model(bundled)
 
     fused = raw.variables["encoder/layer_2/self_attention/linear_0/weight"]
     width = fused.shape[1]
@@ -154,7 +157,7 @@ def test_models_dir_fixture_holds_a_loadable_tiny_en(models_dir: Path) -> None:
 
 
 def test_unknown_dimensions_need_a_name(bundled: str, tmp_path: Path) -> None:
-    raw = models.read_ct2_file(os.path.join(bundled, "model.bin"))
+    raw = model_convert.read_ct2_file(os.path.join(bundled, "model.bin"))
     three_layers = {name: value for name, value in raw.variables.items() if "/layer_3/" not in name}
     source = write_ct2_folder(tmp_path / "custom", three_layers, raw.aliases)
 
@@ -180,9 +183,22 @@ def test_pt_import_round_trip(models_dir: Path, tmp_path: Path) -> None:
     assert Path(info.path).read_bytes() == source.read_bytes()
     assert info.size_bytes == source.stat().st_size
     assert models.list_models(str(folder)) == [info]
-    assert models.model_path(str(folder), "my-model") == info.path
-    assert models.model_path(str(folder), "absent") is None
+    assert models.model_location(str(folder), "my-model", models.OPENAI_WHISPER) == info.path
+    assert models.model_location(str(folder), "absent", models.OPENAI_WHISPER) is None
     assert [name for name in os.listdir(folder)] == ["my-model.pt"]  # no temp file left behind
+
+
+def test_an_imported_checkpoint_is_readable_by_the_daemons_user_whatever_the_umask(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "models"
+    old = os.umask(0o077)  # an operator's private umask must not hide the model from the daemon
+    try:
+        info = import_model(str(models_dir / "tiny.en.pt"), str(folder), "private")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(info.path).st_mode) == 0o644
+    assert os.listdir(folder) == ["private.pt"]
 
 
 def test_import_refuses_to_overwrite_unless_asked(models_dir: Path, tmp_path: Path) -> None:
@@ -248,7 +264,7 @@ def test_truncated_model_bin(bundled: str, tmp_path: Path, keep: int) -> None:
         (tmp_path / "model.bin").write_bytes(source.read(keep))
 
     with pytest.raises(ModelImportError, match="truncated") as error:
-        models.parse_ct2_model(str(tmp_path))
+        model_convert.parse_ct2_model(str(tmp_path))
     assert error.value.path == str(tmp_path / "model.bin")
     assert f"file ends at {keep} bytes" in error.value.reason
 
@@ -256,24 +272,24 @@ def test_truncated_model_bin(bundled: str, tmp_path: Path, keep: int) -> None:
 def test_unsupported_binary_version(bundled: str, tmp_path: Path) -> None:
     folder = _patched_model_bin(bundled, tmp_path, struct.pack("<I", 6), struct.pack("<I", 5))
     with pytest.raises(ModelImportError, match="binary version 5 is not supported"):
-        models.parse_ct2_model(str(folder))
+        model_convert.parse_ct2_model(str(folder))
 
 
 def test_model_that_is_not_whisper(bundled: str, tmp_path: Path) -> None:
     folder = _patched_model_bin(bundled, tmp_path, _ct2_string("WhisperSpec"), _ct2_string("TransformerSpec"))
     with pytest.raises(ModelImportError, match="'TransformerSpec', not 'WhisperSpec'"):
-        models.parse_ct2_model(str(folder))
+        model_convert.parse_ct2_model(str(folder))
 
 
 def test_integer_weights_without_scale(bundled: str, tmp_path: Path) -> None:
-    raw = models.read_ct2_file(os.path.join(bundled, "model.bin"))
+    raw = model_convert.read_ct2_file(os.path.join(bundled, "model.bin"))
     broken = _int8_quantized(raw.variables)
     del broken["encoder/layer_0/ffn/linear_0/weight_scale"]
     folder = write_ct2_folder(tmp_path / "broken", broken, raw.aliases)
     with pytest.raises(
         ModelImportError, match="encoder/layer_0/ffn/linear_0/weight holds int8 values with no scale"
     ):
-        models.parse_ct2_model(str(folder))
+        model_convert.parse_ct2_model(str(folder))
 
 
 def test_text_file_named_pt(tmp_path: Path) -> None:
@@ -322,7 +338,90 @@ def test_bad_model_names(models_dir: Path, tmp_path: Path, name: str, reason: st
     with pytest.raises(ModelImportError, match=reason):
         models.validate_model_name(name)
     with pytest.raises(ModelImportError, match=reason):
-        models.model_path(str(models_dir), name)
+        models.model_location(str(models_dir), name, models.OPENAI_WHISPER)
     with pytest.raises(ModelImportError, match=reason):
         import_model(str(models_dir / "tiny.en.pt"), str(tmp_path / "models"), name)
     assert not (tmp_path / "evil.pt").exists()
+
+
+# --------------------------------------------------------------------------- one rule for where a model lives
+
+
+def _agreement_config(tmp_path: Path, folder: Path) -> Path:
+    """A config whose inboxes ask for every model form, each on its engine."""
+    lines = [f'[models]\nfolder = "{folder}"\ndefault = "pt-only"\n']
+    wanted = [
+        ("pt-only", "openai-whisper"),
+        ("cached", "openai-whisper"),
+        ("fw", "faster-whisper"),
+        ("tiny.en", "faster-whisper"),
+    ]
+    for n, (model, engine) in enumerate(wanted):
+        folders = "".join(
+            f'{key} = "{tmp_path / f"{key}{n}"}"\n' for key in ("output", "cancel", "done", "failed")
+        )
+        lines.append(
+            f'[[inbox]]\nname = "i{n}"\npath = "{tmp_path / f"in{n}"}"\n{folders}'
+            f'model = "{model}"\nengine = "{engine}"\n'
+        )
+    config = tmp_path / "config.toml"
+    config.write_text("\n".join(lines))
+    return config
+
+
+def test_workers_doctor_and_models_list_find_each_model_in_one_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from whisperd import cli, doctor, transcriber
+    from whisperd.config_load import load_config
+
+    bundled = require_tiny_en_folder()
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "pt-only.pt").write_bytes(b"weights")
+    (folder / "fw.ct2").mkdir()
+    for item in models.CT2_REQUIRED:
+        os.link(Path(bundled) / item, folder / "fw.ct2" / item)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "whisper").mkdir(parents=True)
+    (tmp_path / "cache" / "whisper" / "cached.pt").write_bytes(b"downloaded")
+    config_path = _agreement_config(tmp_path, folder)
+    config = load_config(str(config_path))
+
+    expected = {
+        ("pt-only", "openai-whisper"): str(folder / "pt-only.pt"),
+        ("cached", "openai-whisper"): str(tmp_path / "cache" / "whisper" / "cached.pt"),
+        ("fw", "faster-whisper"): str(folder / "fw.ct2"),
+        ("tiny.en", "faster-whisper"): bundled,
+    }
+    # The workers' engines: openai-whisper resolves a file, faster-whisper a folder.
+    for (name, engine), where in expected.items():
+        if engine == "openai-whisper":
+            assert transcriber.resolve_model_file(name, str(folder), allow_download=False) == where
+        else:
+            assert models.ct2_model_folder(str(folder), name) == where
+    # doctor points at the same places.
+    checks = {check.name: check for check in doctor.run_checks(config)}
+    for (name, engine), where in expected.items():
+        label = f"model {name}" if engine == "openai-whisper" else f"model {name} ({engine})"
+        assert checks[label].ok and checks[label].detail == f"available ({where})"
+    # models list shows what is in the folder and the bundled tiny.en, at those paths.
+    assert cli.main(["models", "list", "--config", str(config_path)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert expected[("pt-only", "openai-whisper")] in rows["pt-only"].split()
+    assert expected[("fw", "faster-whisper")] in rows["fw"].split()
+    assert bundled in rows["tiny.en"] and "bundled" in rows["tiny.en"]
+    # A model none of them can find is missing for all of them.
+    assert models.model_location(str(folder), "absent", models.OPENAI_WHISPER) is None
+    assert models.ct2_model_folder(str(folder), "pt-only") is None
+
+
+def test_model_commands_do_not_load_torch() -> None:
+    """`models list`, `doctor` and the CLI start without torch: only the worker's
+    engine modules (and reading or writing a checkpoint) import it."""
+    probe = (
+        "import sys, whisperd.cli, whisperd.models, whisperd.checkpoints, whisperd.doctor;"
+        "print('torch' in sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from whisperd import outputs
+from whisperd import atomic_files, outputs
 from whisperd.names import NAME_MAX, fit_name, name_bytes, split_ext
 from whisperd.worker import remove_outputs
 
@@ -81,7 +81,7 @@ def test_outputs_of_a_long_name_fit_and_renumber(tmp_path: Path, stem: str) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(Path(p).name for p in taken)
     # Removing a job's outputs also removes the temp files a crash left for them.
     target = sorted(taken)[0]
-    leftover = outputs._temp_path_for(target)
+    leftover = atomic_files.temp_path_for(target)
     Path(leftover).write_bytes(b"")
     remove_outputs([target])
     assert not os.path.lexists(leftover) and not os.path.lexists(target)

@@ -12,7 +12,8 @@ import pynvml
 import pytest
 from fake_nvml import ScriptedProbe, idle_reading
 
-from whisperd.nvml import (
+from whisperd.nvml import NvmlProbe
+from whisperd.protocols import (
     BAD_THROTTLE_REASON_NAMES,
     THROTTLE_HW_POWER_BRAKE,
     THROTTLE_HW_SLOWDOWN,
@@ -20,7 +21,6 @@ from whisperd.nvml import (
     THROTTLE_SW_THERMAL,
     DeviceInfo,
     DeviceReading,
-    NvmlProbe,
     bad_throttle_reason_names,
 )
 

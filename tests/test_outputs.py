@@ -24,10 +24,10 @@ import pytest
 import srt
 import webvtt
 
+from whisperd.atomic_files import TMP_MARKER, write_atomic
 from whisperd.errors import OutputError
 from whisperd.jobs import FileIdentity, JobSpec, JobState, Segment, TranscriptResult, Word
 from whisperd.outputs import (
-    TMP_MARKER,
     choose_output_base,
     convert_result,
     make_converter,
@@ -39,7 +39,6 @@ from whisperd.outputs import (
     render_tsv,
     render_txt,
     render_vtt,
-    write_atomic,
     write_error_note,
     write_outputs,
 )
@@ -256,6 +255,17 @@ def test_opencc_converters_change_characters() -> None:
     assert make_converter("")("漢語 汉语") == "漢語 汉语"
 
 
+def test_every_conversion_the_config_accepts_converts() -> None:
+    # The config's list is the one list: an inbox may name each of them, and
+    # every one must work when its job ends.
+    from whisperd.config import CHINESE_CONFIGS
+
+    for config in CHINESE_CONFIGS:
+        assert isinstance(make_converter(config)("漢語 汉语"), str)
+    with pytest.raises(ValueError, match="hk2sp"):
+        make_converter("hk2sp")  # opencc ships it, but no inbox can ask for it
+
+
 def test_unknown_opencc_config_names_it_and_the_valid_ones() -> None:
     with pytest.raises(ValueError, match=r"'zh-classic'.*\bs2t\b.*\bt2s\b") as info:
         make_converter("zh-classic")
@@ -424,7 +434,7 @@ def test_unwritable_folder_gives_permission_denied_and_leaves_nothing(tmp_path: 
             """
             import json, os, sys
             from whisperd.errors import OutputError
-            from whisperd.outputs import write_atomic
+            from whisperd.atomic_files import write_atomic
             os.chdir(sys.argv[1])
             if os.geteuid() == 0:
                 os.setgroups([])
@@ -461,7 +471,8 @@ def test_file_size_limit_keeps_old_outputs_and_leaves_no_temp(tmp_path: Path) ->
         """
         import json, os, resource, signal, sys
         from whisperd.errors import OutputError
-        from whisperd.outputs import write_atomic, write_outputs
+        from whisperd.atomic_files import write_atomic
+        from whisperd.outputs import write_outputs
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         folder = sys.argv[1]
@@ -516,7 +527,7 @@ def test_full_disk_says_disk_full_and_keeps_the_old_file(tiny_fs_command: list[s
         """
         import json, os, sys
         from whisperd.errors import OutputError
-        from whisperd.outputs import write_atomic
+        from whisperd.atomic_files import write_atomic
         target = os.path.join(sys.argv[1], "talk.txt")
         write_atomic(target, b"old transcript")
         try:
@@ -557,7 +568,7 @@ def test_a_writer_killed_mid_write_leaves_only_a_marked_temp_that_is_swept(tmp_p
     _run_child(
         """
         import resource, signal, sys
-        from whisperd.outputs import write_atomic
+        from whisperd.atomic_files import write_atomic
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it by default
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))

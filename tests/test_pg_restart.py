@@ -15,8 +15,8 @@ import pytest
 from conftest import SpeechFactory, missing_install
 from daemon_harness import DaemonUnderTest
 
+from whisperd.atomic_files import TMP_MARKER
 from whisperd.jobs import TERMINAL_STATES, Job, JobState
-from whisperd.outputs import TMP_MARKER
 from whisperd.queue_db import JobStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]

@@ -20,8 +20,8 @@ import webvtt
 from conftest import SENTENCES, SpeechFactory
 from daemon_harness import DaemonUnderTest
 
+from whisperd.atomic_files import TMP_MARKER
 from whisperd.jobs import Job, JobState
-from whisperd.outputs import TMP_MARKER
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import SENTENCES
 
-from whisperd import media, outputs, safepath
+from whisperd import media, outputs, protocols, safepath
 from whisperd.errors import MediaError, OutputError
 
 
@@ -115,4 +115,4 @@ def test_decode_stops_at_the_cap_on_what_is_actually_decoded(tmp_path: Path) -> 
     wav = sparse_wav(tmp_path / "hours.wav", 1_900_000_000)
     with pytest.raises(MediaError, match="longer than 30 s"):
         media.decode_audio(str(wav), max_seconds=30.0)
-    assert media.default_max_decode_seconds(1 << 30) == (1 << 30) / 4 / 8 / media.SAMPLE_RATE
+    assert media.default_max_decode_seconds(1 << 30) == (1 << 30) / 4 / 8 / protocols.SAMPLE_RATE

@@ -22,8 +22,9 @@ from fake_nvml import ScriptedProbe
 
 from whisperd.daemon import store_job_counts, store_running_jobs
 from whisperd.jobs import FileIdentity, JobSpec
-from whisperd.metrics import Metrics, WorkerView
-from whisperd.nvml import DeviceInfo
+from whisperd.metrics import Metrics
+from whisperd.metrics_state import WorkerView
+from whisperd.protocols import DeviceInfo
 from whisperd.queue_db import JobStore
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,8 +14,8 @@ from conftest import SpeechFactory
 from daemon_harness import DaemonUnderTest
 from test_metrics_truth import scrape, value
 
+from whisperd.atomic_files import TMP_MARKER
 from whisperd.jobs import TERMINAL_STATES, Job, JobState
-from whisperd.outputs import TMP_MARKER
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 

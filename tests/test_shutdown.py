@@ -12,8 +12,8 @@ import pytest
 from conftest import SENTENCES, SpeechFactory
 from daemon_harness import WHISPERD, DaemonUnderTest
 
+from whisperd.atomic_files import TMP_MARKER
 from whisperd.jobs import Job, JobState
-from whisperd.outputs import TMP_MARKER
 
 pytestmark = pytest.mark.slow
 

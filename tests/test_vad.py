@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from conftest import SENTENCES, SpeechFactory
 
-from whisperd import media, vad
+from whisperd import media, protocols, vad
 from whisperd.jobs import DecodeOptions, Segment, TranscriptResult, Word
 
-RATE = vad.SAMPLE_RATE
+RATE = protocols.SAMPLE_RATE
 VAD_ON = DecodeOptions(vad=True)
 
 

@@ -28,7 +28,7 @@ import srt
 from conftest import SENTENCES, SpeechFactory, require_tool, wer
 from daemon_harness import DaemonUnderTest
 
-from whisperd import media
+from whisperd import media, protocols
 from whisperd.jobs import JobState
 
 pytestmark = pytest.mark.slow
@@ -86,7 +86,7 @@ def transcript(inbox: dict[str, Any], stem: str) -> dict[str, Any]:
 def speech_start(path: Path) -> float:
     """Seconds into the file where the sound starts (first sample above -40 dBFS)."""
     audio = media.decode_audio(str(path))
-    return float(np.flatnonzero(np.abs(audio) > 0.01)[0]) / media.SAMPLE_RATE
+    return float(np.flatnonzero(np.abs(audio) > 0.01)[0]) / protocols.SAMPLE_RATE
 
 
 ENGINES = pytest.mark.parametrize("engine", ["openai-whisper", "faster-whisper"])

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from conftest import SENTENCES, SpeechFactory
 
-from whisperd import media
+from whisperd import media, protocols
 from whisperd.errors import JobCancelled
 from whisperd.jobs import DecodeOptions
 
-RATE = media.SAMPLE_RATE
+RATE = protocols.SAMPLE_RATE
 
 
 class Control:

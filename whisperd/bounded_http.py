@@ -1,5 +1,5 @@
 """A socketserver mixin: a bounded number of handler threads, each with a
-deadline (layer L2, used by metrics.MetricsServer).
+deadline (layer L2, used by metrics_server.MetricsServer).
 
 One local client that connects and trickles a byte now and then (slowloris)
 must not block scrapes or shutdown: every connection gets its own thread, at

@@ -1,8 +1,9 @@
-"""Writing and checking openai-whisper checkpoints; `whisperd models import`.
+"""Writing and checking openai-whisper checkpoints; `whisperd models import` (layer L4).
 
-Needs torch (to read and write .pt files) but not whisper. Only the CLI uses
-this module: the daemon's processes look models up with whisperd.models,
-which does not import torch.
+Needs torch (to read and write .pt files) but not whisper, and imports it
+only inside the functions that read or write a checkpoint: importing this
+module (the CLI does, for every command) loads no torch. The daemon's
+processes look models up with whisperd.models, which never imports torch.
 """
 
 from __future__ import annotations
@@ -11,28 +12,27 @@ import contextlib
 import os
 import pickle
 import shutil
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
-from typing import IO, Any
+from collections.abc import Iterator, Mapping
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
+from whisperd.atomic_files import write_stream_atomic
 from whisperd.errors import ModelImportError
+from whisperd.model_convert import DIM_KEYS, check_whisper_state, parse_ct2_model, standard_model_name
 from whisperd.models import (
     CT2_SUFFIX,
-    DIM_KEYS,
     FASTER_WHISPER,
     OPENAI_WHISPER,
     ModelInfo,
-    check_whisper_state,
-    parse_ct2_model,
-    standard_model_name,
     store_ct2_folder,
     validate_model_name,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 # What torch.load raises on a file that is not a (complete) torch checkpoint,
 # or one that holds objects weights_only refuses to unpickle.
@@ -59,14 +59,18 @@ _CHECKPOINT_MODE = 0o644
 
 def save_checkpoint(dims: Mapping[str, int], state: Mapping[str, npt.NDArray[Any]], path: str) -> None:
     """Write an openai-whisper checkpoint, whole or not at all."""
+    import torch
+
     checkpoint = {
         "dims": {key: int(dims[key]) for key in DIM_KEYS},
         "model_state_dict": {key: _tensor(value) for key, value in state.items()},
     }
-    _write_atomically(path, lambda stream: torch.save(checkpoint, stream))
+    write_stream_atomic(path, lambda stream: torch.save(checkpoint, stream), mode=_CHECKPOINT_MODE)
 
 
 def _tensor(value: npt.NDArray[Any]) -> torch.Tensor:
+    import torch
+
     array = np.ascontiguousarray(value)
     if not array.flags.writeable:
         array = array.copy()  # torch warns about (and must not write through) read-only memory
@@ -80,6 +84,8 @@ def _tensor(value: npt.NDArray[Any]) -> torch.Tensor:
 
 def read_checkpoint_dims(path: str) -> dict[str, int]:
     """The dims of an openai-whisper checkpoint, after checking that whisper can load it strictly."""
+    import torch
+
     checkpoint = _load(path)
     if not isinstance(checkpoint, dict) or not {"dims", "model_state_dict"} <= checkpoint.keys():
         raise ModelImportError(path, "not an openai-whisper checkpoint (no 'dims' and 'model_state_dict')")
@@ -92,6 +98,8 @@ def read_checkpoint_dims(path: str) -> dict[str, int]:
 
 
 def _load(path: str) -> Any:
+    import torch
+
     _check_magic(path)
     try:
         # mmap: checking a multi-GB checkpoint should not read all of it.
@@ -165,7 +173,7 @@ def import_model(source: str, folder: str, name: str | None, *, replace: bool = 
         read_checkpoint_dims(source)
         target = _target(folder, _pt_default_name(source) if name is None else name, replace)
         with _write_errors(target):
-            _write_atomically(target, lambda stream: _copy_into(source, stream))
+            write_stream_atomic(target, lambda stream: _copy_into(source, stream), mode=_CHECKPOINT_MODE)
         ct2_folder = None
     else:
         raise ModelImportError(source, "no such file or folder")
@@ -221,29 +229,3 @@ def _target(folder: str, name: str, replace: bool) -> str:
 def _copy_into(source: str, stream: IO[bytes]) -> None:
     with open(source, "rb") as src:
         shutil.copyfileobj(src, stream, 1 << 20)
-
-
-def _write_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through a hidden temp file in the same folder, fsync, rename, fsync the folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            os.fchmod(stream.fileno(), _CHECKPOINT_MODE)  # mkstemp creates files only the owner can read
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from whisperd import __version__, job_report, operator_cli
-from whisperd.config import Config, load_config
+from whisperd.config import Config
+from whisperd.config_load import load_config
 from whisperd.errors import ConfigError, StoreUnavailable, WhisperdError
 from whisperd.jobs import Job, JobState
 from whisperd.terminal import terminal_safe
@@ -400,12 +401,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from whisperd.models import FASTER_WHISPER, bundled_tiny_en_folder, list_models
+    from whisperd.models import FASTER_WHISPER, list_models, model_location
 
     config = _config(args)
     found = list_models(config.models.folder)
     # The bundled tiny.en serves faster-whisper from its package, imported or not.
-    bundled = bundled_tiny_en_folder()
+    bundled = model_location(config.models.folder, "tiny.en", FASTER_WHISPER)
     bundled_line = bundled is not None and not any(
         m.name == "tiny.en" and FASTER_WHISPER in m.engines for m in found
     )

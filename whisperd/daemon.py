@@ -23,17 +23,21 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import IO, Any
 
-from whisperd import __version__, logs, outputs, reloading, renames, store_hooks, store_notify
+from whisperd import __version__, atomic_files, logs, outputs, reloading, renames, store_hooks, store_notify
 from whisperd.cancel_match import match_cancelled_file
 from whisperd.compute_types import check_compute_types
-from whisperd.config import Config, InboxConfig, load_config
+from whisperd.config import Config, InboxConfig
+from whisperd.config_load import load_config
 from whisperd.disposal import move_owed_source
 from whisperd.errors import ConfigError, StoreUnavailable, WhisperdError
 from whisperd.gpu_pool import HealthPolicy, Slot, WorkerPool, default_cpu_threads, plan_slots
 from whisperd.hook_runner import HookRunner
 from whisperd.jobs import FileIdentity, Job, JobSpec, JobState
-from whisperd.metrics import Metrics, MetricsServer, RunningJobView, WorkerView
-from whisperd.nvml import DeviceProbe, NvmlProbe
+from whisperd.metrics import Metrics
+from whisperd.metrics_server import MetricsServer
+from whisperd.metrics_state import RunningJobView, WorkerView
+from whisperd.nvml import NvmlProbe
+from whisperd.protocols import DeviceProbe
 from whisperd.queue_db import JobStore
 from whisperd.sdnotify import Notifier
 from whisperd.store_instances import InstanceEntry
@@ -1023,7 +1027,7 @@ def _state_folder_token(state_dir: str) -> str:
     if token:
         return token
     token = str(uuid.uuid4())
-    outputs.write_atomic(path, (token + "\n").encode())  # OutputError names the path and why
+    atomic_files.write_atomic(path, (token + "\n").encode())  # OutputError names the path and why
     return token
 
 

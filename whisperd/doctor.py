@@ -8,8 +8,9 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from whisperd import media, models
+from whisperd import media_tool, models
 from whisperd.config import Config
+from whisperd.errors import ModelImportError
 from whisperd.nvml import NvmlProbe
 
 
@@ -31,7 +32,7 @@ def run_checks(config: Config) -> Iterator[Check]:
 
 
 def _ffmpeg() -> Check:
-    ok, detail = media.ffmpeg_available()
+    ok, detail = media_tool.ffmpeg_available()
     return Check(
         name="ffmpeg", ok=ok, detail=detail, fix="" if ok else "install ffmpeg (apt-get install ffmpeg)"
     )
@@ -56,29 +57,31 @@ def _devices(config: Config) -> Check:
 
 
 def _models(config: Config) -> Iterator[Check]:
-    """Each model an inbox names, for the engine that inbox runs it on."""
+    """Each model an inbox names, for the engine that inbox runs it on, found
+    where that engine's worker will look (models.model_location)."""
     folder = config.models.folder
-    listed = models.list_models(folder) if os.path.isdir(folder) else []
-    found = {m.name for m in listed if models.OPENAI_WHISPER in m.engines}
     needed = {(config.models.default, config.models.engine)} | {
         (i.model or config.models.default, i.engine) for i in config.inboxes
     }
     for name, engine in sorted(needed):
         label = f"model {name}" if engine == models.OPENAI_WHISPER else f"model {name} ({engine})"
-        if engine == models.FASTER_WHISPER:
-            source = models.ct2_model_folder(folder, name)
-            if source is not None:
-                yield Check(name=label, ok=True, detail=f"available ({source})")
-            else:
-                yield Check(
-                    name=label,
-                    ok=False,
-                    detail=f"no CTranslate2 folder {name}{models.CT2_SUFFIX} in {folder}",
-                    fix=f"whisperd models import CT2_FOLDER --name {name}  "
-                    "(a folder with model.bin, config.json, tokenizer.json)",
-                )
-        elif name in found or os.path.isfile(models.whisper_cache_path(name)):
-            yield Check(name=label, ok=True, detail="available")
+        try:
+            source = models.model_location(folder, name, engine)
+        except ModelImportError as exc:
+            yield Check(
+                name=label, ok=False, detail=str(exc), fix="give the model a plain name in the config"
+            )
+            continue
+        if source is not None:
+            yield Check(name=label, ok=True, detail=f"available ({source})")
+        elif engine == models.FASTER_WHISPER:
+            yield Check(
+                name=label,
+                ok=False,
+                detail=f"no CTranslate2 folder {name}{models.CT2_SUFFIX} in {folder}",
+                fix=f"whisperd models import CT2_FOLDER --name {name}  "
+                "(a folder with model.bin, config.json, tokenizer.json)",
+            )
         else:
             yield Check(
                 name=label,

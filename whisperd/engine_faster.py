@@ -24,17 +24,13 @@ import gc
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from whisperd import vad
 from whisperd.jobs import DecodeOptions, Segment, TranscriptResult, Word
-
-if TYPE_CHECKING:
-    from whisperd.transcriber import JobControl
-
-ENGINE = "faster-whisper"
+from whisperd.protocols import JobControl
 
 # What "auto" means per device kind: int8 is faster-whisper's fast CPU type,
 # float16 the native GPU one.
@@ -72,14 +68,6 @@ def resolve_compute_type(compute_type: str, device: str) -> str:
     if compute_type == "auto":
         return AUTO_COMPUTE_TYPE[device_type(device)[0]]
     return compute_type
-
-
-def supported_compute_types(device: str) -> set[str]:
-    """Compute types CTranslate2 can run on this kind of device."""
-    import ctranslate2
-
-    kind, index = device_type(device)
-    return set(ctranslate2.get_supported_compute_types(kind, index))
 
 
 def _rss_bytes() -> int:

@@ -23,8 +23,8 @@ from whisperd import liveness, logs
 from whisperd.config import WorkersConfig
 from whisperd.errors import WhisperdError
 from whisperd.jobs import Job, JobState
-from whisperd.metrics import WorkerView
-from whisperd.nvml import DeviceProbe
+from whisperd.metrics_state import WorkerView
+from whisperd.protocols import DeviceProbe
 from whisperd.queue_db import JobStore
 from whisperd.worker import (
     Doorbell,

@@ -52,6 +52,10 @@ class FileIdentity:
     def of(cls, path: str) -> FileIdentity:
         return cls.from_stat(os.stat(path, follow_symlinks=False))
 
+    def same_file(self, other: FileIdentity) -> bool:
+        """Same device and inode: the same file, whatever its name, size or mtime now."""
+        return self.device == other.device and self.inode == other.inode
+
     def same_content(self, other: FileIdentity) -> bool:
         """Same size and mtime: what a copy into the cancel folder keeps."""
         return self.size == other.size and self.mtime_ns == other.mtime_ns

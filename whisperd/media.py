@@ -20,16 +20,10 @@ can act on.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
-import selectors
-import shutil
-import signal
 import stat
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,19 +31,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from whisperd import safepath
+from whisperd import media_tool, safepath
 from whisperd.errors import MediaError
-
-# prctl(2) option: signal this process when its parent dies.
-_PR_SET_PDEATHSIG = 1
+from whisperd.protocols import SAMPLE_RATE
 
 # ffmpeg writes s16le: two bytes a sample.
 _BYTES_PER_SAMPLE = 2
 # Peak bytes of memory a decoded sample costs (see default_max_decode_seconds).
 _DECODE_BYTES_PER_SAMPLE = 8
-
-# Sample rate whisper models expect; decode_audio resamples to it.
-SAMPLE_RATE = 16000
 
 # Demuxers ffmpeg may use on a source file: audio and video containers and raw
 # audio streams. Every other demuxer is refused, and on purpose: hls, dash,
@@ -105,19 +94,10 @@ ALLOWED_DEMUXERS: tuple[str, ...] = (
     "xwma",
 )
 
-# How much of a tool's stderr is kept for error messages; the end holds the
-# error, and a broken file can make ffmpeg print megabytes of warnings.
-STDERR_KEEP_BYTES = 4096
-
 # Default limit for ffprobe; reading headers takes well under a second.
 PROBE_TIMEOUT_SECONDS = 60.0
 
-# Limit for `ffmpeg -version` in ffmpeg_available().
-VERSION_TIMEOUT_SECONDS = 10.0
-
-_READ_CHUNK_BYTES = 1 << 16
 _BYTES_PER_MB = 1_000_000
-_INSTALL_HINT = "install ffmpeg (Debian/Ubuntu: apt-get install ffmpeg), which also provides ffprobe"
 # "[mp3 @ 0x55d0c0ffee00] " in front of ffmpeg's log lines says nothing to a user.
 _LOG_CONTEXT = re.compile(r"^\[[^\]]* @ 0x[0-9a-f]+\]\s*")
 _NOT_WHITELISTED = re.compile(r"\[(\w+) @ 0x[0-9a-f]+\] Format not on whitelist")
@@ -139,16 +119,6 @@ class MediaInfo:
     audio_codec: str | None
 
 
-@dataclass(frozen=True, kw_only=True)
-class _ToolRun:
-    """A finished ffmpeg/ffprobe run."""
-
-    returncode: int
-    stdout: bytearray
-    # The last STDERR_KEEP_BYTES of stderr, decoded.
-    stderr_tail: str
-
-
 def probe(path: str, *, timeout: float = PROBE_TIMEOUT_SECONDS, fd: int | None = None) -> MediaInfo:
     """Read the container and stream headers of `path` with ffprobe.
 
@@ -167,7 +137,7 @@ def probe(path: str, *, timeout: float = PROBE_TIMEOUT_SECONDS, fd: int | None =
         "-show_format",
         "-show_streams",
     ]
-    run = _run_tool(args, path=path, timeout=timeout, action="reading media info", fd=fd)
+    run = media_tool.run_tool(args, path=path, timeout=timeout, action="reading media info", fd=fd)
     if run.returncode != 0:
         raise MediaError(path, _failure_reason(path, run.stderr_tail, fd))
     try:
@@ -216,11 +186,12 @@ def decode_audio(
     ]
     limit = None if max_seconds is None else int(max_seconds * SAMPLE_RATE) * _BYTES_PER_SAMPLE
     try:
-        run = _run_tool(args, path=path, timeout=timeout, action="decoding", fd=fd, max_stdout=limit)
-    except _OverLimit:
-        raise MediaError(
-            path, f"audio is longer than {_format_number(max_seconds or 0.0)} s, the limit for this worker"
-        ) from None
+        run = media_tool.run_tool(
+            args, path=path, timeout=timeout, action="decoding", fd=fd, max_stdout=limit
+        )
+    except media_tool.OverLimit:
+        longest = media_tool.format_number(max_seconds or 0.0)
+        raise MediaError(path, f"audio is longer than {longest} s, the limit for this worker") from None
     if run.returncode != 0:
         raise MediaError(path, _failure_reason(path, run.stderr_tail, fd))
     samples = np.frombuffer(run.stdout, dtype="<i2", count=len(run.stdout) // 2)
@@ -245,8 +216,8 @@ def check_source(
     if max_size_bytes > 0 and st.st_size > max_size_bytes:
         raise MediaError(
             path,
-            f"file is {_format_number(st.st_size / _BYTES_PER_MB)} MB, over the inbox limit of "
-            f"{_format_number(max_size_bytes / _BYTES_PER_MB)} MB",
+            f"file is {media_tool.format_number(st.st_size / _BYTES_PER_MB)} MB, over the inbox limit of "
+            f"{media_tool.format_number(max_size_bytes / _BYTES_PER_MB)} MB",
         )
     if fd is None:
         _check_readable(path)
@@ -256,8 +227,8 @@ def check_source(
     if max_duration_seconds > 0 and info.duration_seconds > max_duration_seconds:
         raise MediaError(
             path,
-            f"audio is {_format_number(info.duration_seconds)} s long, over the inbox limit of "
-            f"{_format_number(max_duration_seconds)} s",
+            f"audio is {media_tool.format_number(info.duration_seconds)} s long, over the inbox limit of "
+            f"{media_tool.format_number(max_duration_seconds)} s",
         )
     return info
 
@@ -311,27 +282,6 @@ def opened_source(root: str, rel_path: str, expected: tuple[int, int] | None = N
         os.close(fd)
 
 
-def ffmpeg_available() -> tuple[bool, str]:
-    """For `whisperd doctor`: (True, ffmpeg's version line) or (False, what to install)."""
-    for tool in ("ffmpeg", "ffprobe"):
-        if shutil.which(tool) is None:
-            return False, f"{tool} not found on PATH; {_INSTALL_HINT}"
-    try:
-        done = subprocess.run(
-            ["ffmpeg", "-nostdin", "-hide_banner", "-version"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=VERSION_TIMEOUT_SECONDS,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return False, f"ffmpeg does not run ({exc}); {_INSTALL_HINT}"
-    first_line = done.stdout.decode("utf-8", errors="replace").partition("\n")[0].strip()
-    if done.returncode != 0 or not first_line:
-        return False, f"ffmpeg -version failed (exit status {done.returncode}); {_INSTALL_HINT}"
-    return True, first_line
-
-
 def _input_name(path: str, fd: int | None) -> str:
     """ffmpeg's name for the input. An open descriptor is read as /dev/fd/N:
     that opens the very file the descriptor holds (seekable, unlike pipe:N),
@@ -370,104 +320,6 @@ def _check_readable(path: str) -> None:
     os.close(fd)
 
 
-def _run_tool(
-    args: list[str],
-    *,
-    path: str,
-    timeout: float | None,
-    action: str,
-    fd: int | None = None,
-    max_stdout: int | None = None,
-) -> _ToolRun:
-    """Run ffmpeg/ffprobe, collecting stdout and the tail of stderr.
-
-    The process is killed if it outlives `timeout` or if anything goes wrong
-    while reading from it, so no ffmpeg is ever left behind.
-    """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    try:
-        proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=() if fd is None else (fd,),
-            # Only a prctl call, no locks taken: safe next to the worker's threads.
-            preexec_fn=_die_with_caller,  # noqa: PLW1509
-        )
-    except FileNotFoundError as exc:
-        raise MediaError(path, f"{args[0]} not found on PATH; {_INSTALL_HINT}") from exc
-    try:
-        stdout, stderr = _collect_output(proc, deadline, max_stdout)
-        returncode = proc.wait(timeout=_remaining(deadline))
-    except subprocess.TimeoutExpired as exc:
-        raise MediaError(path, f"timed out {action} after {_format_number(timeout or 0.0)} s") from exc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
-    return _ToolRun(
-        returncode=returncode,
-        stdout=stdout,
-        stderr_tail=bytes(stderr[-STDERR_KEEP_BYTES:]).decode("utf-8", errors="replace"),
-    )
-
-
-def _collect_output(
-    proc: subprocess.Popen[bytes], deadline: float | None, max_stdout: int | None = None
-) -> tuple[bytearray, bytearray]:
-    """Read both pipes until EOF without threads; stderr is trimmed as it
-    grows; stdout over max_stdout bytes raises _OverLimit (the caller's
-    finally kills the tool)."""
-    assert proc.stdout is not None and proc.stderr is not None
-    stdout, stderr = bytearray(), bytearray()
-    buffers = {proc.stdout.fileno(): stdout, proc.stderr.fileno(): stderr}
-    with selectors.DefaultSelector() as selector:
-        for fd in buffers:
-            selector.register(fd, selectors.EVENT_READ)
-        while selector.get_map():
-            remaining = _remaining(deadline)
-            if remaining is not None and remaining <= 0:
-                raise subprocess.TimeoutExpired(proc.args, 0.0)
-            for key, _ in selector.select(remaining):
-                fd = int(key.fd)
-                chunk = os.read(fd, _READ_CHUNK_BYTES)
-                if not chunk:
-                    selector.unregister(fd)
-                    continue
-                buffers[fd] += chunk
-                if max_stdout is not None and len(stdout) > max_stdout:
-                    raise _OverLimit
-                if fd != proc.stdout.fileno() and len(stderr) > 2 * STDERR_KEEP_BYTES:
-                    del stderr[:-STDERR_KEEP_BYTES]
-    return stdout, stderr
-
-
-def _load_prctl() -> Any:
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux: the pool's group kill still applies
-        return None
-
-
-# Looked up once here: the child between fork and exec should only call it.
-_PRCTL = _load_prctl()
-
-
-def _die_with_caller() -> None:
-    """In the child, before exec: Linux kills ffmpeg when the thread that
-    started it dies (a worker the pool SIGKILLs included), so none is orphaned."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-class _OverLimit(Exception):
-    """A tool's output grew past the limit its caller set."""
-
-
 def default_max_decode_seconds(memory_bytes: int = 0) -> float:
     """Longest audio a worker decodes when no inbox limit is set: a quarter
     of memory_bytes (the worker's budget; 0: the machine's memory) at
@@ -478,10 +330,6 @@ def default_max_decode_seconds(memory_bytes: int = 0) -> float:
         except (OSError, ValueError):
             memory_bytes = 8 << 30
     return memory_bytes / 4 / _DECODE_BYTES_PER_SAMPLE / SAMPLE_RATE
-
-
-def _remaining(deadline: float | None) -> float | None:
-    return None if deadline is None else deadline - time.monotonic()
 
 
 def _failure_reason(path: str, stderr_tail: str, fd: int | None = None) -> str:
@@ -558,10 +406,3 @@ def _seconds(value: object) -> float:
     except ValueError:
         return 0.0
     return seconds if seconds > 0 and seconds != float("inf") else 0.0
-
-
-def _format_number(value: float) -> str:
-    """12.34 -> "12.3", 100.0 -> "100", 0.0042 -> "0.0042": short but never a misleading 0."""
-    if value >= 0.1:
-        return f"{value:.1f}".removesuffix(".0")
-    return f"{value:.2g}"

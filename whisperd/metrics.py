@@ -14,27 +14,21 @@ tuples below, and anything else is counted as "other" (and logged), so a
 caller's typo can neither explode the series count nor crash a hook. File
 names and job ids never become label values.
 
-`MetricsServer` serves the registry over HTTP on a thread it owns.
+The gauges read at scrape time are metrics_state.py's; `metrics_server.MetricsServer`
+serves the registry over HTTP on a thread it owns.
 """
 
 from __future__ import annotations
 
-import logging
-import socket
-import socketserver
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from collections.abc import Callable, Mapping, Sequence
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
-from whisperd.bounded_http import BoundedThreads
-from whisperd.jobs import JobState
+from whisperd.metrics_state import RunningJobView, StateCollector, WorkerView
+from whisperd.protocols import DeviceProbe
 
 _log = structlog.stdlib.get_logger(__name__)
 
@@ -44,7 +38,6 @@ _log = structlog.stdlib.get_logger(__name__)
 # "retry": the attempt failed and the job went back to the queue; "lease_lost":
 # another worker owns the job now. Only done/failed/cancelled/rejected end a job.
 OUTCOMES = ("done", "failed", "cancelled", "rejected", "retry", "lease_lost")
-CANCEL_PHASES = ("queued", "running")
 REJECT_REASONS = (
     "symlink",
     "too_large",
@@ -83,88 +76,6 @@ REALTIME_FACTOR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2
 MODEL_LOAD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
 
-def gpu_device_label(index: int) -> str:
-    """The `device` label of GPU `index` ("cuda:0"): the pool names its
-    devices the same way so GPU gauges and job metrics line up."""
-    return f"cuda:{index}"
-
-
-@dataclass(frozen=True)
-class RunningJobView:
-    """What a scrape shows about one running job (job_id is not a label)."""
-
-    job_id: int
-    inbox: str
-    # Device label the job runs on, e.g. "cuda:0" or "cpu".
-    device: str
-    # Fraction of the audio decoded so far, 0..1.
-    progress: float
-    # Seconds until it is decoded, from its own rate (None: not yet known).
-    eta_seconds: float | None = None
-
-
-@dataclass(frozen=True)
-class WorkerView:
-    """A worker process, as a scrape reads its memory."""
-
-    # Slot name ("cpu-0", "gpu0-0") and the torch device it runs on.
-    slot: str
-    device: str
-    # NVML index of the slot's GPU; None for a CPU slot (no GPU series).
-    gpu_index: int | None
-    pid: int
-
-
-def process_rss_bytes(pid: int) -> int | None:
-    """Resident memory of a live process (VmRSS of /proc/PID/status); None
-    for a process that is gone, or a zombie, which has no VmRSS."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024  # the kernel writes "VmRSS:  1234 kB"
-    except OSError:
-        return None
-    return None
-
-
-# What metrics reads from a GPU probe. nvml.NvmlProbe (and the tests' fake_nvml.ScriptedProbe)
-# fit these shapes; they are restated here because an L2 module does not
-# import another L2 module.
-class GpuInfo(Protocol):
-    @property
-    def index(self) -> int: ...
-    @property
-    def name(self) -> str: ...
-    @property
-    def uuid(self) -> str: ...
-
-
-class GpuReading(Protocol):
-    @property
-    def ok(self) -> bool: ...
-    @property
-    def healthy(self) -> bool: ...
-    @property
-    def memory_total_bytes(self) -> int: ...
-    @property
-    def memory_used_bytes(self) -> int: ...
-    @property
-    def utilization_percent(self) -> float | None: ...
-    @property
-    def temperature_c(self) -> float | None: ...
-    @property
-    def bad_throttle_reasons(self) -> tuple[str, ...]: ...
-    @property
-    def ecc_uncorrected(self) -> int | None: ...
-
-
-class GpuSource(Protocol):
-    def devices(self) -> Sequence[GpuInfo]: ...
-    def read(self, index: int) -> GpuReading: ...
-    def read_process_gpu_memory(self, index: int, pid: int) -> int | None: ...
-
-
 class Metrics:
     """The daemon's metrics: hooks for events, collectors for state.
 
@@ -184,7 +95,7 @@ class Metrics:
         *,
         job_counts: Callable[[], Mapping[str, int]],
         running_jobs: Callable[[], Sequence[RunningJobView]],
-        devices: GpuSource | None,
+        devices: DeviceProbe | None,
         version: str,
         claimable_jobs: Callable[[], int] | None = None,
         workers: Callable[[], Sequence[WorkerView]] = lambda: (),
@@ -205,7 +116,7 @@ class Metrics:
         # The state collector goes first: a source failing during a scrape is
         # then already counted in whisperd_scrape_errors_total of that scrape.
         self.registry.register(
-            _StateCollector(
+            StateCollector(
                 job_counts=job_counts,
                 claimable_jobs=claimable_jobs,
                 running_jobs=running_jobs,
@@ -515,313 +426,3 @@ class Metrics:
     def _collector_failed(self, collector: str, exc: Exception) -> None:
         self._scrape_errors.labels(collector).inc()
         _log.warning("metrics.collector_failed", collector=collector, error=str(exc))
-
-
-class _StateCollector:
-    """Reads the job store, the running jobs and the GPUs at scrape time."""
-
-    def __init__(
-        self,
-        *,
-        job_counts: Callable[[], Mapping[str, int]],
-        claimable_jobs: Callable[[], int] | None,
-        running_jobs: Callable[[], Sequence[RunningJobView]],
-        devices: GpuSource | None,
-        workers: Callable[[], Sequence[WorkerView]],
-        on_error: Callable[[str, Exception], None],
-    ) -> None:
-        self._job_counts = job_counts
-        self._claimable_jobs = claimable_jobs
-        self._running_jobs = running_jobs
-        self._devices = devices
-        self._workers = workers
-        self._on_error = on_error
-
-    def describe(self) -> Iterable[Metric]:
-        # Names only: registering must not call the sources.
-        return [
-            *self._job_families(),
-            *self._running_families(),
-            *self._gpu_families().values(),
-            *self._worker_families(),
-        ]
-
-    def collect(self) -> Iterator[Metric]:
-        yield from self._guarded("jobs", self._collect_jobs)
-        yield from self._guarded("running", self._collect_running)
-        if self._devices is not None:
-            yield from self._guarded("gpus", self._collect_gpus)
-        yield from self._guarded("workers", self._collect_workers)
-
-    def _guarded(self, name: str, collect: Callable[[], list[Metric]]) -> list[Metric]:
-        try:
-            return collect()
-        except Exception as exc:  # noqa: BLE001  (a failing source must not fail the whole scrape)
-            self._on_error(name, exc)
-            return []
-
-    @staticmethod
-    def _job_families() -> list[GaugeMetricFamily]:
-        return [
-            GaugeMetricFamily(
-                "whisperd_jobs",
-                # The whole store's count: every instance sharing it reports the same numbers.
-                "Jobs in the whole job store, by state (the same on every instance sharing it: "
-                "aggregate with max, not sum).",
-                labels=["state"],
-            ),
-            GaugeMetricFamily(
-                "whisperd_jobs_claimable",
-                # Per instance, so an alert can ask each host about its own work.
-                "Queued jobs this instance may claim: of the inboxes it watches, not paused "
-                "(another host's private inboxes are not counted).",
-            ),
-        ]
-
-    @staticmethod
-    def _running_families() -> list[GaugeMetricFamily]:
-        return [
-            GaugeMetricFamily(
-                "whisperd_running_jobs", "Jobs this instance's workers run now.", labels=["inbox", "device"]
-            ),
-            GaugeMetricFamily(
-                "whisperd_running_job_progress_ratio",
-                "Progress (0..1) of the least advanced running job: a stuck job is not hidden by others.",
-                labels=["inbox", "device"],
-            ),
-            GaugeMetricFamily(
-                "whisperd_running_job_eta_seconds",
-                "Seconds until the running job that will take longest is decoded, from its own "
-                "rate since its model was loaded (absent while no job's ETA is known).",
-                labels=["inbox", "device"],
-            ),
-        ]
-
-    @staticmethod
-    def _gpu_families() -> dict[str, GaugeMetricFamily]:
-        def gauge(name: str, doc: str, labels: Sequence[str] = ("device",)) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, doc, labels=list(labels))
-
-        return {
-            "info": gauge("whisperd_gpu_info", "Always 1; names each GPU.", ("device", "name", "uuid")),
-            "healthy": gauge(
-                "whisperd_gpu_healthy",
-                "1 when the driver answers, there is no uncorrectable ECC error and no hardware, "
-                "thermal or power-brake slowdown.",
-            ),
-            "used": gauge("whisperd_gpu_memory_used_bytes", "GPU memory in use (all processes)."),
-            "total": gauge("whisperd_gpu_memory_total_bytes", "GPU memory on the card."),
-            "util": gauge("whisperd_gpu_utilization_ratio", "Share of time the GPU was busy (0..1)."),
-            "temp": gauge("whisperd_gpu_temperature_celsius", "GPU core temperature."),
-            "throttled": gauge(
-                "whisperd_gpu_throttled",
-                "1 while the GPU is slowed down for this reason.",
-                ("device", "reason"),
-            ),
-            "ecc": gauge(
-                "whisperd_gpu_ecc_uncorrected_errors",
-                "Uncorrectable ECC errors since the driver loaded.",
-            ),
-        }
-
-    def _collect_jobs(self) -> list[Metric]:
-        counts = self._job_counts()
-        family, claimable = self._job_families()
-        # Every state is shown, so "no failed jobs" is a 0 rather than a gap.
-        states = [state.value for state in JobState]
-        for state in [*states, *sorted(set(counts) - set(states))]:
-            family.add_metric([state], float(counts.get(state, 0)))
-        if self._claimable_jobs is None:
-            return [family]
-        claimable.add_metric([], float(self._claimable_jobs()))
-        return [family, claimable]
-
-    def _collect_running(self) -> list[Metric]:
-        grouped: dict[tuple[str, str], list[RunningJobView]] = {}
-        for job in self._running_jobs():
-            grouped.setdefault((job.inbox, job.device), []).append(job)
-        running, progress, eta = self._running_families()
-        for (inbox, device), jobs in sorted(grouped.items()):
-            running.add_metric([inbox, device], float(len(jobs)))
-            progress.add_metric([inbox, device], min(min(max(j.progress, 0.0), 1.0) for j in jobs))
-            etas = [max(j.eta_seconds, 0.0) for j in jobs if j.eta_seconds is not None]
-            if etas:
-                eta.add_metric([inbox, device], max(etas))
-        return [running, progress, eta]
-
-    @staticmethod
-    def _worker_families() -> list[GaugeMetricFamily]:
-        return [
-            GaugeMetricFamily(
-                "whisperd_worker_rss_bytes",
-                "Resident memory of each worker process (its loaded models, audio and engine).",
-                labels=["slot"],
-            ),
-            GaugeMetricFamily(
-                "whisperd_worker_gpu_memory_bytes",
-                "GPU memory each GPU slot's worker process holds, as the driver reports it.",
-                labels=["slot", "device"],
-            ),
-        ]
-
-    def _collect_workers(self) -> list[Metric]:
-        rss, gpu = self._worker_families()
-        for worker in self._workers():
-            resident = process_rss_bytes(worker.pid)
-            if resident is None:
-                continue  # exited since the pool listed it: the next scrape shows its successor
-            rss.add_metric([worker.slot], float(resident))
-            if worker.gpu_index is None or self._devices is None:
-                continue
-            held = self._devices.read_process_gpu_memory(worker.gpu_index, worker.pid)
-            if held is not None:
-                gpu.add_metric([worker.slot, gpu_device_label(worker.gpu_index)], float(held))
-        return [rss, gpu]
-
-    def _collect_gpus(self) -> list[Metric]:
-        assert self._devices is not None
-        families = self._gpu_families()
-        for info in self._devices.devices():
-            device = gpu_device_label(info.index)
-            families["info"].add_metric([device, info.name, info.uuid], 1.0)
-            _add_reading(families, device, self._devices.read(info.index))
-        return list(families.values())
-
-
-def _add_reading(families: Mapping[str, GaugeMetricFamily], device: str, reading: GpuReading) -> None:
-    families["healthy"].add_metric([device], 1.0 if reading.healthy else 0.0)
-    if not reading.ok:
-        return
-    families["used"].add_metric([device], float(reading.memory_used_bytes))
-    families["total"].add_metric([device], float(reading.memory_total_bytes))
-    if reading.utilization_percent is not None:
-        families["util"].add_metric([device], reading.utilization_percent / 100.0)
-    if reading.temperature_c is not None:
-        families["temp"].add_metric([device], reading.temperature_c)
-    for reason in _THROTTLE_REASONS:
-        families["throttled"].add_metric(
-            [device, reason], 1.0 if reason in reading.bad_throttle_reasons else 0.0
-        )
-    if reading.ecc_uncorrected is not None:
-        families["ecc"].add_metric([device], float(reading.ecc_uncorrected))
-
-
-# The names nvml.bad_throttle_reason_names() can give (restated: see GpuSource).
-_THROTTLE_REASONS = ("hw_slowdown", "sw_thermal", "hw_thermal", "hw_power_brake")
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        _log.debug("metrics.request", message=format % args)
-
-
-class _Server(BoundedThreads, WSGIServer):
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind looks the host up with getfqdn(), a DNS query
-        # that can stall start-up on a machine without a resolver.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
-        self.setup_environ()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Called from inside an except block. The default prints a traceback
-        # to stderr; a client that hung up or timed out is routine.
-        error = sys.exc_info()[1]
-        level = logging.DEBUG if isinstance(error, OSError) else logging.WARNING
-        _log.log(level, "metrics.request_failed", client=str(client_address), error=repr(error))
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class MetricsServer:
-    """Serves `metrics.registry` at http://host:port/metrics on a thread it owns.
-
-    host: the address to listen on; loopback by default, so the metrics are
-    not exposed beyond the machine unless configured. port: 0 picks a free
-    port (see bound_port). Each connection has its own thread (a bounded
-    number, see bounded_http) and client_timeout seconds in all, so a client
-    that trickles bytes blocks neither scrapes nor stop().
-    """
-
-    # How often the serving loop looks at its stop event, in seconds.
-    POLL_SECONDS = 0.25
-
-    def __init__(
-        self, metrics: Metrics, host: str = "127.0.0.1", port: int = 9310, *, client_timeout: float = 10.0
-    ) -> None:
-        """client_timeout: seconds a connection may stay open in all (and
-        wait for any one read), however slowly its client sends."""
-        self._app = make_wsgi_app(metrics.registry)
-        self._host = host
-        self._port = port
-        self._client_timeout = client_timeout
-        self._stopping = threading.Event()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def bound_port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("the metrics server has not been started")
-        return int(self._server.server_address[1])
-
-    def start(self) -> None:
-        """Bind and start serving; raises OSError naming the address if the
-        port cannot be had."""
-        if self._thread is not None:
-            raise RuntimeError("the metrics server was already started")
-        server_class = _Server6 if ":" in self._host else _Server
-        try:
-            server = make_server(
-                self._host,
-                self._port,
-                self._app,
-                server_class=server_class,
-                handler_class=self._handler_class(),
-            )
-        except OSError as exc:
-            raise OSError(
-                exc.errno, f"metrics: cannot listen on {self._host}:{self._port}: {exc.strerror}"
-            ) from exc
-        assert isinstance(server, _Server)
-        self._server = server
-        self._server.timeout = self.POLL_SECONDS
-        self._server.request_deadline = self._client_timeout
-        self._thread = threading.Thread(target=self._serve, name="whisperd-metrics")
-        self._thread.start()
-        _log.info("metrics.listening", host=self._host, port=self.bound_port)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving and wait up to `timeout` seconds for the thread."""
-        self._stopping.set()
-        self.join(timeout)
-        if self._thread is not None and self._thread.is_alive():
-            _log.warning("metrics.stop_timeout", timeout=timeout)
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _handler_class(self) -> type[WSGIRequestHandler]:
-        # StreamRequestHandler reads its socket timeout from the class.
-        return type("_Handler", (_QuietHandler,), {"timeout": self._client_timeout})
-
-    def _serve(self) -> None:
-        server = self._server
-        assert server is not None
-        try:
-            while not self._stopping.is_set():
-                # Accepts one connection (its own thread serves it), or
-                # returns after POLL_SECONDS idle.
-                server.handle_request()
-                server.expire_stuck()
-        finally:
-            server.close_clients(self.POLL_SECONDS * 4)
-            server.server_close()

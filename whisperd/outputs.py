@@ -1,8 +1,8 @@
 """Everything a job leaves on disk: transcripts, error notes, the source move (layer L2).
 
-Outputs appear whole or not at all: each is written to a temp file in its
-target folder, fsynced, renamed into place, and the folder is fsynced. Temp
-files carry `TMP_MARKER` so a restart can sweep away what a crash left behind.
+Outputs appear whole or not at all: they are written through atomic_files
+(temp file, fsync, rename, folder fsync); the temp files a crash left are
+found and swept here (`temp_glob`, `remove_stale_temps`).
 
 Every path this module builds stays inside the folder it was given: a
 `rel_path` that is absolute or climbs out with `..` is refused.
@@ -17,41 +17,24 @@ import itertools
 import json
 import math
 import os
-import secrets
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeAlias
 
 import opencc
 
-from whisperd import safepath
+from whisperd import atomic_files, safepath
+from whisperd.atomic_files import write_atomic
+from whisperd.config import CHINESE_CONFIGS
 from whisperd.errors import OutputError
 from whisperd.jobs import OUTPUT_FORMATS, Segment, TranscriptResult
 from whisperd.names import NAME_MAX, fit_name, name_bytes, split_ext
 
-# Suffix of every temp file this module creates; the full name is
-# `.<final name>.<random>.whisperd-tmp`, in the final file's own folder so the
-# rename that publishes it never crosses a file system.
-TMP_MARKER = ".whisperd-tmp"
-
-# At most this many bytes of the final name are repeated in a temp name, so the
-# temp name stays under the usual 255-byte name limit.
-_TEMP_NAME_BYTES = 200
-
 # How many numbered names (`talk.mp3.2`, `talk (2).mp3`...) are tried before
 # giving up: far more than any real folder needs, but finite.
 _MAX_NAME_TRIES = 10_000
-
-# Reasons shown to users for the errors they can act on; others use strerror.
-_ERRNO_REASONS = {
-    errno.ENOSPC: "disk full",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.EROFS: "read-only file system",
-}
 
 # A cue text must not contain the SRT/WebVTT timing arrow.
 _ARROW = "-->"
@@ -76,152 +59,14 @@ def _checked_rel_path(rel_path: str) -> str:
     return clean
 
 
-def _describe(exc: OSError) -> str:
-    """A short reason a user can act on."""
-    if exc.errno in _ERRNO_REASONS:
-        return _ERRNO_REASONS[exc.errno]
-    return exc.strerror or str(exc)
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder or os.curdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        # Some file systems cannot fsync a folder; that is not a failed write.
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _discard(path: str) -> None:
-    """Remove a file or link if it is there; cleanup must not mask the real error."""
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-
-
-# ---------------------------------------------------------------- atomic writes
-
-
-def _temp_prefix(name: str) -> str:
-    # Deterministic, so temp_glob finds what a crash left for this name.
-    return f".{fit_name(name, limit=_TEMP_NAME_BYTES)}."
-
-
-def _temp_name_for(name: str) -> str:
-    return f"{_temp_prefix(name)}{secrets.token_hex(8)}{TMP_MARKER}"
-
-
-def _temp_path_for(path: str) -> str:
-    folder, name = os.path.split(path)
-    return os.path.join(folder, _temp_name_for(name))
+# ---------------------------------------------------------------- temp files a crash left
 
 
 def temp_glob(path: str) -> str:
     """A glob pattern matching the temp files a write of path may leave."""
     folder, name = os.path.split(path)
-    return os.path.join(glob.escape(folder), f"{glob.escape(_temp_prefix(name))}*{TMP_MARKER}")
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-@dataclass
-class _Staged:
-    """A fsynced temp file waiting to be renamed to `name`, both in the
-    folder open as dir_fd (reached from the root without following links)."""
-
-    dir_fd: int
-    tmp: str
-    name: str
-    path: str
-
-    def discard(self, which: str) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(which, dir_fd=self.dir_fd)
-
-    def close(self) -> None:
-        os.close(self.dir_fd)
-
-
-def _open_target_folder(path: str, root: str | None) -> int:
-    """The folder of path, created if missing, reached from root (default:
-    the folder itself) without following a link; OSError (ELOOP) on a link."""
-    folder = os.path.dirname(path) or os.curdir
-    if root is not None and not os.path.isabs(root):
-        # A configured folder is always absolute; a relative one would be the cwd's.
-        raise OSError(errno.EINVAL, f"folder {root!r} is not an absolute path", path)
-    base = folder if root is None else root
-    rel_dir = os.path.relpath(folder, base)
-    if rel_dir == os.pardir or rel_dir.startswith(os.pardir + os.sep):
-        raise OSError(errno.EXDEV, f"not inside its folder {base}", path)
-    return safepath.make_dirs_beneath(base, "" if rel_dir == os.curdir else rel_dir)
-
-
-def _stage(path: str, data: bytes, root: str | None) -> _Staged:
-    """Write data to a fsynced temp file next to path. On failure nothing is
-    left behind and the OSError propagates."""
-    dir_fd = _open_target_folder(path, root)
-    staged = _Staged(dir_fd, _temp_name_for(os.path.basename(path)), os.path.basename(path), path)
-    try:
-        # 0o666 so the umask decides, as for any file a program creates.
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(staged.tmp, flags, 0o666, dir_fd=dir_fd)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        staged.discard(staged.tmp)
-        staged.close()
-        raise
-    return staged
-
-
-def _fsync_fd(dir_fd: int) -> None:
-    try:
-        os.fsync(dir_fd)
-    except OSError as exc:
-        # Some file systems cannot fsync a folder; that is not a failed write.
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-
-
-def _commit(staged: _Staged) -> None:
-    # A link at the final name is replaced itself, never followed.
-    os.replace(staged.tmp, staged.name, src_dir_fd=staged.dir_fd, dst_dir_fd=staged.dir_fd)
-    _fsync_fd(staged.dir_fd)
-
-
-def write_atomic(path: str, data: bytes, root: str | None = None) -> None:
-    """Write data to path so that path is either untouched or complete.
-
-    Creates missing parent folders below root (default: path's own folder),
-    never through a link. Raises OutputError naming path and the reason
-    ("disk full", "permission denied", a link in the path...); no temp file
-    is left.
-    """
-    try:
-        staged = _stage(path, data, root)
-    except OSError as exc:
-        raise OutputError(path, _describe(exc)) from exc
-    try:
-        _commit(staged)
-    except OSError as exc:
-        staged.discard(staged.tmp)
-        raise OutputError(path, _describe(exc)) from exc
-    finally:
-        staged.close()
-
-
-def _is_temp_name(name: str) -> bool:
-    return name.startswith(".") and name.endswith(TMP_MARKER)
+    pattern = f"{glob.escape(atomic_files.temp_prefix(name))}*{atomic_files.TMP_MARKER}"
+    return os.path.join(glob.escape(folder), pattern)
 
 
 def remove_stale_temps(folder: str) -> list[str]:
@@ -234,7 +79,7 @@ def remove_stale_temps(folder: str) -> list[str]:
     removed: list[str] = []
     for root, _dirs, files in os.walk(folder):
         for name in files:
-            if not _is_temp_name(name):
+            if not atomic_files.is_temp_name(name):
                 continue
             path = os.path.join(root, name)
             try:
@@ -359,11 +204,6 @@ def render_outputs(
 # ---------------------------------------------------------------- Chinese scripts
 
 
-def chinese_configs() -> tuple[str, ...]:
-    """The OpenCC conversions the installed opencc ships (s2t, t2s, s2twp...)."""
-    return tuple(sorted(name.removesuffix(".json") for name in opencc.CONFIGS))
-
-
 def _unchanged(text: str) -> str:
     return text
 
@@ -372,9 +212,8 @@ def make_converter(config: str) -> ChineseConverter:
     """A converter for an OpenCC config name; "" converts nothing."""
     if not config:
         return _unchanged
-    valid = chinese_configs()
-    if config not in valid:
-        raise ValueError(f"unknown OpenCC config {config!r}; valid configs: {', '.join(valid)}")
+    if config not in CHINESE_CONFIGS:
+        raise ValueError(f"unknown OpenCC config {config!r}; valid configs: {', '.join(CHINESE_CONFIGS)}")
     converter = opencc.OpenCC(config)
 
     def convert(text: str) -> str:
@@ -430,13 +269,13 @@ def write_outputs(base: str, contents: Mapping[str, bytes], root: str | None = N
     the outputs this call already placed are removed.
     """
     paths = [f"{base}.{fmt}" for fmt in contents]
-    staged: list[_Staged] = []
+    staged: list[atomic_files.Staged] = []
     try:
         for path, data in zip(paths, contents.values(), strict=True):
             try:
-                staged.append(_stage(path, data, root))
+                staged.append(atomic_files.stage(path, atomic_files.bytes_writer(data), root))
             except OSError as exc:
-                raise OutputError(path, _describe(exc)) from exc
+                raise OutputError(path, atomic_files.describe(exc)) from exc
         _commit_all(staged)
     except BaseException:
         for item in staged:
@@ -448,15 +287,15 @@ def write_outputs(base: str, contents: Mapping[str, bytes], root: str | None = N
     return paths
 
 
-def _commit_all(staged: list[_Staged]) -> None:
-    placed: list[_Staged] = []
+def _commit_all(staged: list[atomic_files.Staged]) -> None:
+    placed: list[atomic_files.Staged] = []
     for item in staged:
         try:
-            _commit(item)
+            atomic_files.commit(item)
         except OSError as exc:
             for done in placed:
                 done.discard(done.name)
-            raise OutputError(item.path, _describe(exc)) from exc
+            raise OutputError(item.path, atomic_files.describe(exc)) from exc
         placed.append(item)
 
 
@@ -523,7 +362,7 @@ def _copy_across(src: str, dest: str) -> None:
     """Move src onto dest (its placeholder) across file systems: copy to a
     temp, fsync, rename over dest, then unlink src. On failure src is kept and
     dest removed, so there is always exactly one copy."""
-    tmp = _temp_path_for(dest)
+    tmp = atomic_files.temp_path_for(dest)
     try:
         shutil.copy2(src, tmp, follow_symlinks=False)
         if not os.path.islink(tmp):
@@ -533,13 +372,13 @@ def _copy_across(src: str, dest: str) -> None:
             finally:
                 os.close(fd)
         os.replace(tmp, dest)
-        _fsync_dir(os.path.dirname(dest))
+        atomic_files.fsync_dir(os.path.dirname(dest))
         # Someone else removing src meanwhile is fine: the copy is the file now.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(src)
     except BaseException:
-        _discard(tmp)
-        _discard(dest)
+        atomic_files.discard(tmp)
+        atomic_files.discard(dest)
         raise
 
 
@@ -555,8 +394,8 @@ def _move_onto(src: str, folder_fd: int, name: str, dest: str) -> None:
             raise
         _copy_across(src, dest)
     else:
-        _fsync_fd(folder_fd)
-    _fsync_dir(os.path.dirname(src))
+        atomic_files.fsync_fd(folder_fd)
+    atomic_files.fsync_dir(os.path.dirname(src))
 
 
 def _check_no_links(src: str, clean: str) -> None:
@@ -581,28 +420,28 @@ def move_source(src: str, dest_dir: str, rel_path: str) -> str:
             src, f"source file is gone (moved or deleted) before it could go to {dest_dir}"
         ) from exc
     except OSError as exc:
-        raise OutputError(src, _describe(exc)) from exc
+        raise OutputError(src, atomic_files.describe(exc)) from exc
     folder = os.path.join(dest_dir, os.path.dirname(clean))
     try:
         _check_no_links(src, clean)
     except OSError as exc:
-        raise OutputError(src, f"cannot move from here: {_describe(exc)}") from exc
+        raise OutputError(src, f"cannot move from here: {atomic_files.describe(exc)}") from exc
     try:
         # Created and entered from dest_dir without following a link: the
         # move lands inside dest_dir, whatever is swapped in meanwhile.
         folder_fd = safepath.make_dirs_beneath(dest_dir, os.path.dirname(clean))
     except OSError as exc:
-        raise OutputError(src, f"cannot move into {folder}: {_describe(exc)}") from exc
+        raise OutputError(src, f"cannot move into {folder}: {atomic_files.describe(exc)}") from exc
     try:
         try:
             name = _reserve_name(folder_fd, folder, os.path.basename(clean))
         except OSError as exc:
-            raise OutputError(src, f"cannot move into {folder}: {_describe(exc)}") from exc
+            raise OutputError(src, f"cannot move into {folder}: {atomic_files.describe(exc)}") from exc
         dest = os.path.join(folder, name)
         try:
             _move_onto(src, folder_fd, name, dest)
         except OSError as exc:
-            reason = "source file is gone" if exc.errno == errno.ENOENT else _describe(exc)
+            reason = "source file is gone" if exc.errno == errno.ENOENT else atomic_files.describe(exc)
             raise OutputError(src, f"cannot move to {dest}: {reason}") from exc
     finally:
         os.close(folder_fd)

@@ -1,5 +1,5 @@
 """`whisperd reload`: SIGHUP the running daemon and wait until it has reloaded
-(layer L2 with sdnotify: the systemd side; stdlib only).
+(layer L2 with sdnotify: the systemd side; stdlib and atomic_files only).
 
 systemd's Type=notify-reload (which makes `systemctl reload` wait for the
 daemon's READY=1) needs systemd >= 253; the unit keeps Type=notify and runs
@@ -16,6 +16,8 @@ import os
 import signal
 import time
 
+from whisperd import atomic_files
+
 COUNT_FILE = "reloads"
 LOCK_FILE = "whisperd.lock"
 
@@ -31,11 +33,8 @@ def reload_count(state_dir: str) -> int:
 
 def note_reloaded(state_dir: str) -> None:
     """Called by the daemon when a reload is done (applied or refused)."""
-    path = os.path.join(state_dir, COUNT_FILE)
-    temp = f"{path}.{os.getpid()}.tmp"
-    with open(temp, "w", encoding="utf-8") as handle:
-        handle.write(f"{reload_count(state_dir) + 1}\n")
-    os.replace(temp, path)
+    count = f"{reload_count(state_dir) + 1}\n".encode()
+    atomic_files.write_stream_atomic(os.path.join(state_dir, COUNT_FILE), atomic_files.bytes_writer(count))
 
 
 def daemon_pid(state_dir: str) -> int | None:

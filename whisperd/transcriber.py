@@ -1,7 +1,7 @@
 """The engine: the only module that imports whisper and torch (layer L2).
 
 It is imported by worker processes only; the daemon process never loads
-torch. Progress and cancel share one seam, `JobControl`: openai-whisper's
+torch. Progress and cancel share one seam, `protocols.JobControl`: openai-whisper's
 transcribe() has no abort hook, so whisperd listens at two places the engine
 already passes through:
 
@@ -30,33 +30,19 @@ import contextlib
 import dataclasses
 import gc
 import importlib
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 import whisper
 
-from whisperd import vad
+from whisperd import models, vad
 from whisperd.errors import ModelNotFoundError
 from whisperd.jobs import DecodeOptions, TranscriptResult
-
-SAMPLE_RATE = 16000
-# Mel frames per second of audio (whisper's HOP_LENGTH is 160 at 16 kHz).
-FRAMES_PER_SECOND = 100
-
-
-class JobControl(Protocol):
-    """What a running transcription reports to, and may be stopped by."""
-
-    def progress(self, fraction: float) -> None:
-        """Called with the fraction of the audio decoded so far (0..1)."""
-
-    def checkpoint(self) -> None:
-        """Called often; raises to stop the transcription."""
+from whisperd.protocols import JobControl
 
 
 @dataclass(kw_only=True)
@@ -80,20 +66,14 @@ def set_cpu_threads(threads: int) -> None:
 
 
 def resolve_model_file(name: str, folder: str, *, allow_download: bool) -> str:
-    """Path of a model's checkpoint: the models folder first, then whisper's
-    own cache. A name only whisper knows is downloaded if allowed; otherwise
-    ModelNotFoundError tells the user how to import it."""
-    in_folder = os.path.join(folder, f"{name}.pt")
-    if os.path.isfile(in_folder):
-        return in_folder
-    cache_root = os.path.join(os.path.expanduser(os.getenv("XDG_CACHE_HOME", "~/.cache")), "whisper")
-    url = whisper._MODELS.get(name)
-    if url is not None:
-        cached = os.path.join(cache_root, os.path.basename(url))
-        if os.path.isfile(cached):
-            return cached
-        if allow_download:
-            return name  # whisper.load_model downloads it into download_root
+    """Path of a model's checkpoint (models.model_location: the models folder,
+    then whisper's own cache). A name only whisper knows is downloaded if
+    allowed; otherwise ModelNotFoundError tells the user how to import it."""
+    found = models.model_location(folder, name, models.OPENAI_WHISPER)
+    if found is not None:
+        return found
+    if allow_download and name in whisper._MODELS:
+        return name  # whisper.load_model downloads it into download_root
     raise ModelNotFoundError(name, folder)
 
 

@@ -29,8 +29,8 @@ import numpy as np
 from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from whisperd.jobs import DecodeOptions, Segment, TranscriptResult, VadSummary, Word
+from whisperd.protocols import SAMPLE_RATE
 
-SAMPLE_RATE = 16000
 # Silero scores windows of 512 samples; pieces are a whole number of them.
 _WINDOW = 512
 PIECE_SECONDS = 120

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from whisperd import liveness, logs, media, outputs
+from whisperd import liveness, logs, media, outputs, protocols
 from whisperd.errors import (
     JobCancelled,
     LeaseLost,
@@ -762,7 +762,7 @@ class Worker:
             with media.opened_source(job.spec.inbox_root, job.spec.rel_path, expected) as fd:
                 audio = self._read_audio(job, heartbeat, fd)
             ensure_unchanged(job.source, read)  # grown or rewritten while decoding
-            audio_seconds = len(audio) / media.SAMPLE_RATE
+            audio_seconds = len(audio) / protocols.SAMPLE_RATE
             heartbeat.audio_seconds = audio_seconds
             session.checkpoint()
             loaded = self._cache.get(job.spec.model, job.spec.options)
