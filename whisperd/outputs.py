@@ -17,7 +17,9 @@ import itertools
 import json
 import math
 import os
+import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -35,6 +37,8 @@ from whisperd.names import NAME_MAX, fit_name, name_bytes, split_ext
 # How many numbered names (`talk.mp3.2`, `talk (2).mp3`...) are tried before
 # giving up: far more than any real folder needs, but finite.
 _MAX_NAME_TRIES = 10_000
+# Read and write size of a copy to another file system.
+COPY_CHUNK_BYTES = 1 << 20
 
 # A cue text must not contain the SRT/WebVTT timing arrow.
 _ARROW = "-->"
@@ -358,33 +362,53 @@ def _reserve_name(folder_fd: int, folder: str, name: str) -> str:
     raise FileExistsError(errno.EEXIST, "no free name", os.path.join(folder, name))
 
 
-def _copy_across(src: str, dest: str) -> None:
-    """Move src onto dest (its placeholder) across file systems: copy to a
-    temp, fsync, rename over dest, then unlink src. On failure src is kept and
-    dest removed, so there is always exactly one copy."""
-    tmp = atomic_files.temp_path_for(dest)
+def _copy_across(src: str, folder_fd: int, name: str) -> None:
+    """Move src onto `name` (its placeholder, in the folder open as folder_fd)
+    across file systems: copy into a temp in that folder, fsync, rename over
+    the placeholder, then unlink src. Every write goes through folder_fd, so a
+    link swapped in for the folder meanwhile is never followed. On failure src
+    is kept and the placeholder removed: there is always exactly one copy."""
+    tmp = atomic_files.temp_prefix(name) + secrets.token_hex(8) + atomic_files.TMP_MARKER
     try:
-        shutil.copy2(src, tmp, follow_symlinks=False)
-        if not os.path.islink(tmp):
-            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.replace(tmp, dest)
-        atomic_files.fsync_dir(os.path.dirname(dest))
+        if stat.S_ISLNK(os.lstat(src).st_mode):
+            os.symlink(os.readlink(src), tmp, dir_fd=folder_fd)  # a link job moves as a link
+        else:
+            _copy_file_into(src, folder_fd, tmp)
+        os.replace(tmp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+        atomic_files.fsync_fd(folder_fd)
         # Someone else removing src meanwhile is fine: the copy is the file now.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(src)
     except BaseException:
-        atomic_files.discard(tmp)
-        atomic_files.discard(dest)
+        for leftover in (tmp, name):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover, dir_fd=folder_fd)
         raise
 
 
-def _move_onto(src: str, folder_fd: int, name: str, dest: str) -> None:
-    """Move src onto dest (name in the folder open as folder_fd), an empty
-    placeholder, which is removed if the move fails."""
+def _copy_file_into(src: str, folder_fd: int, tmp: str) -> None:
+    """Copy src (not a link) to a new file `tmp` in the folder open as
+    folder_fd, with src's mode and times, fsynced."""
+    source = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        info = os.fstat(source)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        target = os.open(tmp, flags, 0o600, dir_fd=folder_fd)
+        try:
+            with open(source, "rb", closefd=False) as reader, open(target, "wb", closefd=False) as writer:
+                shutil.copyfileobj(reader, writer, COPY_CHUNK_BYTES)
+            os.fchmod(target, stat.S_IMODE(info.st_mode))
+            os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
+            os.fsync(target)
+        finally:
+            os.close(target)
+    finally:
+        os.close(source)
+
+
+def _move_onto(src: str, folder_fd: int, name: str) -> None:
+    """Move src onto `name` in the folder open as folder_fd (an empty
+    placeholder), which is removed if the move fails."""
     try:
         os.rename(src, name, dst_dir_fd=folder_fd)
     except OSError as exc:
@@ -392,7 +416,7 @@ def _move_onto(src: str, folder_fd: int, name: str, dest: str) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(name, dir_fd=folder_fd)
             raise
-        _copy_across(src, dest)
+        _copy_across(src, folder_fd, name)
     else:
         atomic_files.fsync_fd(folder_fd)
     atomic_files.fsync_dir(os.path.dirname(src))
@@ -439,7 +463,7 @@ def move_source(src: str, dest_dir: str, rel_path: str) -> str:
             raise OutputError(src, f"cannot move into {folder}: {atomic_files.describe(exc)}") from exc
         dest = os.path.join(folder, name)
         try:
-            _move_onto(src, folder_fd, name, dest)
+            _move_onto(src, folder_fd, name)
         except OSError as exc:
             reason = "source file is gone" if exc.errno == errno.ENOENT else atomic_files.describe(exc)
             raise OutputError(src, f"cannot move to {dest}: {reason}") from exc
