@@ -1,7 +1,7 @@
 """The daemon: the composition root (layer L4).
 
 Builds every part from the Config, starts them in order (store, recovery,
-metrics, workers, watcher, READY), runs the supervision loop, and stops them
+metrics, workers, intake, watcher, READY), runs the supervision loop, and stops them
 in reverse. Signal handlers only set events; the loop acts on them.
 """
 
