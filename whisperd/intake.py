@@ -5,15 +5,12 @@ Intake owns one thread. The watcher's settle thread only puts what it found
 and returns at once, so a store that waits out a held lock or an outage
 stalls intake alone, never settling, rescans or the daemon's loop.
 
-Intake's thread builds the job specs, queues them (a batch per transaction),
-skips late sightings, records a new file that waits for the job at its path
-to end (in the store: store_deferrals.py) and queues it once that job has
-ended, cancels the job of a file renamed away, records refused files, and
-matches cancel-folder files to their jobs (cancel_match.py).
-
-It never touches the worker pool: "wake the idle workers" and "stop this
-running job" go to the daemon through the callables of IntakeOwner, which
-only put a request on the daemon's queue; the daemon's loop acts on them.
+Intake's thread queues job specs (a batch per transaction), skips late
+sightings, records a new file waiting for the job at its path to end (in the
+store: store_deferrals.py) and queues it once that job has ended, cancels the
+job of a file renamed away, records refused files, and matches cancel-folder
+files to their jobs (cancel_match.py). It never touches the worker pool: it
+asks the daemon (IntakeOwner's callables put on the daemon's queue).
 
 An item that raises (a store error after the store's own retries, or any
 error about one file) is logged with its file, counted, and kept in intake:
@@ -39,6 +36,7 @@ from whisperd.jobs import FileIdentity, Job, JobSpec, JobState
 from whisperd.queue_db import JobStore
 from whisperd.watcher import REASON_UNSUPPORTED_PREFIX, WatchSpec
 
+# The daemon's logger, as before intake had a module: operators filter on it.
 log = logs.get_logger("whisperd.daemon")
 
 # Files that settle together are queued this many per transaction: one commit
@@ -51,11 +49,8 @@ RETRY_MAX_SECONDS = 60.0
 THREAD_NAME = "whisperd-intake"
 
 # What an item on intake's queue is about.
-SETTLED = "settled"
-CANCEL_FILE = "cancel_file"
-REJECTED = "rejected"
-CANCEL_JOB = "cancel_job"
-DEFERRED = "deferred"
+SETTLED, CANCEL_FILE, REJECTED = "settled", "cancel_file", "rejected"
+CANCEL_JOB, DEFERRED = "cancel_job", "deferred"
 
 
 class IntakeMetrics(Protocol):
@@ -285,7 +280,7 @@ class Intake:
             return  # removed by a reload meanwhile
         files = list(item.files)
         if item.failures:
-            files = [(path, identity) for path, identity in files if _still(path, identity)]
+            files = [(path, identity) for path, identity in files if _still_delivered(path, identity)]
         for first in range(0, len(files), ENQUEUE_BATCH):
             self._enqueue_batch(inbox, settings, files[first : first + ENQUEUE_BATCH])
 
@@ -472,6 +467,15 @@ def _still(path: str, identity: FileIdentity) -> bool:
     """Whether `path` still holds exactly that file (content included)."""
     try:
         return FileIdentity.of(path) == identity
+    except OSError:
+        return False
+
+
+def _still_delivered(path: str, identity: FileIdentity) -> bool:
+    """Whether a file the watcher handed over is still there as it was (the
+    watcher gave a link's target's identity or the link's own)."""
+    try:
+        return identity in (FileIdentity.of(path), FileIdentity.from_stat(os.stat(path)))
     except OSError:
         return False
 
