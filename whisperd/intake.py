@@ -191,9 +191,8 @@ class Intake:
 
     @staticmethod
     def _received(kind: str, spec: WatchSpec, paths: Sequence[str]) -> None:
-        log.debug(
-            "intake.received", kind=kind, inbox=spec.name, files=len(paths), first=os.path.basename(paths[0])
-        )
+        first = os.path.basename(paths[0]) if paths else None
+        log.debug("intake.received", kind=kind, inbox=spec.name, files=len(paths), first=first)
 
     def _put(self, item: _Item) -> None:
         with self._idle:
@@ -257,6 +256,7 @@ class Intake:
                 stage=f"intake_{item.kind}",
                 inbox=item.inbox,
                 file=os.path.basename(path) if path else None,
+                path=path or None,
                 job_id=item.job_id or None,
                 error=f"{type(exc).__name__}: {exc}",
             )
