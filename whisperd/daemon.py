@@ -1,7 +1,7 @@
 """The daemon: the composition root (layer L4).
 
 Builds every part from the Config, starts them in order (store, recovery,
-metrics, workers, watcher, READY), runs the supervision loop, and stops them
+metrics, workers, intake, watcher, READY), runs the supervision loop, and stops them
 in reverse. Signal handlers only set events; the loop acts on them.
 """
 
@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import IO, Any
 
-from whisperd import __version__, atomic_files, logs, outputs, reloading, renames, store_hooks, store_notify
-from whisperd.cancel_match import match_cancelled_file
+from whisperd import __version__, atomic_files, logs, outputs, reloading, store_hooks, store_notify
 from whisperd.compute_types import check_compute_types
 from whisperd.config import Config, InboxConfig
 from whisperd.config_load import load_config
@@ -32,7 +31,8 @@ from whisperd.disposal import move_owed_source
 from whisperd.errors import ConfigError, StoreUnavailable, WhisperdError
 from whisperd.gpu_pool import HealthPolicy, Slot, WorkerPool, default_cpu_threads, plan_slots
 from whisperd.hook_runner import HookRunner
-from whisperd.jobs import FileIdentity, Job, JobSpec, JobState
+from whisperd.intake import Intake, IntakeOwner
+from whisperd.jobs import Job, JobState
 from whisperd.metrics import Metrics
 from whisperd.metrics_server import MetricsServer
 from whisperd.metrics_state import RunningJobView, WorkerView
@@ -43,7 +43,7 @@ from whisperd.sdnotify import Notifier
 from whisperd.store_instances import InstanceEntry
 from whisperd.store_notify import StoreListener, StoreNotice
 from whisperd.store_outage import RetryPolicy
-from whisperd.watcher import REASON_UNSUPPORTED_PREFIX, Watcher, WatchSpec
+from whisperd.watcher import Watcher, WatchSpec
 from whisperd.worker import WorkerSettings, dispose_source, worker_id_for
 
 log = logs.get_logger("whisperd.daemon")
@@ -62,12 +62,9 @@ VACUUM_PAGES = 2000
 # READY=1 waits this long for the first worker to import torch and open the
 # store (seconds on a warm machine; keep well under the unit's TimeoutStartSec).
 WORKER_READY_TIMEOUT_SECONDS = 60.0
-# Files that settle together are queued this many per transaction: one commit
-# (one fsync) per batch, while the write lock is never held long enough to
-# delay a worker's claim or heartbeat noticeably; workers are woken per batch.
-ENQUEUE_BATCH = 200
 # READY waits for the files found at start to become jobs: settle_seconds
-# plus this much for looking at and queueing them; after it, READY anyway.
+# plus this much for looking at and queueing them (intake's share included);
+# after it, READY anyway.
 START_SCAN_MARGIN_SECONDS = 10.0
 # While running jobs drain on stop, ask systemd for more time at most this
 # often, each time for what is left of the grace period plus the margin.
@@ -86,6 +83,10 @@ RELOADABLE_SETTINGS = frozenset(
 )
 # In the state folder: its random id in the instance registry (store_instances.py).
 INSTANCE_ID_FILE = "instance.id"
+# How long stop() waits for intake's thread to finish the item in hand.
+INTAKE_STOP_SECONDS = 10.0
+# What intake asks of the pool (IntakeOwner), carried to the loop by a queue.
+_WAKE, _STOP_JOB = "wake", "stop_job"
 
 
 def watchdog_ping_seconds(watchdog_timeout: float | None) -> float:
@@ -128,6 +129,9 @@ class Daemon:
         self._store: JobStore | None = None
         self._pool: WorkerPool | None = None
         self._watcher: Watcher | None = None
+        self._intake: Intake | None = None
+        # Intake's thread puts (wake the workers, stop a running job), the loop takes.
+        self._pool_requests: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
         # PostgreSQL's wake-ups (store_notify.py): the listener's thread puts, the loop takes.
         self._listener: StoreListener | None = None
         self._notices: queue.SimpleQueue[StoreNotice] = queue.SimpleQueue()
@@ -141,16 +145,15 @@ class Daemon:
         self._ready = False
         # watcher.events_seen totals already added to the metrics.
         self._watcher_events_counted: dict[str, int] = {}
-        # Jobs whose cancel the metrics counted (this daemon's, the CLI's seen in the store).
+        # Jobs whose cancel the metrics counted (this daemon's, the CLI's seen in the store);
+        # the loop and intake's thread both count.
         self._cancels_counted: set[int] = set()
+        self._cancels_lock = threading.Lock()
         self._started_wall = time.time()
         self._instance = config.instance
         # This state folder's token while this daemon holds its registry row.
         self._instance_token: str | None = None
         self._next_instance_beat = 0.0
-        # (inbox, rel_path) -> a settled file waiting for the job at its path to end.
-        self._deferred: dict[tuple[str, str], tuple[JobSpec, FileIdentity]] = {}
-        self._deferred_lock = threading.Lock()
         # stage -> jobs whose recovery/sweep step raised (see _per_job).
         self._handling_errors: dict[str, int] = {}
 
@@ -249,18 +252,22 @@ class Daemon:
         # Owed deliveries (a restart) are made now.
         self._hooks = HookRunner(store, self._inboxes, on_outcome=self._metrics.hook_delivery)
         self._hooks.start()
+        self._intake = intake = self._make_intake(store)
+        intake.start()  # before the watcher, which hands it what it finds
         self._watcher = Watcher(
             [self._watch_spec(i) for i in config.inboxes],
             settle_seconds=config.daemon.settle_seconds,
             rescan_seconds=config.daemon.rescan_seconds,
-            on_settled=self._on_settled,
-            on_settled_many=self._on_settled_many,
-            on_cancel=self._on_cancel,
-            on_rejected=self._on_rejected,
+            on_settled=intake.on_settled,
+            on_settled_many=intake.on_settled_many,
+            on_cancel=intake.on_cancel,
+            on_rejected=intake.on_rejected,
         )
         self._watcher.start()  # watches first, then scans what is already there
         # READY promises that files dropped while whisperd was down are jobs.
-        if not self._watcher.wait_start_settled(config.daemon.settle_seconds + START_SCAN_MARGIN_SECONDS):
+        scan_deadline = time.monotonic() + config.daemon.settle_seconds + START_SCAN_MARGIN_SECONDS
+        settled = self._watcher.wait_start_settled(scan_deadline - time.monotonic())
+        if not (settled and intake.wait_idle(max(0.0, scan_deadline - time.monotonic()))):
             log.warning(
                 "daemon.start_scan_pending",
                 hint="files found at start are still settling; they are queued once they stop changing",
@@ -289,6 +296,7 @@ class Daemon:
             self.reload()
         assert self._pool is not None and self._store is not None
         self._handle_store_notices(now)
+        self._handle_pool_requests(now)
         # Before supervise() replaces a dead worker, so a pass that finds one
         # sends no keep-alive (and the next pass, 0.2 s later, does).
         self._keep_alive(now)
@@ -308,6 +316,9 @@ class Daemon:
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
+        if self._intake is not None:
+            self._intake.stop(INTAKE_STOP_SECONDS)  # after the watcher that feeds it
+            self._intake = None
         if self._hooks is not None:
             self._hooks.stop()  # a hook program still running is killed; its delivery stays owed
             self._hooks = None
@@ -357,6 +368,8 @@ class Daemon:
         pending = _restart_only_changes(self._config, fresh)
         self._config = fresh
         self._inboxes = {i.name: i for i in fresh.inboxes}
+        if self._intake is not None:  # before the watcher hands it files of new inboxes
+            self._intake.set_config(fresh)
         if self._watcher is not None:
             self._watcher.set_specs([self._watch_spec(i) for i in fresh.inboxes])
         if self._store is not None:
@@ -599,7 +612,8 @@ class Daemon:
                 state=job.state.value,
             )
         self._dispose_finished(self._store, older_than=DISPOSE_AFTER_SECONDS)
-        self._enqueue_deferred(self._store)
+        if self._intake is not None:
+            self._intake.check_deferred()  # files waiting for a job that has ended since
         self._retain(self._store)
         abandoned = self._store.abandon_unsubscribed_hooks()
         if abandoned:
@@ -660,9 +674,11 @@ class Daemon:
             self._metrics.set_sources_stuck(len(store.stuck_sources()))
 
     def _count_cancel(self, job: Job, *, was_running: bool) -> None:
-        if self._metrics is not None and job.id not in self._cancels_counted:
+        with self._cancels_lock:
+            if self._metrics is None or job.id in self._cancels_counted:
+                return
             self._cancels_counted.add(job.id)
-            self._metrics.job_cancelled(job.spec.inbox, was_running=was_running)
+        self._metrics.job_cancelled(job.spec.inbox, was_running=was_running)
 
     def _while_draining(self, remaining: float) -> None:
         """Called by the pool every 0.1 s while running jobs finish."""
@@ -719,170 +735,37 @@ class Daemon:
             self._pool.wake()
             log.debug("pool.woken", reason="notify", kind=store_notify.QUEUED, inboxes=sorted(woken))
 
-    # -- callbacks from the watcher's settle thread -----------------------------------
+    # -- intake (its own thread) and what it asks of the pool ----------------------
 
-    def _on_settled(self, spec: WatchSpec, path: str, identity: FileIdentity) -> None:
-        self._on_settled_many(spec, [(path, identity)])
-
-    def _on_settled_many(self, spec: WatchSpec, files: list[tuple[str, FileIdentity]]) -> None:
-        inbox = self._inboxes.get(spec.name)
-        store = self._store
-        if inbox is None or store is None:
-            return
-        default_model = self._config.models.default
-        for first in range(0, len(files), ENQUEUE_BATCH):
-            items = [
-                (
-                    inbox.job_spec(os.path.relpath(path, inbox.path), default_model),
-                    _own_identity(path, identity),
-                )
-                for path, identity in files[first : first + ENQUEUE_BATCH]
-            ]
-            queued = store.enqueue_many(
-                items, max_attempts=self._config.workers.max_attempts, skip_moved_twins=True
-            )
-            queued = [
-                self._unless_seen_late(store, item, result)
-                for item, result in zip(items, queued, strict=True)
-            ]
-            self._defer_replacements(items, queued)
-            created = [job for job, is_new in queued if is_new]
-            for job in created:
-                self._note_queued(job)
-            self._cancel_renamed_away(store, created)
-            if created and self._pool is not None:
-                self._pool.wake()
-
-    def _unless_seen_late(
-        self, store: JobStore, item: tuple[JobSpec, FileIdentity], result: tuple[Job, bool]
-    ) -> tuple[Job, bool]:
-        """A file whose path's last job moved this very file out: on a shared
-        inbox, another host ran it while this one was still looking (a late
-        sighting, skipped quietly), unless the file is back in the inbox (put
-        back by someone: a new job)."""
-        spec, identity = item
-        job, is_new = result
-        if is_new or job.state.is_active or job.disposed_at is None or job.identity != identity:
-            return result
-        try:
-            back = FileIdentity.of(spec.source) == identity
-        except OSError:
-            back = False
-        if back:
-            return store.enqueue(spec, identity, max_attempts=self._config.workers.max_attempts)
-        log.info(
-            "job.seen_late",
-            inbox=spec.inbox,
-            file=spec.rel_path,
-            job_id=job.id,
-            state=job.state.value,
-            hint="another instance already ran this file and moved it out; no job queued",
+    def _make_intake(self, store: JobStore) -> Intake:
+        owner = IntakeOwner(
+            wake_workers=functools.partial(self._ask_pool, _WAKE, 0),
+            stop_running_job=functools.partial(self._ask_pool, _STOP_JOB),
+            count_cancel=lambda job, was_running: self._count_cancel(job, was_running=was_running),
+            dispose_source=dispose_source,
+            metrics=self._metrics,
         )
-        return result
+        return Intake(store, self._config, owner, running_since=self._started_wall)
 
-    def _defer_replacements(
-        self, items: list[tuple[JobSpec, FileIdentity]], queued: list[tuple[Job, bool]]
-    ) -> None:
-        """A new file at the path of a job still active (the old one was
-        replaced): it gets its own job once that job has ended."""
-        with self._deferred_lock:
-            for (spec, identity), (job, is_new) in zip(items, queued, strict=True):
-                if not is_new and (job.identity.device, job.identity.inode) != (
-                    identity.device,
-                    identity.inode,
-                ):
-                    self._deferred[(spec.inbox, spec.rel_path)] = (spec, identity)
+    def _ask_pool(self, kind: str, job_id: int) -> None:
+        """From intake's thread: the pool is the loop's; hand it over, run now."""
+        self._pool_requests.put((kind, job_id))
+        self._signals.nudge.set()
 
-    def _enqueue_deferred(self, store: JobStore) -> None:
-        with self._deferred_lock:
-            waiting = list(self._deferred.items())
-        for key, (spec, identity) in waiting:
+    def _handle_pool_requests(self, now: float) -> None:
+        assert self._pool is not None
+        wake = False
+        while True:
             try:
-                current = FileIdentity.of(spec.source)
-            except OSError:
-                current = None
-            if current is None or (current.device, current.inode) != (identity.device, identity.inode):
-                with self._deferred_lock:
-                    self._deferred.pop(key, None)  # gone, or replaced again (the watcher reports that)
-                continue
-            job, created = store.enqueue(spec, current, max_attempts=self._config.workers.max_attempts)
-            if job.identity.inode == current.inode:
-                with self._deferred_lock:
-                    self._deferred.pop(key, None)
-            if created:
-                self._note_queued(job)
-                if self._pool is not None:
-                    self._pool.wake()
-
-    def _cancel_renamed_away(self, store: JobStore, created: list[Job]) -> None:
-        """A new job's file was queued before under another name: that job is
-        cancelled, not left to fail as vanished (renames.py). One store read
-        per batch: 2,000 files dropped at once are 10 reads, not 2,000."""
-        for old, new in renames.renamed_away(store, created):
-            self.cancel_job(old.id, reason=renames.rename_reason(new))
-
-    def _note_queued(self, job: Job) -> None:
-        spec = job.spec
-        log.info("job.queued", **logs.job_fields(job), model=spec.model)
-        if self._metrics is not None:
-            self._metrics.job_queued(spec.inbox)
-
-    def _on_cancel(self, spec: WatchSpec, path: str, identity: FileIdentity) -> None:
-        store = self._store
-        if store is None:
-            return
-        jobs = match_cancelled_file(store, spec.name, path, identity, running_since=self._started_wall)
-        if not jobs:
-            log.info(
-                "cancel.no_active_job",
-                inbox=spec.name,
-                file=os.path.basename(path),
-                hint="nothing queued or running matches this file (already done, failed or unknown)",
-            )
-            return
-        for job in jobs:
-            self.cancel_job(job.id, reason=f"moved to the cancel folder: {os.path.basename(path)}")
-
-    def cancel_job(self, job_id: int, *, reason: str) -> Job | None:
-        assert self._store is not None
-        job = self._store.request_cancel(job_id, reason=reason)
-        if job is None:
-            return None
-        fields = logs.job_fields(job)
-        if job.state is JobState.CANCELLED:
-            log.info("job.cancelled", **fields, phase="queued")
-            self._count_cancel(job, was_running=False)
-            dispose_source(self._store, job)
-        elif job.state is JobState.RUNNING and self._pool is not None:
-            log.info("job.cancelling", **fields)
-            self._count_cancel(job, was_running=True)
-            self._pool.cancel(job.id)
-        return job
-
-    def _on_rejected(self, spec: WatchSpec, path: str, reason: str) -> None:
-        inbox = self._inboxes.get(spec.name)
-        store = self._store
-        if inbox is None or store is None:
-            return
-        rel_path = os.path.relpath(path, inbox.path)
-        try:
-            identity = FileIdentity.of(path)
-        except OSError:
-            return
-        unsupported = reason.startswith(REASON_UNSUPPORTED_PREFIX)
-        if unsupported and _already_ignored(store, path, identity, reason):
-            return  # reported before (an earlier run): once is enough
-        job = store.record_rejected(
-            inbox.job_spec(rel_path, self._config.models.default), identity, reason=reason
-        )
-        log.warning("job.rejected", **logs.job_fields(job), reason=reason)
-        if self._metrics is not None:
-            self._metrics.job_rejected(inbox.name, "unsupported_extension" if unsupported else "symlink")
-        if unsupported:
-            # Not ours to move: the file stays; `whisperd status` lists it as ignored.
-            store.mark_disposed(job.id, "")
-            return
-        dispose_source(store, job)
+                kind, job_id = self._pool_requests.get_nowait()
+            except queue.Empty:
+                break
+            if kind == _STOP_JOB:
+                self._pool.cancel(job_id, now)
+            else:
+                wake = True
+        if wake:
+            self._pool.wake()
 
     # -- metrics --------------------------------------------------------------------------
 
@@ -981,14 +864,6 @@ def store_running_jobs(store: JobStore, *, instance: str | None = None) -> list[
     ]
 
 
-def _already_ignored(store: JobStore, path: str, identity: FileIdentity, reason: str) -> bool:
-    return any(
-        job.last_error == reason
-        and (job.identity.device, job.identity.inode) == (identity.device, identity.inode)
-        for job in store.find_by_source(path)
-    )
-
-
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
     """Dotted names of changed settings that a reload cannot apply."""
     changed = []
@@ -1000,17 +875,6 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
             if not same and key not in RELOADABLE_SETTINGS:
                 changed.append(key)
     return changed
-
-
-def _own_identity(path: str, identity: FileIdentity) -> FileIdentity:
-    """A symbolic link is its own job's file: the link is what moves to
-    done/, so the job records the link's identity, not its target's."""
-    if os.path.islink(path):
-        try:
-            return FileIdentity.of(path)
-        except OSError:
-            return identity
-    return identity
 
 
 def _state_folder_token(state_dir: str) -> str:

@@ -33,7 +33,7 @@ from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from whisperd import store_hooks, store_instances, store_notify
+from whisperd import store_deferrals, store_hooks, store_instances, store_notify
 from whisperd.errors import LeaseLost, StoreUnavailable, WhisperdError
 from whisperd.jobs import (
     ACTIVE_STATES,
@@ -44,6 +44,7 @@ from whisperd.jobs import (
     JobSpec,
     JobState,
 )
+from whisperd.store_deferrals import DeferredFile
 from whisperd.store_hooks import HookDelivery
 from whisperd.store_instances import InstanceEntry
 from whisperd.store_notify import StoreListener, StoreNotice
@@ -292,6 +293,14 @@ def _migration_10_claim_order(conn: Connection) -> None:
     conn.exec_driver_sql("DROP INDEX ix_jobs_claim")
 
 
+def _migration_11_deferred_files(conn: Connection) -> None:
+    # A new file waiting for the job at its path to end (store_deferrals.py):
+    # job state in the store, so a restart keeps it.
+    metadata = sa.MetaData()
+    store_deferrals.define_deferral_table(metadata)
+    metadata.create_all(conn, checkfirst=False)
+
+
 # Applied in order; the schema version is the number applied. Append, never edit.
 MIGRATIONS: tuple[Migration, ...] = (
     _migration_1_create_tables,
@@ -304,6 +313,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _migration_8_hook_deliveries,
     _migration_9_move_reason,
     _migration_10_claim_order,
+    _migration_11_deferred_files,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -317,6 +327,7 @@ JOB_OUTPUTS = _define_job_outputs(_METADATA)
 SOURCE_MOVES = _define_source_moves(_METADATA)
 SOURCE_MOVES.append_column(sa.Column(*_V9_SOURCE_MOVE_COLUMN))
 JOB_ATTEMPTS, PAUSED_INBOXES = _define_operator_tables(_METADATA)
+DEFERRED_FILES = store_deferrals.define_deferral_table(_METADATA)
 sa.Index("ix_jobs_finished", JOBS.c.finished_at)
 sa.Index("ix_jobs_state_id", JOBS.c.state, JOBS.c.id)
 sa.Index("ix_jobs_claim_order", JOBS.c.state, JOBS.c.priority.desc(), JOBS.c.id)
@@ -1874,6 +1885,95 @@ class JobStore:
         with self._reading() as conn:
             rows = conn.execute(sa.select(PAUSED_INBOXES.c.inbox, PAUSED_INBOXES.c.paused_at)).all()
         return {str(inbox): float(at) for inbox, at in rows}
+
+    # ------------------------------------------------------- deferred files ---
+
+    def defer_file(
+        self, spec: JobSpec, identity: FileIdentity, *, waits_for: int, now: float | None = None
+    ) -> None:
+        """Record that the file `identity` at spec's path waits for job
+        `waits_for` (active at that path) to end; replaces what waited there."""
+        row = {
+            "inbox": spec.inbox,
+            "rel_path": spec.rel_path,
+            "spec_json": json.dumps(spec.to_dict(), sort_keys=True),
+            "file_device": _to_int64(identity.device),
+            "file_inode": _to_int64(identity.inode),
+            "file_size": identity.size,
+            "file_mtime_ns": identity.mtime_ns,
+            "waits_for": waits_for,
+            "recorded_at": _clock(now),
+        }
+
+        def write(conn: Connection) -> None:
+            conn.execute(DEFERRED_FILES.delete().where(*_deferral_key(spec)))
+            conn.execute(DEFERRED_FILES.insert().values(**row))
+
+        self._write_racing_inserts(write)
+
+    def deferred_files(self, inboxes: Sequence[str], *, ready_only: bool = True) -> list[DeferredFile]:
+        """The files waiting in `inboxes`, oldest first; with ready_only, only
+        those whose job has ended (or is gone)."""
+        query = sa.select(DEFERRED_FILES).where(DEFERRED_FILES.c.inbox.in_(list(inboxes)))
+        if ready_only:
+            active = sa.select(JOBS.c.id).where(JOBS.c.state.in_(_ACTIVE_VALUES))
+            query = query.where(DEFERRED_FILES.c.waits_for.not_in(active.scalar_subquery()))
+        with self._reading() as conn:
+            rows = conn.execute(query.order_by(DEFERRED_FILES.c.recorded_at)).all()
+        return [_deferred_from_row(row) for row in rows]
+
+    def enqueue_deferred(
+        self, item: DeferredFile, identity: FileIdentity, *, max_attempts: int, now: float | None = None
+    ) -> tuple[Job, bool]:
+        """Queue a waiting file (now `identity`) and forget its row, in one
+        transaction. If another job is active at the path, the row waits for
+        that one instead; if that job is of this very file, the row is done."""
+        moment = _clock(now)
+
+        def write(conn: Connection) -> tuple[Job, bool]:
+            job, created = self._enqueue_in(conn, item.spec, identity, max_attempts, moment)
+            mine = _deferral_key(item.spec, item.identity)
+            same_file = (job.identity.device, job.identity.inode) == (identity.device, identity.inode)
+            if created or same_file:
+                conn.execute(DEFERRED_FILES.delete().where(*mine))
+            else:
+                conn.execute(DEFERRED_FILES.update().where(*mine).values(waits_for=job.id))
+            return job, created
+
+        return self._write_racing_inserts(write)
+
+    def forget_deferred(self, item: DeferredFile) -> bool:
+        """Drop a waiting file's row (gone, or replaced again) if it still
+        records that file. True if a row was dropped."""
+        with self._writing() as conn:
+            deleted = conn.execute(DEFERRED_FILES.delete().where(*_deferral_key(item.spec, item.identity)))
+            return int(deleted.rowcount) > 0
+
+
+def _deferral_key(spec: JobSpec, identity: FileIdentity | None = None) -> list[sa.ColumnElement[bool]]:
+    """The row of spec's path (and of that very file, when identity is given)."""
+    where = [DEFERRED_FILES.c.inbox == spec.inbox, DEFERRED_FILES.c.rel_path == spec.rel_path]
+    if identity is not None:
+        where += [
+            DEFERRED_FILES.c.file_device == _to_int64(identity.device),
+            DEFERRED_FILES.c.file_inode == _to_int64(identity.inode),
+        ]
+    return where
+
+
+def _deferred_from_row(row: Row[Any]) -> DeferredFile:
+    m = row._mapping
+    return DeferredFile(
+        spec=JobSpec.from_dict(json.loads(m["spec_json"])),
+        identity=FileIdentity(
+            device=_from_int64(int(m["file_device"])),
+            inode=_from_int64(int(m["file_inode"])),
+            size=int(m["file_size"]),
+            mtime_ns=int(m["file_mtime_ns"]),
+        ),
+        waits_for=int(m["waits_for"]),
+        recorded_at=float(m["recorded_at"]),
+    )
 
 
 def _retried(method: Callable[..., _T]) -> Callable[..., _T]:
