@@ -37,6 +37,13 @@ AFTER_OUTPUTS_REMOVED = "after_outputs_removed"
 AFTER_SOURCE_MOVED = "after_source_moved"
 AFTER_NOTE_WRITTEN = "after_note_written"
 BEFORE_MARK_DISPOSED = "before_mark_disposed"
+STEPS = (
+    AFTER_TRANSITION,
+    AFTER_OUTPUTS_REMOVED,
+    AFTER_SOURCE_MOVED,
+    AFTER_NOTE_WRITTEN,
+    BEFORE_MARK_DISPOSED,
+)
 
 
 def _no_emit(_kind: str, _fields: dict[str, Any]) -> None:

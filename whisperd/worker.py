@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from whisperd import liveness, logs, media, outputs
+from whisperd import lifecycle, liveness, logs, media, outputs
 from whisperd.errors import (
     JobCancelled,
     LeaseLost,
@@ -93,7 +93,9 @@ class WorkerSettings:
     decode_timeout_seconds: float = 900.0
 
 
-CRASH_POINTS = ("after_claim", "during_transcription", "after_outputs", "after_done")
+# The worker's own points, then the steps of the end (lifecycle.py): "after_transition"
+# is just after the job was marked done (or failed...) in the store.
+CRASH_POINTS = ("after_claim", "during_transcription", "after_outputs", *lifecycle.STEPS)
 
 
 class Flag:
