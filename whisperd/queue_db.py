@@ -1157,7 +1157,9 @@ class JobStore:
         """
         moment = _clock(now)
         with self._writing() as conn:
-            job = self._fetch(conn, job_id)
+            # Locked (PostgreSQL): a cancel asked for meanwhile waits, then sees the end.
+            row = conn.execute(sa.select(JOBS).where(JOBS.c.id == job_id).with_for_update()).first()
+            job = None if row is None else _job_from_row(row)
             if job is None or job.claim_token != token:
                 return None
             state, values = _attempt_end_values(job, end, moment)
