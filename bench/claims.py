@@ -31,7 +31,7 @@ from typing import Any
 import benchlib as bl
 import sqlalchemy as sa
 
-from whisperd.jobs import JobSpec, JobState
+from whisperd.jobs import AttemptEnd, AttemptOutcome, JobSpec, JobState
 from whisperd.queue_db import JOBS, JobStore
 
 POSTGRES_ADMIN = os.environ.get(
@@ -106,7 +106,7 @@ def claimer(url: str, name: str, start: Any, results: Any) -> None:
         if taken is None:
             break
         before = time.perf_counter()
-        assert store.finish(taken.job.id, taken.token, state=JobState.DONE)
+        assert store.end_attempt(taken.job.id, taken.token, AttemptEnd(outcome=AttemptOutcome.DONE))
         finishes.append(time.perf_counter() - before)
     results.put(
         {"name": name, "seconds": time.perf_counter() - began, "claims": claims, "finishes": finishes}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from whisperd.daemon import store_running_jobs
-from whisperd.jobs import FileIdentity, JobSpec, JobState
+from whisperd.jobs import AttemptEnd, AttemptOutcome, FileIdentity, JobSpec, JobState
 from whisperd.queue_db import JobStore
 from whisperd.store_instances import InstanceEntry
 
@@ -145,7 +145,7 @@ def test_owed_source_moves_are_listed_only_for_the_inboxes_asked_for(
         a.enqueue(*dropped(tmp_path, inbox, "x.wav"), max_attempts=3)
         claim = a.claim(worker="w/0", device="cpu", lease_seconds=LEASE, inboxes=[inbox])
         assert claim is not None
-        assert a.finish(claim.job.id, claim.token, state=JobState.DONE)
+        assert a.end_attempt(claim.job.id, claim.token, AttemptEnd(outcome=AttemptOutcome.DONE))
     assert [j.spec.inbox for j in a.undisposed(inboxes=["a-only"])] == ["a-only"]
     assert sorted(j.spec.inbox for j in a.undisposed()) == ["a-only", "b-only"]
 

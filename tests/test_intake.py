@@ -28,12 +28,12 @@ from whisperd.config import Config
 from whisperd.config_load import load_config
 from whisperd.errors import StoreUnavailable
 from whisperd.intake import ENQUEUE_BATCH, Intake, IntakeOwner
-from whisperd.jobs import FileIdentity, Job, JobSpec, JobState
+from whisperd.jobs import AttemptEnd, AttemptOutcome, FileIdentity, Job, JobSpec, JobState
+from whisperd.lifecycle import Lifecycle
 from whisperd.metrics import Metrics
 from whisperd.queue_db import JobStore
 from whisperd.store_outage import RetryPolicy
 from whisperd.watcher import WatchSpec
-from whisperd.worker import dispose_source
 
 # Generous: two busy cores shared with other tests.
 WAIT_SECONDS = 60.0
@@ -66,7 +66,7 @@ class Rig:
             wake_workers=lambda: self.requests.put(("wake", 0)),
             stop_running_job=lambda job_id: self.requests.put(("stop_job", job_id)),
             count_cancel=lambda job, running: self.metrics.job_cancelled(job.spec.inbox, was_running=running),
-            dispose_source=dispose_source,
+            settle=Lifecycle(self.store).settle_logged,
             metrics=self.metrics,
         )
         return Intake(self.store, self.config, owner, running_since=0.0)
@@ -219,7 +219,10 @@ def test_a_replacement_waits_in_the_store_and_is_queued_once_the_job_ends(rig: R
     rig.store.request_cancel(first.id, reason="test: the first take ends")
     claim = rig.store.get(first.id)
     assert claim is not None and claim.claim_token is not None
-    rig.store.cancel_running(first.id, claim.claim_token, reason="test: ended")
+    ended = rig.store.end_attempt(
+        first.id, claim.claim_token, AttemptEnd(outcome=AttemptOutcome.CANCELLED, error="test: ended")
+    )
+    assert ended is JobState.CANCELLED
     rig.intake = rig.new_intake()
     rig.intake.start()  # looks at the waiting files at once
     wait_for(lambda: len(rig.jobs_at("memo.wav")) == 2, "the replacement queued")

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from whisperd.daemon import store_job_counts, store_running_jobs
-from whisperd.jobs import FileIdentity, Job, JobSpec, JobState
+from whisperd.jobs import AttemptEnd, AttemptOutcome, FileIdentity, Job, JobSpec, JobState
 from whisperd.metrics import Metrics
 from whisperd.metrics_server import MetricsServer
 from whisperd.metrics_state import WorkerView
@@ -69,7 +69,7 @@ class StoreWithJobs:
         return self._tokens[job.id]
 
     def finish(self, job: Job) -> None:
-        assert self.store.finish(job.id, self._tokens[job.id], state=JobState.DONE)
+        assert self.store.end_attempt(job.id, self._tokens[job.id], AttemptEnd(outcome=AttemptOutcome.DONE))
 
 
 @pytest.fixture

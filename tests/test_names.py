@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from whisperd import atomic_files, outputs
+from whisperd.lifecycle import remove_outputs
 from whisperd.names import NAME_MAX, fit_name, name_bytes, split_ext
-from whisperd.worker import remove_outputs
 
 # Stems that make a name of 250-255 bytes with `.wav`: ASCII, CJK (3 bytes a
 # character), and a mix whose cut falls inside a multi-byte character.

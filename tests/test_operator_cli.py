@@ -17,7 +17,7 @@ import pytest
 from conftest import SpeechFactory, wer
 from daemon_harness import DaemonUnderTest
 
-from whisperd.jobs import FileIdentity, Job, JobSpec, JobState
+from whisperd.jobs import AttemptEnd, AttemptOutcome, FileIdentity, Job, JobSpec, JobState
 from whisperd.operator_cli import NOT_FOUND_EXIT, SOURCE_UNAVAILABLE_EXIT, WRONG_STATE_EXIT
 
 pytestmark = pytest.mark.slow
@@ -174,7 +174,7 @@ def test_the_daemon_prunes_old_finished_jobs_and_keeps_the_rest(daemon_factory: 
         job, _ = store.enqueue(spec, identity, max_attempts=1, now=at)
         claim = store.claim(worker="earlier/1/cpu0", device="cpu", lease_seconds=60, inboxes=[inbox], now=at)
         assert claim is not None and claim.job.id == job.id
-        assert store.finish(job.id, claim.token, state=JobState.DONE, now=at + 1)
+        assert store.end_attempt(job.id, claim.token, AttemptEnd(outcome=AttemptOutcome.DONE), now=at + 1)
         assert store.mark_disposed(job.id, "", now=at + 1)
         return job.id
 

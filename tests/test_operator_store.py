@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_queue_db import LEASE, T0, Inbox, claim, enqueue
 
-from whisperd.jobs import FileIdentity, JobState
+from whisperd.jobs import AttemptEnd, AttemptOutcome, FileIdentity, JobState
 from whisperd.queue_db import JobStore
 
 DAY = 86400.0
@@ -36,7 +36,9 @@ def finish_done(store: JobStore, inbox: Inbox, name: str, *, at: float, disposed
     taken = claim(store, now=at)
     assert taken.job.id == job.id
     out = str(inbox.root / f"{name}.txt")
-    assert store.finish(job.id, taken.token, state=JobState.DONE, outputs=[out], now=at + 1)
+    assert store.end_attempt(
+        job.id, taken.token, AttemptEnd(outcome=AttemptOutcome.DONE, outputs=(out,)), now=at + 1
+    )
     if disposed:
         assert store.mark_disposed(job.id, str(inbox.root / "done" / name), now=at + 1)
     return job.id
@@ -79,11 +81,16 @@ class TestHistoryRetryPause:
     def test_every_attempt_is_recorded_with_its_end(self, store: JobStore, inbox: Inbox) -> None:
         job = enqueue(store, inbox, "talk.wav", max_attempts=3)
         first = claim(store, "host/1/cpu0")
-        after = store.retry_or_fail(job.id, first.token, error="decoder crashed", now=T0 + 5, base_delay=0)
+        after = store.end_attempt(
+            job.id,
+            first.token,
+            AttemptEnd(outcome=AttemptOutcome.RETRY, error="decoder crashed", retry_base_seconds=0),
+            now=T0 + 5,
+        )
         assert after is JobState.QUEUED
         second = claim(store, "host/2/cpu0", now=T0 + 10)
         assert [a.outcome for a in store.attempts_of(job.id)] == ["queued", None]
-        assert store.finish(job.id, second.token, state=JobState.DONE, now=T0 + 20)
+        assert store.end_attempt(job.id, second.token, AttemptEnd(outcome=AttemptOutcome.DONE), now=T0 + 20)
 
         history = store.attempts_of(job.id)
         assert [(a.number, a.worker, a.outcome, a.error) for a in history] == [
@@ -95,7 +102,12 @@ class TestHistoryRetryPause:
     def test_a_failed_job_is_queued_again_as_the_same_job(self, store: JobStore, inbox: Inbox) -> None:
         job = enqueue(store, inbox, "talk.wav", max_attempts=1)
         taken = claim(store)
-        assert store.retry_or_fail(job.id, taken.token, error="not media", now=T0 + 1) is JobState.FAILED
+        assert (
+            store.end_attempt(
+                job.id, taken.token, AttemptEnd(outcome=AttemptOutcome.RETRY, error="not media"), now=T0 + 1
+            )
+            is JobState.FAILED
+        )
         store.mark_disposed(job.id, "/somewhere/failed/talk.wav", now=T0 + 1)
         (inbox.root / "talk.wav").write_bytes(b"fixed content, another size")
         fixed = FileIdentity.of(str(inbox.root / "talk.wav"))
@@ -217,9 +229,14 @@ def test_a_run_handed_back_at_shutdown_is_shown_as_not_counted(store: JobStore, 
 
     job = enqueue(store, inbox, "talk.wav", now=T0)
     first = claim(store, "host-a/0", now=T0)
-    assert store.release(job.id, first.token, reason="whisperd stopped while the job ran", now=T0 + 5)
+    assert store.end_attempt(
+        job.id,
+        first.token,
+        AttemptEnd(outcome=AttemptOutcome.RELEASED, error="whisperd stopped while the job ran"),
+        now=T0 + 5,
+    )
     second = claim(store, "host-b/0", now=T0 + 6)
-    assert store.finish(job.id, second.token, state=JobState.DONE, now=T0 + 9)
+    assert store.end_attempt(job.id, second.token, AttemptEnd(outcome=AttemptOutcome.DONE), now=T0 + 9)
     ended = store.get(job.id)
     assert ended is not None and ended.attempts == 1
     history = show_document(ended, store.attempts_of(job.id), None, [])["history"]
@@ -233,8 +250,11 @@ def test_a_job_shorter_than_a_heartbeat_still_records_its_audio_length(store: Jo
     job = enqueue(store, inbox, "short.wav", now=T0)
     taken = claim(store, now=T0)
     # No heartbeat came before it ended: finish() itself records the length.
-    assert store.finish(
-        job.id, taken.token, state=JobState.DONE, decoding_seconds=0.3, audio_seconds=3.2, now=T0 + 1
+    assert store.end_attempt(
+        job.id,
+        taken.token,
+        AttemptEnd(outcome=AttemptOutcome.DONE, decoding_seconds=0.3, audio_seconds=3.2),
+        now=T0 + 1,
     )
     done = store.get(job.id)
     assert done is not None and done.audio_seconds == 3.2

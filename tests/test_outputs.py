@@ -26,7 +26,15 @@ import webvtt
 
 from whisperd.atomic_files import TMP_MARKER, write_atomic
 from whisperd.errors import OutputError
-from whisperd.jobs import FileIdentity, JobSpec, JobState, Segment, TranscriptResult, Word
+from whisperd.jobs import (
+    AttemptEnd,
+    AttemptOutcome,
+    FileIdentity,
+    JobSpec,
+    Segment,
+    TranscriptResult,
+    Word,
+)
 from whisperd.outputs import (
     choose_output_base,
     convert_result,
@@ -335,7 +343,9 @@ class PublishingStore:
         base = choose_output_base(str(output_dir), rel_path, formats, is_taken)
         assert self.store.set_outputs(job.id, claim.token, [f"{base}.{fmt}" for fmt in formats])
         paths = write_outputs(base, {fmt: f"{rel_path} {fmt}\n".encode() for fmt in formats})
-        assert self.store.finish(job.id, claim.token, state=JobState.DONE, outputs=paths)
+        assert self.store.end_attempt(
+            job.id, claim.token, AttemptEnd(outcome=AttemptOutcome.DONE, outputs=tuple(paths))
+        )
         return paths
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from whisperd.errors import LeaseLost, WhisperdError
-from whisperd.jobs import Claim, FileIdentity, Job, JobSpec, JobState
+from whisperd.errors import WhisperdError
+from whisperd.jobs import AttemptEnd, AttemptOutcome, Claim, FileIdentity, Job, JobSpec, JobState
 from whisperd.queue_db import MIGRATIONS, SCHEMA_VERSION, JobStore, _new_row
 
 T0 = 1_700_000_000.0
@@ -104,7 +104,7 @@ class TestJobStoreContract:
     ) -> None:
         old = enqueue(store, inbox, "talk.wav")
         taken = claim(store)
-        assert store.finish(old.id, taken.token, state=JobState.DONE, now=T0 + 5)
+        assert store.end_attempt(old.id, taken.token, AttemptEnd(outcome=AttemptOutcome.DONE), now=T0 + 5)
 
         spec, identity = inbox.drop("talk.wav", b"recorded again")
         new, created = store.enqueue(spec, identity, max_attempts=3, now=T0 + 10)
@@ -163,7 +163,12 @@ class TestJobStoreContract:
         job = enqueue(store, inbox, "talk.wav", max_attempts=3)
         first = claim(store, now=T0)
 
-        state = store.retry_or_fail(job.id, first.token, error="ffmpeg crashed", now=T0, base_delay=10)
+        state = store.end_attempt(
+            job.id,
+            first.token,
+            AttemptEnd(outcome=AttemptOutcome.RETRY, error="ffmpeg crashed", retry_base_seconds=10),
+            now=T0,
+        )
 
         assert state is JobState.QUEUED
         queued = store.get(job.id)
@@ -180,7 +185,12 @@ class TestJobStoreContract:
 
         # The second failure waits twice as long.
         at = queued.not_before
-        store.retry_or_fail(job.id, second.token, error="again", now=at, base_delay=10)
+        store.end_attempt(
+            job.id,
+            second.token,
+            AttemptEnd(outcome=AttemptOutcome.RETRY, error="again", retry_base_seconds=10),
+            now=at,
+        )
         again = store.get(job.id)
         assert again is not None
         assert at + 10 <= again.not_before <= at + 30
@@ -194,7 +204,14 @@ class TestJobStoreContract:
         for _ in range(12):
             taken = claim(store, now=T0)
             # The cap (max_delay) applies before the jitter.
-            store.retry_or_fail(taken.job.id, taken.token, error="x", now=T0, base_delay=100, max_delay=40)
+            store.end_attempt(
+                taken.job.id,
+                taken.token,
+                AttemptEnd(
+                    outcome=AttemptOutcome.RETRY, error="x", retry_base_seconds=100, retry_max_seconds=40
+                ),
+                now=T0,
+            )
             delays.append(store.get(taken.job.id).not_before - T0)  # type: ignore[union-attr]
 
         assert all(20 <= d <= 60 for d in delays), delays
@@ -206,7 +223,14 @@ class TestJobStoreContract:
         states = []
         for _ in range(2):
             taken = claim(store, now=now)
-            states.append(store.retry_or_fail(job.id, taken.token, error="not audio", now=now, base_delay=1))
+            states.append(
+                store.end_attempt(
+                    job.id,
+                    taken.token,
+                    AttemptEnd(outcome=AttemptOutcome.RETRY, error="not audio", retry_base_seconds=1),
+                    now=now,
+                )
+            )
             now += 10
 
         assert states == [JobState.QUEUED, JobState.FAILED]
@@ -229,12 +253,31 @@ class TestJobStoreContract:
         assert new.job.id == job.id and new.token != old.token
 
         assert store.heartbeat(job.id, old.token, lease_seconds=10, progress=0.9, now=T0 + 13).ok is False
-        assert store.finish(job.id, old.token, state=JobState.DONE, outputs=["x.txt"], now=T0 + 13) is False
+        assert (
+            store.end_attempt(
+                job.id, old.token, AttemptEnd(outcome=AttemptOutcome.DONE, outputs=("x.txt",)), now=T0 + 13
+            )
+            is None
+        )
         assert store.set_outputs(job.id, old.token, ["x.txt"], now=T0 + 13) is False
-        assert store.release(job.id, old.token, reason="shutdown", now=T0 + 13) is False
-        assert store.cancel_running(job.id, old.token, reason="killed", now=T0 + 13) is False
-        with pytest.raises(LeaseLost):
-            store.retry_or_fail(job.id, old.token, error="boom", now=T0 + 13)
+        assert (
+            store.end_attempt(
+                job.id, old.token, AttemptEnd(outcome=AttemptOutcome.RELEASED, error="shutdown"), now=T0 + 13
+            )
+            is None
+        )
+        assert (
+            store.end_attempt(
+                job.id, old.token, AttemptEnd(outcome=AttemptOutcome.CANCELLED, error="killed"), now=T0 + 13
+            )
+            is None
+        )
+        assert (
+            store.end_attempt(
+                job.id, old.token, AttemptEnd(outcome=AttemptOutcome.RETRY, error="boom"), now=T0 + 13
+            )
+            is None
+        )
 
         current = store.get(job.id)
         assert current is not None
@@ -247,14 +290,25 @@ class TestJobStoreContract:
         assert current.attempts == 2
 
         assert store.heartbeat(job.id, new.token, lease_seconds=10, now=T0 + 14).ok
-        assert store.finish(job.id, new.token, state=JobState.DONE, outputs=["talk.txt"], now=T0 + 15)
+        assert store.end_attempt(
+            job.id, new.token, AttemptEnd(outcome=AttemptOutcome.DONE, outputs=("talk.txt",)), now=T0 + 15
+        )
 
-    def test_finish_is_idempotent_for_the_same_token_and_state(self, store: JobStore, inbox: Inbox) -> None:
+    def test_ending_is_idempotent_for_the_same_token_and_end(self, store: JobStore, inbox: Inbox) -> None:
         job = enqueue(store, inbox, "talk.wav")
         taken = claim(store)
-        assert store.finish(job.id, taken.token, state=JobState.DONE, outputs=["/o/talk.txt"], now=T0 + 5)
-        assert store.finish(job.id, taken.token, state=JobState.DONE, outputs=["/o/talk.txt"], now=T0 + 9)
-        assert store.finish(job.id, taken.token, state=JobState.FAILED, error="late", now=T0 + 9) is False
+        assert store.end_attempt(
+            job.id, taken.token, AttemptEnd(outcome=AttemptOutcome.DONE, outputs=("/o/talk.txt",)), now=T0 + 5
+        )
+        assert store.end_attempt(
+            job.id, taken.token, AttemptEnd(outcome=AttemptOutcome.DONE, outputs=("/o/talk.txt",)), now=T0 + 9
+        )
+        assert (
+            store.end_attempt(
+                job.id, taken.token, AttemptEnd(outcome=AttemptOutcome.FAILED, error="late"), now=T0 + 9
+            )
+            is None
+        )
 
         done = store.get(job.id)
         assert done is not None
@@ -263,12 +317,6 @@ class TestJobStoreContract:
         assert done.outputs == ("/o/talk.txt",)
         assert done.progress == 1.0
         assert done.last_error is None
-
-    def test_finish_refuses_a_non_terminal_state(self, store: JobStore, inbox: Inbox) -> None:
-        job = enqueue(store, inbox, "talk.wav")
-        taken = claim(store)
-        with pytest.raises(ValueError, match="terminal"):
-            store.finish(job.id, taken.token, state=JobState.QUEUED)
 
     # ------------------------------------------------ heartbeat / reclaim ---
 
@@ -339,14 +387,24 @@ class TestJobStoreContract:
         job = enqueue(store, inbox, "talk.wav", max_attempts=1)
         taken = claim(store, now=T0)
 
-        assert store.release(job.id, taken.token, reason="daemon stopping", now=T0 + 3)
+        assert store.end_attempt(
+            job.id,
+            taken.token,
+            AttemptEnd(outcome=AttemptOutcome.RELEASED, error="daemon stopping"),
+            now=T0 + 3,
+        )
 
         released = store.get(job.id)
         assert released is not None
         assert (released.state, released.attempts, released.claim_token) == (JobState.QUEUED, 0, None)
         again = claim(store, now=T0 + 3)
         assert again.job.id == job.id and again.job.attempts == 1
-        assert store.release(job.id, taken.token, reason="stale", now=T0 + 4) is False
+        assert (
+            store.end_attempt(
+                job.id, taken.token, AttemptEnd(outcome=AttemptOutcome.RELEASED, error="stale"), now=T0 + 4
+            )
+            is None
+        )
 
     # ------------------------------------------------------------- cancel ---
 
@@ -371,7 +429,12 @@ class TestJobStoreContract:
 
         reply = store.heartbeat(job.id, taken.token, lease_seconds=LEASE, now=T0 + 2)
         assert reply.ok and reply.cancel_requested
-        assert store.cancel_running(job.id, taken.token, reason="killed by pool", now=T0 + 3)
+        assert store.end_attempt(
+            job.id,
+            taken.token,
+            AttemptEnd(outcome=AttemptOutcome.CANCELLED, error="killed by pool"),
+            now=T0 + 3,
+        )
         ended = store.get(job.id)
         assert ended is not None
         assert ended.state is JobState.CANCELLED and ended.last_error == "killed by pool"
@@ -380,12 +443,17 @@ class TestJobStoreContract:
         job = enqueue(store, inbox, "talk.wav")
         taken = claim(store)
         store.request_cancel(job.id, reason="user", now=T0 + 1)
-        assert store.retry_or_fail(job.id, taken.token, error="stopped", now=T0 + 2) is JobState.CANCELLED
+        assert (
+            store.end_attempt(
+                job.id, taken.token, AttemptEnd(outcome=AttemptOutcome.RETRY, error="stopped"), now=T0 + 2
+            )
+            is JobState.CANCELLED
+        )
 
     def test_cancel_of_an_ended_or_unknown_job_changes_nothing(self, store: JobStore, inbox: Inbox) -> None:
         job = enqueue(store, inbox, "talk.wav")
         taken = claim(store)
-        store.finish(job.id, taken.token, state=JobState.DONE, now=T0 + 1)
+        store.end_attempt(job.id, taken.token, AttemptEnd(outcome=AttemptOutcome.DONE), now=T0 + 1)
 
         after = store.request_cancel(job.id, reason="too late", now=T0 + 2)
         assert after == store.get(job.id)
@@ -439,7 +507,7 @@ class TestJobStoreContract:
 
     def test_find_by_source_lists_newest_first(self, store: JobStore, inbox: Inbox) -> None:
         first = enqueue(store, inbox, "talk.wav")
-        store.finish(first.id, claim(store).token, state=JobState.DONE, now=T0 + 1)
+        store.end_attempt(first.id, claim(store).token, AttemptEnd(outcome=AttemptOutcome.DONE), now=T0 + 1)
         second = enqueue(store, inbox, "talk.wav", now=T0 + 2)
         enqueue(store, inbox, "other.wav")
 
@@ -460,7 +528,7 @@ class TestJobStoreContract:
         assert store.counts() == dict.fromkeys(JobState, 0)
         jobs = [enqueue(store, inbox, f"clip-{i}.wav") for i in range(5)]
         done = claim(store)
-        store.finish(done.job.id, done.token, state=JobState.DONE)
+        store.end_attempt(done.job.id, done.token, AttemptEnd(outcome=AttemptOutcome.DONE))
         claim(store)
         store.request_cancel(jobs[4].id, reason="user")
 
@@ -487,13 +555,19 @@ class TestJobStoreContract:
         done_job = enqueue(store, inbox, "talk.mp3")
         done = claim(store)
         # "%" and "_" must be matched literally, not as LIKE wildcards.
-        store.finish(done_job.id, done.token, state=JobState.DONE, outputs=["/out/100%_talk.txt"])
+        store.end_attempt(
+            done_job.id, done.token, AttemptEnd(outcome=AttemptOutcome.DONE, outputs=("/out/100%_talk.txt",))
+        )
         enqueue(store, inbox, "talk.wav")
         running = claim(store)
         assert store.set_outputs(running.job.id, running.token, ["/out/talk.txt", "/out/talk.srt"])
         enqueue(store, inbox, "failed.wav")
         failed = claim(store)
-        store.finish(failed.job.id, failed.token, state=JobState.FAILED, outputs=["/out/failed.txt"])
+        store.end_attempt(
+            failed.job.id,
+            failed.token,
+            AttemptEnd(outcome=AttemptOutcome.FAILED, outputs=("/out/failed.txt",)),
+        )
 
         assert store.output_owner("/out/100%_talk.txt") == "talk.mp3"
         assert store.output_owner("/out/talk.srt") == "talk.wav"
@@ -542,8 +616,11 @@ class TestJobStoreContract:
             assert taken is not None and taken.job.id == job.id
             assert store.decoding_started(job.id, taken.token, now=T0 + 1)
             store.heartbeat(job.id, taken.token, lease_seconds=LEASE, audio_seconds=audio, now=T0 + 2)
-            assert store.finish(
-                job.id, taken.token, state=JobState.DONE, decoding_seconds=decoding, now=T0 + 3
+            assert store.end_attempt(
+                job.id,
+                taken.token,
+                AttemptEnd(outcome=AttemptOutcome.DONE, decoding_seconds=decoding),
+                now=T0 + 3,
             )
             done = store.get(job.id)
             assert done is not None
@@ -566,7 +643,12 @@ class TestJobStoreContract:
         job = enqueue(store, inbox, "talk.wav")
         first = claim(store)
         assert store.decoding_started(job.id, first.token, now=T0 + 1)
-        store.retry_or_fail(job.id, first.token, error="boom", base_delay=0, max_delay=0, now=T0 + 2)
+        store.end_attempt(
+            job.id,
+            first.token,
+            AttemptEnd(outcome=AttemptOutcome.RETRY, error="boom", retry_base_seconds=0, retry_max_seconds=0),
+            now=T0 + 2,
+        )
         second = claim(store, now=T0 + 10)
         again = store.get(second.job.id)
         assert again is not None and again.attempts == 2 and again.decoding_started_at is None

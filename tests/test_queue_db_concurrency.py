@@ -12,7 +12,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from whisperd.jobs import FileIdentity, JobSpec, JobState
+from whisperd.jobs import AttemptEnd, AttemptOutcome, FileIdentity, JobSpec, JobState
 from whisperd.queue_db import SCHEMA_VERSION, JobStore
 
 PROCESSES = 4
@@ -39,7 +39,11 @@ def claim_and_finish_until_empty(store_url: str, worker: str, start: Any, report
                 if taken is None:
                     break
                 claimed.append((taken.job.id, taken.token))
-                if not store.finish(taken.job.id, taken.token, state=JobState.DONE, outputs=[f"/o/{worker}"]):
+                if not store.end_attempt(
+                    taken.job.id,
+                    taken.token,
+                    AttemptEnd(outcome=AttemptOutcome.DONE, outputs=(f"/o/{worker}",)),
+                ):
                     errors.append(f"finish refused for job {taken.job.id}")
             except Exception:
                 errors.append(traceback.format_exc())

@@ -114,13 +114,16 @@ def _parent_of(pid: int) -> int:
 # --------------------------------------------------------------------------- crash points
 
 # Where the crash hook fires, and the attempts the job has once done: a crash
-# while the job ran costs an attempt; one after it was marked done does not.
+# while the job ran costs an attempt; one after it was marked done does not
+# (the lifecycle's steps: just marked done, and its source already moved).
 CRASH_CASES = [
     ("after_claim", 2),
     ("during_transcription", 2),
     ("after_outputs", 2),
-    ("after_done", 1),
+    ("after_transition", 1),
+    ("after_source_moved", 1),
 ]
+ENDED_POINTS = ("after_transition", "after_source_moved")
 
 
 @pytest.mark.parametrize(("point", "attempts"), CRASH_CASES)
@@ -139,13 +142,13 @@ def test_daemon_killed_at_crash_point_transcribes_file_exactly_once(
     assert wait_for_exit(daemon) == -signal.SIGKILL, daemon.log_text()
     crashed = daemon.job_for("talk.wav")
     assert crashed is not None and crashed.attempts == 1
-    expected_state = JobState.DONE if point == "after_done" else JobState.RUNNING
+    expected_state = JobState.DONE if point in ENDED_POINTS else JobState.RUNNING
     assert crashed.state is expected_state
 
     daemon.start()
     wait_disposed(daemon, "talk.wav", JobState.DONE, JobState.FAILED)
     job = assert_transcribed_once(daemon, "talk.wav", attempts=attempts)
-    if point == "after_done":
+    if point in ENDED_POINTS:
         # The restart only completed the move: nothing ran again.
         assert daemon.events("job.claimed") == []
     else:

@@ -13,7 +13,7 @@ import pytest
 from conftest import SpeechFactory
 from daemon_harness import DaemonUnderTest
 
-from whisperd.jobs import TERMINAL_STATES, FileIdentity, JobSpec, JobState
+from whisperd.jobs import TERMINAL_STATES, AttemptEnd, AttemptOutcome, FileIdentity, JobSpec, JobState
 from whisperd.queue_db import JobStore
 
 DaemonFactory = Callable[..., DaemonUnderTest]
@@ -40,7 +40,9 @@ def ran_and_moved_out(store: JobStore, tmp_path: Path) -> tuple[JobSpec, FileIde
     job, created = store.enqueue(spec, identity, max_attempts=3)
     assert created
     claim = store.claim(worker="hosta/cpu-0", device="cpu", lease_seconds=LEASE)
-    assert claim is not None and store.finish(claim.job.id, claim.token, state=JobState.DONE)
+    assert claim is not None and store.end_attempt(
+        claim.job.id, claim.token, AttemptEnd(outcome=AttemptOutcome.DONE)
+    )
     done = tmp_path / "done"
     done.mkdir()
     os.rename(spec.source, done / "talk.wav")

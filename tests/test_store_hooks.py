@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from whisperd.jobs import FileIdentity, Job, JobSpec, JobState
+from whisperd.jobs import AttemptEnd, AttemptOutcome, FileIdentity, Job, JobSpec, JobState
 from whisperd.queue_db import JobStore
 
 T0 = 1_700_000_000.0
@@ -34,9 +34,16 @@ def ended(store: JobStore, tmp_path: Path, name: str, state: JobState, *, inbox:
     taken = store.claim(worker="a/0", device="cpu", lease_seconds=30, now=T0)
     assert taken is not None and taken.job.id == job.id
     if state is JobState.FAILED:
-        assert store.retry_or_fail(job.id, taken.token, error="bad file", now=T0 + 1) is JobState.FAILED
+        assert (
+            store.end_attempt(
+                job.id, taken.token, AttemptEnd(outcome=AttemptOutcome.RETRY, error="bad file"), now=T0 + 1
+            )
+            is JobState.FAILED
+        )
     else:
-        assert store.finish(job.id, taken.token, state=state, now=T0 + 1)
+        assert store.end_attempt(
+            job.id, taken.token, AttemptEnd(outcome=AttemptOutcome(state.value)), now=T0 + 1
+        )
     store.mark_disposed(job.id, str(path), now=T0 + 1)
     return job
 
@@ -95,7 +102,7 @@ def test_a_given_up_delivery_is_failed_and_a_retried_job_owes_anew(store: JobSto
     assert again is not None
     claim = store.claim(worker="a/0", device="cpu", lease_seconds=30, now=T0 + 5)
     assert claim is not None
-    assert store.finish(job.id, claim.token, state=JobState.DONE, now=T0 + 6)
+    assert store.end_attempt(job.id, claim.token, AttemptEnd(outcome=AttemptOutcome.DONE), now=T0 + 6)
     # What the failure still owed would describe a job that runs again: given up, saying why.
     assert kinds(store, job) == [
         ("on_failed", "failed"),
@@ -122,7 +129,7 @@ def test_a_delivery_waits_for_the_source_move_unless_it_is_stuck(store: JobStore
     store.enqueue(spec, FileIdentity.of(str(path)), max_attempts=1, now=T0)
     taken = store.claim(worker="a/0", device="cpu", lease_seconds=30, now=T0)
     assert taken is not None
-    assert store.finish(taken.job.id, taken.token, state=JobState.DONE, now=T0 + 1)
+    assert store.end_attempt(taken.job.id, taken.token, AttemptEnd(outcome=AttemptOutcome.DONE), now=T0 + 1)
     hooks = {"talks": ("on_done",)}
     # Not moved yet: owed since T0 + 1, not before the cut-off.
     assert store.claim_hook_delivery(hooks, lease=60, moved_before=T0, now=T0 + 2) is None

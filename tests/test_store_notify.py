@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from whisperd import store_notify
-from whisperd.jobs import FileIdentity, JobSpec, JobState
+from whisperd.jobs import AttemptEnd, AttemptOutcome, FileIdentity, JobSpec, JobState
 from whisperd.queue_db import JobStore
 from whisperd.store_notify import StoreListener, StoreNotice
 
@@ -109,6 +109,10 @@ def test_a_job_handed_back_at_shutdown_is_announced_again(
     claim = store.claim(worker="hosta/cpu-0", device="cpu", lease_seconds=LEASE)
     assert claim is not None and claim.job.id == job.id
     # Host A stops and gives the job back: another host's idle worker hears of it.
-    assert store.release(job.id, claim.token, reason="whisperd stopped while the job ran")
+    assert store.end_attempt(
+        job.id,
+        claim.token,
+        AttemptEnd(outcome=AttemptOutcome.RELEASED, error="whisperd stopped while the job ran"),
+    )
     assert heard.get(timeout=ARRIVES) == StoreNotice(kind=store_notify.QUEUED, inbox="shared")
     assert drain(heard) == []

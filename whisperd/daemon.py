@@ -32,7 +32,8 @@ from whisperd.errors import ConfigError, StoreUnavailable, WhisperdError
 from whisperd.gpu_pool import HealthPolicy, Slot, WorkerPool, default_cpu_threads, plan_slots
 from whisperd.hook_runner import HookRunner
 from whisperd.intake import Intake, IntakeOwner
-from whisperd.jobs import Job, JobState
+from whisperd.jobs import AttemptEnd, AttemptOutcome, Job, JobState
+from whisperd.lifecycle import Lifecycle
 from whisperd.metrics import Metrics
 from whisperd.metrics_server import MetricsServer
 from whisperd.metrics_state import RunningJobView, WorkerView
@@ -44,7 +45,7 @@ from whisperd.store_instances import InstanceEntry
 from whisperd.store_notify import StoreListener, StoreNotice
 from whisperd.store_outage import RetryPolicy
 from whisperd.watcher import Watcher, WatchSpec
-from whisperd.worker import WorkerSettings, dispose_source, worker_id_for
+from whisperd.worker import WorkerSettings, worker_id_for
 
 log = logs.get_logger("whisperd.daemon")
 
@@ -127,6 +128,8 @@ class Daemon:
         self._inboxes: dict[str, InboxConfig] = {i.name: i for i in config.inboxes}
         self._lock_file: IO[str] | None = None
         self._store: JobStore | None = None
+        # Built on first use from the open store (see _life).
+        self._lifecycle: Lifecycle | None = None
         self._pool: WorkerPool | None = None
         self._watcher: Watcher | None = None
         self._intake: Intake | None = None
@@ -333,6 +336,7 @@ class Daemon:
             self._unregister_instance(self._store)
             self._store.close()
             self._store = None
+            self._lifecycle = None
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
@@ -504,10 +508,9 @@ class Daemon:
         the daemon must not loop), expired leases too (any instance's);
         half-written outputs are removed; finished jobs of this instance's
         inboxes whose source was not yet moved are completed."""
-        prefix = f"{self._instance}/"
-        for job in store.list_jobs(states=[JobState.RUNNING], limit=100_000):
-            if job.worker and job.worker.startswith(prefix) and job.claim_token:
-                self._per_job("recover", job, functools.partial(self._requeue_stopped, store, job))
+        for job in store.running_of_instance(self._instance):
+            if job.claim_token:
+                self._per_job("recover", job, functools.partial(self._requeue_stopped, job))
         store.reclaim_stale()
         for inbox in self._config.inboxes:
             try:
@@ -519,22 +522,25 @@ class Daemon:
         store.forget_move_failures()
         self._dispose_finished(store, older_than=0.0)
 
-    @staticmethod
-    def _requeue_stopped(store: JobStore, job: Job) -> None:
+    def _requeue_stopped(self, job: Job) -> None:
+        """A job this instance ran when it stopped: a failed attempt, due at once."""
         assert job.claim_token is not None
-        state = store.retry_or_fail(
-            job.id,
-            job.claim_token,
+        end = AttemptEnd(
+            outcome=AttemptOutcome.RETRY,
             error="whisperd stopped while the job ran",
-            base_delay=0.0,
-            max_delay=0.0,
+            retry_base_seconds=0.0,
+            retry_max_seconds=0.0,
         )
-        log.warning(
-            "job.recovered",
-            **logs.job_fields(job),
-            state=state.value,
-            attempts=job.attempts,
+        self._life().end_attempt(
+            job, job.claim_token, end, log_as="job.recovered", log_fields={"attempts": job.attempts}
         )
+
+    def _life(self) -> Lifecycle:
+        """The seam every end of an attempt and every owed move goes through."""
+        assert self._store is not None
+        if self._lifecycle is None:
+            self._lifecycle = Lifecycle(self._store, self._on_worker_event)
+        return self._lifecycle
 
     def _per_job(self, stage: str, job: Job, action: Callable[[], object]) -> None:
         """Run one job's share of recovery or a sweep: whatever it raises is
@@ -669,7 +675,7 @@ class Daemon:
             if job.state is JobState.CANCELLED and (job.finished_at or 0.0) >= self._started_wall:
                 # A queued job cancelled by another process (`whisperd cancel`).
                 self._count_cancel(job, was_running=False)
-            self._per_job("dispose", job, functools.partial(move_owed_source, store, job))
+            self._per_job("dispose", job, functools.partial(move_owed_source, self._life(), store, job))
         if self._metrics is not None:
             self._metrics.set_sources_stuck(len(store.stuck_sources()))
 
@@ -742,7 +748,7 @@ class Daemon:
             wake_workers=functools.partial(self._ask_pool, _WAKE, 0),
             stop_running_job=functools.partial(self._ask_pool, _STOP_JOB),
             count_cancel=lambda job, was_running: self._count_cancel(job, was_running=was_running),
-            dispose_source=dispose_source,
+            settle=lambda job: self._life().settle_logged(job),
             metrics=self._metrics,
         )
         return Intake(store, self._config, owner, running_since=self._started_wall)

@@ -1,7 +1,7 @@
-"""Bounded retries of an owed source move (L3, next to worker.py).
+"""Bounded retries of an owed source move (L3, next to lifecycle.py).
 
-A finished job's source normally leaves the inbox at once (worker.py
-dispose_source). When that move fails, the daemon's sweep tries again here:
+A finished job's source normally leaves the inbox at once (lifecycle.py
+Lifecycle.end_attempt). When that move fails, the daemon's sweep tries again here:
 a transient error (disk full, I/O error, a busy file) is retried with
 backoff; a permanent one (permission, read-only file system, a name that
 cannot be formed) or too many failed attempts marks the source "stuck" in
@@ -18,9 +18,9 @@ import time
 
 from whisperd.errors import OutputError
 from whisperd.jobs import Job
+from whisperd.lifecycle import Lifecycle
 from whisperd.logs import get_logger
 from whisperd.queue_db import JobStore
-from whisperd.worker import try_dispose
 
 log = get_logger(__name__)
 
@@ -35,11 +35,11 @@ RETRY_BASE_SECONDS = 5.0
 RETRY_MAX_SECONDS = 600.0
 
 
-def move_owed_source(store: JobStore, job: Job, *, now: float | None = None) -> bool:
-    """Try job's owed source move once; on failure record it, and mark the
-    source stuck (logged once) when the error is permanent or the attempts
-    are used up. Returns True when the source ended up stuck."""
-    error = try_dispose(store, job)
+def move_owed_source(lifecycle: Lifecycle, store: JobStore, job: Job, *, now: float | None = None) -> bool:
+    """Settle what job still owes once (lifecycle.py); on a failed move record
+    it, and mark the source stuck (logged once) when the error is permanent or
+    the attempts are used up. Returns True when the source ended up stuck."""
+    error = lifecycle.settle(job)
     if error is None:
         return False
     moment = time.time() if now is None else now

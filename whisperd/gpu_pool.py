@@ -22,7 +22,8 @@ from typing import Any
 from whisperd import liveness, logs
 from whisperd.config import WorkersConfig
 from whisperd.errors import WhisperdError
-from whisperd.jobs import Job, JobState
+from whisperd.jobs import AttemptEnd, AttemptOutcome, Job, JobState
+from whisperd.lifecycle import Lifecycle
 from whisperd.metrics_state import WorkerView
 from whisperd.protocols import DeviceProbe
 from whisperd.queue_db import JobStore
@@ -31,8 +32,6 @@ from whisperd.worker import (
     Flag,
     SlotChannel,
     WorkerSettings,
-    dispose_source,
-    remove_outputs,
     worker_main,
 )
 
@@ -158,6 +157,8 @@ class WorkerPool:
         self._store = store
         self._cancel_grace = cancel_grace_seconds
         self._on_event = on_event
+        # Ends the attempts of workers the pool stops, kills or loses.
+        self._lifecycle = Lifecycle(store, on_event)
         # Set by the first worker_started event: a worker imported its engine (torch).
         self._a_worker_started = False
         self._clock = clock
@@ -467,27 +468,19 @@ class WorkerPool:
             if job.cancel_requested:
                 self._finish_cancelled(job)
                 continue
-            new_state = self._store.retry_or_fail(
-                job.id,
-                job.claim_token,
+            end = AttemptEnd(
+                outcome=AttemptOutcome.RETRY,
                 error=error,
-                base_delay=state.settings.retry_base_seconds,
-                max_delay=state.settings.retry_max_seconds,
+                retry_base_seconds=state.settings.retry_base_seconds,
+                retry_max_seconds=state.settings.retry_max_seconds,
             )
-            log.warning(
-                "job.retry" if new_state is JobState.QUEUED else "job.failed",
-                **logs.job_fields(job),
-                error=error,
-            )
-            if new_state is JobState.FAILED:
-                self._dispose(job.id)
+            self._lifecycle.end_attempt(job, job.claim_token, end)
 
     def _release_jobs_of(self, state: _SlotState, reason: str) -> None:
         for job in self._jobs_of(state):
             assert job.claim_token is not None
-            remove_outputs(list(job.outputs))
-            self._store.release(job.id, job.claim_token, reason=reason)
-            log.info("job.released", **logs.job_fields(job), reason=reason)
+            end = AttemptEnd(outcome=AttemptOutcome.RELEASED, error=reason)
+            self._lifecycle.end_attempt(job, job.claim_token, end, log_fields={"reason": reason})
 
     def runs(self, job_id: int) -> bool:
         """Whether a slot of this pool runs `job_id` now."""
@@ -539,27 +532,10 @@ class WorkerPool:
             self._restart(state, "cancel_kill")
 
     def _finish_cancelled(self, job: Job) -> None:
+        """The job of a worker killed for its cancel (or dead while cancelling)."""
         assert job.claim_token is not None
-        if self._store.cancel_running(job.id, job.claim_token, reason="cancelled by user"):
-            remove_outputs(list(job.outputs))
-            self._on_event(
-                "job_finished",
-                {
-                    "job_id": job.id,
-                    "inbox": job.spec.inbox,
-                    "outcome": "cancelled",
-                    "device": job.device or "",
-                    "duration_seconds": 0.0,
-                    "audio_seconds": None,
-                },
-            )
-            log.info("job.cancelled", **logs.job_fields(job))
-            self._dispose(job.id)
-
-    def _dispose(self, job_id: int) -> None:
-        job = self._store.get(job_id)
-        if job is not None:
-            dispose_source(self._store, job)
+        end = AttemptEnd(outcome=AttemptOutcome.CANCELLED, error="cancelled by user")
+        self._lifecycle.end_attempt(job, job.claim_token, end)
 
     def _drain_events(self) -> None:
         while True:

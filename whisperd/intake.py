@@ -74,8 +74,9 @@ class IntakeOwner:
     stop_running_job: Callable[[int], None]
     # A cancel took effect (counted once per job, whoever sees it first).
     count_cancel: Callable[[Job, bool], None]
-    # Move an ended job's source where its state says (worker.dispose_source).
-    dispose_source: Callable[[JobStore, Job], None]
+    # Settle what an ended job still owes (its source moved where its state
+    # says; lifecycle.Lifecycle.settle_logged).
+    settle: Callable[[Job], None]
     metrics: IntakeMetrics | None = None
 
 
@@ -415,7 +416,7 @@ class Intake:
         elif job.state is JobState.CANCELLED:
             log.info("job.cancelled", **logs.job_fields(job), phase="queued")
             self._owner.count_cancel(job, False)
-            self._owner.dispose_source(self._store, job)
+            self._owner.settle(job)
         elif job.state is JobState.RUNNING and not told:
             self._tell_running(job)
             self._owner.count_cancel(job, True)
@@ -452,7 +453,7 @@ class Intake:
             # Not ours to move: the file stays; `whisperd status` lists it as ignored.
             store.mark_disposed(job.id, "")
             return
-        self._owner.dispose_source(store, job)
+        self._owner.settle(job)
 
 
 # A refused file's item carries no identity (intake looks the file up itself).

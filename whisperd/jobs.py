@@ -314,3 +314,41 @@ class TranscriptResult:
         return cls(
             text=str(result.get("text", "")), language=str(result.get("language", "")), segments=segments
         )
+
+
+class AttemptOutcome(enum.StrEnum):
+    """How a running attempt ended, as its worker (or the pool, or recovery)
+    saw it; the store turns it into the job's next state (queue_db.py)."""
+
+    # Transcribed and written: the job is done.
+    DONE = "done"
+    # The file's (or model's) fault: the same thing fails every time, no retry.
+    FAILED = "failed"
+    # A failed attempt (a crash, a full disk, a bug): queued again with
+    # backoff while attempts remain, else failed.
+    RETRY = "retry"
+    # Stopped because a user cancelled it.
+    CANCELLED = "cancelled"
+    # Handed back uncounted, not the file's fault: shutdown, a drained or full
+    # device, a source that changed under its job.
+    RELEASED = "released"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttemptEnd:
+    """Everything the one store transition that ends an attempt needs."""
+
+    outcome: AttemptOutcome
+    # Why the attempt did not end done (None when it did).
+    error: str | None = None
+    # Output files written (done); empty keeps what set_outputs recorded.
+    outputs: tuple[str, ...] = ()
+    # Seconds the engine decoded (done): the realtime factor of later ETAs.
+    decoding_seconds: float | None = None
+    # Length of the decoded audio in seconds, once known.
+    audio_seconds: float | None = None
+    # Backoff of a retried attempt: base and cap of the delay, in seconds.
+    retry_base_seconds: float = 5.0
+    retry_max_seconds: float = 300.0
+    # Released because the source changed: the identity to transcribe next time.
+    identity: FileIdentity | None = None

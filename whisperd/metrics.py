@@ -317,7 +317,8 @@ class Metrics:
         )
         self._handling_failed = Counter(
             "whisperd_job_handling_errors_total",
-            "Jobs whose start-up recovery or sweep step raised (logged with the job; retried next sweep).",
+            "Jobs or files whose handling raised: start-up recovery, a sweep, intake (stage names which;"
+            " logged with the job or file, retried later).",
             ["stage"],
             registry=r,
         )

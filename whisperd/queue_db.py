@@ -34,10 +34,12 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from whisperd import store_deferrals, store_hooks, store_instances, store_notify
-from whisperd.errors import LeaseLost, StoreUnavailable, WhisperdError
+from whisperd.errors import StoreUnavailable, WhisperdError
 from whisperd.jobs import (
     ACTIVE_STATES,
     TERMINAL_STATES,
+    AttemptEnd,
+    AttemptOutcome,
     Claim,
     FileIdentity,
     Job,
@@ -397,6 +399,74 @@ def _retry_delay(attempts: int, base_delay: float, max_delay: float) -> float:
     """Exponential backoff with jitter so retried jobs do not stampede."""
     exponent = max(0, attempts - 1)
     return min(max_delay, base_delay * 2.0**exponent) * random.uniform(0.5, 1.5)
+
+
+def _state_after(job: Job, outcome: AttemptOutcome) -> JobState:
+    """The rule of what a running job becomes when its attempt ends, written
+    once: a done job is done; a file's own failure fails it; otherwise a
+    requested cancel wins; a released job goes back uncounted; a failed
+    attempt goes back while attempts remain."""
+    if outcome is AttemptOutcome.DONE:
+        return JobState.DONE
+    if outcome is AttemptOutcome.FAILED:
+        return JobState.FAILED
+    if outcome is AttemptOutcome.CANCELLED or job.cancel_requested:
+        return JobState.CANCELLED
+    if outcome is AttemptOutcome.RELEASED or job.attempts < job.max_attempts:
+        return JobState.QUEUED
+    return JobState.FAILED
+
+
+def _attempt_end_values(job: Job, end: AttemptEnd, now: float) -> tuple[JobState, dict[str, Any]]:
+    """The state `end` takes `job` to, and the columns that say so."""
+    state = _state_after(job, end.outcome)
+    values: dict[str, Any] = {"state": state.value, "updated_at": now, "last_error": end.error}
+    if state is JobState.CANCELLED and end.outcome is not AttemptOutcome.CANCELLED:
+        # Cancelled because it was asked for: the cancel's reason says why.
+        values["last_error"] = job.last_error
+    if end.audio_seconds is not None:
+        values["audio_seconds"] = end.audio_seconds
+    if state is JobState.QUEUED:
+        values.update(_cleared_claim())
+        if end.outcome is AttemptOutcome.RELEASED:
+            values["attempts"] = max(0, job.attempts - 1)
+            values["not_before"] = now
+        else:
+            delay = _retry_delay(job.attempts, end.retry_base_seconds, end.retry_max_seconds)
+            values["not_before"] = now + delay
+        if end.identity is not None:
+            values.update(_identity_columns(end.identity))
+        return state, values
+    values.update(finished_at=now, lease_expires=None)
+    # Outputs recorded earlier by set_outputs stay unless new ones are given.
+    if end.outputs:
+        values["outputs_json"] = json.dumps(list(end.outputs))
+    if state is JobState.DONE:
+        values.update(progress=1.0, eta_seconds=0.0)
+        if end.decoding_seconds is not None:
+            values["decoding_seconds"] = end.decoding_seconds
+    return state, values
+
+
+def _lease_expired_end(job: Job) -> AttemptEnd:
+    """A lease that ran out is a failed attempt, retried at once (the worker
+    died or hung: no backoff helps)."""
+    if job.attempts >= job.max_attempts:
+        error = f"worker died {job.attempts} times on this file (last: {job.worker})"
+    else:
+        error = f"lease expired on worker {job.worker}"
+    return AttemptEnd(
+        outcome=AttemptOutcome.RETRY, error=error, retry_base_seconds=0.0, retry_max_seconds=0.0
+    )
+
+
+def _identity_columns(identity: FileIdentity) -> dict[str, Any]:
+    return {
+        "file_device": _to_int64(identity.device),
+        "file_inode": _to_int64(identity.inode),
+        "file_size": identity.size,
+        "file_mtime_ns": identity.mtime_ns,
+    }
 
 
 def _job_from_row(row: Row[Any]) -> Job:
@@ -1040,13 +1110,7 @@ class JobStore:
     ) -> bool:
         """Record that a running job's source was replaced since it was queued
         (the worker transcribes the file as it is now)."""
-        values = {
-            "file_device": _to_int64(identity.device),
-            "file_inode": _to_int64(identity.inode),
-            "file_size": identity.size,
-            "file_mtime_ns": identity.mtime_ns,
-            "updated_at": _clock(now),
-        }
+        values = {**_identity_columns(identity), "updated_at": _clock(now)}
         with self._writing() as conn:
             return self._fenced_update(conn, job_id, token, values)
 
@@ -1102,142 +1166,46 @@ class JobStore:
             _record_outputs(conn, job_id, outputs)
             return True
 
-    def finish(
-        self,
-        job_id: int,
-        token: str,
-        *,
-        state: JobState,
-        outputs: Sequence[str] = (),
-        error: str | None = None,
-        decoding_seconds: float | None = None,
-        audio_seconds: float | None = None,
-        now: float | None = None,
-    ) -> bool:
-        """End a running job as done, failed or cancelled (a done job with the
-        seconds its engine ran and of its audio: the realtime factor of the
-        next jobs' ETA and of `whisperd jobs`; a job shorter than a heartbeat
-        has had no beat to record its length).
+    def end_attempt(
+        self, job_id: int, token: str, end: AttemptEnd, *, now: float | None = None
+    ) -> JobState | None:
+        """End the running attempt `token` holds: the one transition every
+        end of an attempt goes through (see _state_after for the rule).
 
-        False if the token no longer holds. Finishing again with the same token
-        and state returns True and changes nothing (a worker may retry after a
-        lost reply).
-        """
-        if state not in TERMINAL_STATES:
-            raise ValueError(f"finish() needs a terminal state, not {state.value!r}")
-        moment = _clock(now)
-        values: dict[str, Any] = {
-            "state": state.value,
-            "finished_at": moment,
-            "lease_expires": None,
-            "last_error": error,
-            "updated_at": moment,
-        }
-        # Outputs recorded earlier by set_outputs stay unless new ones are given.
-        if outputs:
-            values["outputs_json"] = json.dumps(list(outputs))
-        if audio_seconds is not None:
-            values["audio_seconds"] = audio_seconds
-        if state is JobState.DONE:
-            values["progress"] = 1.0
-            values["eta_seconds"] = 0.0
-            if decoding_seconds is not None:
-                values["decoding_seconds"] = decoding_seconds
-        with self._writing() as conn:
-            if self._fenced_update(conn, job_id, token, values):
-                if outputs:
-                    _record_outputs(conn, job_id, outputs)
-                return True
-            job = self._fetch(conn, job_id)
-        return job is not None and job.claim_token == token and job.state is state
-
-    def retry_or_fail(
-        self,
-        job_id: int,
-        token: str,
-        *,
-        error: str,
-        now: float | None = None,
-        base_delay: float = 5.0,
-        max_delay: float = 300.0,
-    ) -> JobState:
-        """Record a failed attempt: back to the queue after a backoff while
-        attempts remain, else failed (cancelled if a cancel was asked for).
-
-        Raises LeaseLost if the token no longer holds the job.
+        Returns the state the job reached, or None if the token no longer holds
+        (lease lost). Ending again with the same token and the same end returns
+        the state reached and changes nothing (a caller may retry after a lost
+        reply); a job handed back to the queue forgets its token, so ending it
+        again is None.
         """
         moment = _clock(now)
         with self._writing() as conn:
-            job = self._fetch(conn, job_id)
-            if job is None or job.claim_token != token or job.state is not JobState.RUNNING:
-                raise LeaseLost(f"job {job_id}: lease lost before its failure could be recorded ({error})")
-            new_state, values = self._after_failed_attempt(job, error, moment, base_delay, max_delay)
+            # Locked (PostgreSQL): a cancel asked for meanwhile waits, then sees the end.
+            row = conn.execute(sa.select(JOBS).where(JOBS.c.id == job_id).with_for_update()).first()
+            job = None if row is None else _job_from_row(row)
+            if job is None or job.claim_token != token:
+                return None
+            state, values = _attempt_end_values(job, end, moment)
+            if job.state is not JobState.RUNNING:
+                # Already ended under this token: the same end again is a no-op.
+                same = job.state is state and job.last_error == values.get("last_error")
+                return state if same and state in TERMINAL_STATES else None
             if not self._fenced_update(conn, job_id, token, values):
-                raise LeaseLost(f"job {job_id}: lease lost before its failure could be recorded ({error})")
-        return new_state
-
-    @staticmethod
-    def _after_failed_attempt(
-        job: Job, error: str, now: float, base_delay: float, max_delay: float
-    ) -> tuple[JobState, dict[str, Any]]:
-        ended = {"finished_at": now, "lease_expires": None, "last_error": error, "updated_at": now}
-        if job.cancel_requested:
-            return JobState.CANCELLED, {**ended, "state": JobState.CANCELLED.value}
-        if job.attempts >= job.max_attempts:
-            return JobState.FAILED, {**ended, "state": JobState.FAILED.value}
-        not_before = now + _retry_delay(job.attempts, base_delay, max_delay)
-        return JobState.QUEUED, {
-            **_cleared_claim(),
-            "state": JobState.QUEUED.value,
-            "not_before": not_before,
-            "last_error": error,
-            "updated_at": now,
-        }
-
-    def release(self, job_id: int, token: str, *, reason: str, now: float | None = None) -> bool:
-        """Give a running job back to the queue without counting the attempt
-        (graceful shutdown, drained device). A job whose cancel was asked for
-        ends cancelled instead. False if the token no longer holds."""
-        moment = _clock(now)
-        with self._writing() as conn:
-            job = self._fetch(conn, job_id)
-            if job is None or job.claim_token != token or job.state is not JobState.RUNNING:
-                return False
-            if job.cancel_requested:
-                values = {"state": JobState.CANCELLED.value, "finished_at": moment, "lease_expires": None}
-            else:
-                values = {
-                    **_cleared_claim(),
-                    "state": JobState.QUEUED.value,
-                    "attempts": max(0, job.attempts - 1),
-                    "not_before": moment,
-                    "last_error": reason,
-                }
-            released = self._fenced_update(conn, job_id, token, {**values, "updated_at": moment})
-            if released and values["state"] == JobState.QUEUED.value:
-                # Handed back (a shutdown): another host's idle worker may take it now.
+                return None
+            if end.outputs and state is not JobState.QUEUED:
+                _record_outputs(conn, job_id, end.outputs)
+            if state is JobState.QUEUED and values["not_before"] <= moment:
+                # Due now (a shutdown, a drained device): another host's idle worker may take it.
                 store_notify.notify(conn, StoreNotice(kind=store_notify.QUEUED, inbox=job.spec.inbox))
-            return released
-
-    def cancel_running(self, job_id: int, token: str, *, reason: str, now: float | None = None) -> bool:
-        """End a running job as cancelled (the pool, after killing its worker)."""
-        moment = _clock(now)
-        values = {
-            "state": JobState.CANCELLED.value,
-            "finished_at": moment,
-            "lease_expires": None,
-            "last_error": reason,
-            "updated_at": moment,
-        }
-        with self._writing() as conn:
-            return self._fenced_update(conn, job_id, token, values)
+        return state
 
     # ------------------------------------------------------ supervision ---
 
     def reclaim_stale(self, *, now: float | None = None) -> list[Job]:
-        """Running jobs whose lease ran out (their worker died or hung): back to
-        the queue, or failed once out of attempts, or cancelled if asked.
-        Returns the jobs as they are afterwards."""
+        """Running jobs whose lease ran out (their worker died or hung): a
+        failed attempt by the shared rule (back to the queue at once, failed
+        once out of attempts, cancelled if asked). Returns the jobs as they are
+        afterwards."""
         moment = _clock(now)
         query = (
             sa.select(JOBS)
@@ -1250,7 +1218,7 @@ class JobStore:
             for row in conn.execute(query).all():
                 job = _job_from_row(row)
                 assert job.claim_token is not None  # running jobs always hold a token
-                values = {**self._after_lease_expired(job, moment), "updated_at": moment}
+                _state, values = _attempt_end_values(job, _lease_expired_end(job), moment)
                 if self._fenced_update(conn, job.id, job.claim_token, values):
                     after = self._fetch(conn, job.id)
                     if after is not None:
@@ -1258,21 +1226,6 @@ class JobStore:
             for inbox in sorted({j.spec.inbox for j in reclaimed if j.state is JobState.QUEUED}):
                 store_notify.notify(conn, StoreNotice(kind=store_notify.QUEUED, inbox=inbox))
         return reclaimed
-
-    @staticmethod
-    def _after_lease_expired(job: Job, now: float) -> dict[str, Any]:
-        ended = {"finished_at": now, "lease_expires": None}
-        if job.cancel_requested:
-            return {**ended, "state": JobState.CANCELLED.value}
-        if job.attempts >= job.max_attempts:
-            message = f"worker died {job.attempts} times on this file (last: {job.worker})"
-            return {**ended, "state": JobState.FAILED.value, "last_error": message}
-        return {
-            **_cleared_claim(),
-            "state": JobState.QUEUED.value,
-            "not_before": now,
-            "last_error": f"lease expired on worker {job.worker}",
-        }
 
     def request_cancel(self, job_id: int, *, reason: str, now: float | None = None) -> Job | None:
         """Cancel a job: a queued one ends at once; a running one is flagged
@@ -1364,6 +1317,21 @@ class JobStore:
         return self._select_jobs(
             sa.select(JOBS)
             .where(JOBS.c.worker == worker, JOBS.c.state == JobState.RUNNING.value)
+            .order_by(JOBS.c.id)
+        )
+
+    def running_of_instance(self, instance: str) -> list[Job]:
+        """Running jobs of `instance`'s workers (worker ids "<instance>/<slot>").
+        The state index narrows the look-up to running jobs (a few per slot of
+        every host); the prefix is compared exactly, not by a collation's order
+        or LIKE's case rules, on both databases."""
+        prefix = f"{instance}/"
+        return self._select_jobs(
+            sa.select(JOBS)
+            .where(
+                JOBS.c.state == JobState.RUNNING.value,
+                sa.func.substr(JOBS.c.worker, 1, len(prefix)) == prefix,
+            )
             .order_by(JOBS.c.id)
         )
 

@@ -5,13 +5,12 @@ the inode: only size and mtime tell that the content is not what was read.
 The worker compares the whole identity (inode, size, mtime_ns) before and
 after decoding, before writing outputs and before moving the source; when the
 file changed, the transcript is of the old content, so the job runs again on
-the final content (or, once it has ended, a new job is made for it).
+the final content (or, once it has ended, a new job is made for it: lifecycle.py).
 """
 
 from __future__ import annotations
 
-from whisperd.jobs import FileIdentity, Job
-from whisperd.queue_db import JobStore
+from whisperd.jobs import AttemptEnd, AttemptOutcome, FileIdentity
 
 
 class SourceChanged(Exception):
@@ -40,18 +39,10 @@ def ensure_unchanged(path: str, read: FileIdentity) -> None:
         raise SourceChanged(path, now)
 
 
-def requeue_changed(store: JobStore, job: Job, token: str, changed: SourceChanged) -> bool:
-    """Give the job back (uncounted) with the file's new identity, so the next
-    claim transcribes the final content. False if the claim no longer holds."""
-    if not store.set_identity(job.id, token, changed.now):
-        return False
-    return store.release(job.id, token, reason=str(changed))
-
-
-def changed_since_done(job: Job) -> FileIdentity | None:
-    """The new identity of a finished job's source that changed in place after
-    its transcript was made (same inode, other size or mtime); else None."""
-    now = identity_now(job.source)
-    if now is None or (now.device, now.inode) != (job.identity.device, job.identity.inode):
-        return None
-    return now if now != job.identity else None
+def changed_source_end(changed: SourceChanged, *, audio_seconds: float | None = None) -> AttemptEnd:
+    """The end of an attempt whose source changed under it: handed back
+    uncounted with the file's new identity, so the next claim transcribes the
+    final content (the lifecycle makes it so)."""
+    return AttemptEnd(
+        outcome=AttemptOutcome.RELEASED, error=str(changed), identity=changed.now, audio_seconds=audio_seconds
+    )

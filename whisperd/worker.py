@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import glob
 import os
 import signal
 import threading
@@ -22,19 +21,27 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from whisperd import liveness, logs, media, outputs, protocols
+from whisperd import lifecycle, liveness, logs, media, outputs, protocols
 from whisperd.errors import (
     JobCancelled,
     LeaseLost,
     MediaError,
     ModelNotFoundError,
     NoRoomOnDevice,
-    OutputError,
 )
-from whisperd.jobs import Claim, DecodeOptions, FileIdentity, Job, JobState, TranscriptResult
+from whisperd.jobs import (
+    AttemptEnd,
+    AttemptOutcome,
+    Claim,
+    DecodeOptions,
+    FileIdentity,
+    Job,
+    TranscriptResult,
+)
+from whisperd.lifecycle import Lifecycle
 from whisperd.queue_db import JobStore
-from whisperd.repeat_names import done_rel_path, unrepeated_base
-from whisperd.source_change import SourceChanged, changed_since_done, ensure_unchanged, requeue_changed
+from whisperd.repeat_names import unrepeated_base
+from whisperd.source_change import SourceChanged, changed_source_end, ensure_unchanged
 from whisperd.store_outage import RetryPolicy
 
 log = logs.get_logger("whisperd.worker")
@@ -86,7 +93,9 @@ class WorkerSettings:
     decode_timeout_seconds: float = 900.0
 
 
-CRASH_POINTS = ("after_claim", "during_transcription", "after_outputs", "after_done")
+# The worker's own points, then the steps of the end (lifecycle.py): "after_transition"
+# is just after the job was marked done (or failed...) in the store.
+CRASH_POINTS = ("after_claim", "during_transcription", "after_outputs", *lifecycle.STEPS)
 
 
 class Flag:
@@ -570,6 +579,10 @@ class Worker:
         # False from the end of a job until the worker finds the queue empty.
         self._memory_returned = True
         self._device_used = settings.device
+        # Every end of an attempt goes through here; its events go to the pool.
+        self._lifecycle = Lifecycle(
+            store, lambda kind, fields: _emit(channel, kind, **fields), crash_at=self._crash_if
+        )
 
     def loop(self) -> None:
         next_canary = 0.0
@@ -703,58 +716,29 @@ class Worker:
         heartbeat.start()
         started = time.monotonic()
         try:
-            state, error, audio_seconds = self._attempt(claim, session, heartbeat, bound)
+            end = self._attempt(claim, session, heartbeat, bound)
         finally:
             heartbeat.stop()
         duration = time.monotonic() - started
-        self._report_finished(job, state, error, duration, audio_seconds)
-        if state is JobState.RUNNING:  # lease lost: the job is someone else's now
+        if isinstance(end, LeaseLost):  # the job is someone else's now
+            self._lifecycle.lease_lost(
+                job,
+                str(end),
+                device=self._device_used,
+                duration_seconds=duration,
+                audio_seconds=heartbeat.audio_seconds,
+            )
             return
-        if state is JobState.QUEUED:
-            bound.warning("job.retry", error=error, attempt=job.attempts)
-            _emit(self._channel, "job_retried", inbox=job.spec.inbox)
-            return
-        done = self._store.get(job.id)
-        if done is not None and done.state is state:
-            dispose_source(self._store, done)
-        rtf = duration / audio_seconds if audio_seconds else None
-        bound.info(
-            f"job.{state.value}",
-            device=self._device_used,
-            seconds=round(duration, 3),
-            audio_seconds=audio_seconds,
-            realtime_factor=rtf,
-            error=error,
-        )
-
-    def _report_finished(
-        self, job: Job, state: JobState, error: str | None, duration: float, audio_seconds: float | None
-    ) -> None:
-        """job_finished with the attempt's outcome (see metrics.OUTCOMES), on
-        the device the job actually ran on (the store says "cpu" after a fallback)."""
-        outcome = {JobState.RUNNING: "lease_lost", JobState.QUEUED: "retry"}.get(state, state.value)
-        reason = (error or "").removeprefix(f"{job.source}: ")
-        rejected = media.reject_kind(reason) if state is JobState.FAILED else None
-        device = self._device_used
-        if rejected is not None:
-            outcome = "rejected"
-            _emit(self._channel, "job_rejected", inbox=job.spec.inbox, reason=rejected)
-        _emit(
-            self._channel,
-            "job_finished",
-            job_id=job.id,
-            inbox=job.spec.inbox,
-            outcome=outcome,
-            device=device,
-            duration_seconds=duration,
-            audio_seconds=audio_seconds,
+        self._lifecycle.end_attempt(
+            job, claim.token, end, device=self._device_used, duration_seconds=duration
         )
 
     def _attempt(  # noqa: PLR0911 - one return per way an attempt ends
         self, claim: Claim, session: JobSession, heartbeat: Heartbeat, bound: Any
-    ) -> tuple[JobState, str | None, float | None]:
-        """Run one attempt; returns (state reached, error, audio seconds)."""
-        job, token = claim.job, claim.token
+    ) -> AttemptEnd | LeaseLost:
+        """Run one attempt; returns how it ended (the lifecycle records it),
+        or the LeaseLost that stopped it."""
+        job = claim.job
         audio_seconds: float | None = None
         try:
             read = self._check_still_there(claim)
@@ -778,51 +762,38 @@ class Worker:
             ensure_unchanged(job.source, read)  # changed while transcribing
             written = self._write_outputs(claim, result, audio_seconds, session)
             self._crash_if("after_outputs")
-            finished = self._store.finish(
-                job.id,
-                token,
-                state=JobState.DONE,
-                outputs=written,
+            return AttemptEnd(
+                outcome=AttemptOutcome.DONE,
+                outputs=tuple(written),
                 decoding_seconds=decoding_seconds,
                 audio_seconds=audio_seconds,
             )
-            if not finished:
-                raise LeaseLost(f"job {job.id}: lease lost before it could be marked done")
-            self._crash_if("after_done")
-            return JobState.DONE, None, audio_seconds
         except JobCancelled:
-            remove_outputs(self._planned(job.id))
-            self._store.finish(job.id, token, state=JobState.CANCELLED, error="cancelled by user")
-            return JobState.CANCELLED, "cancelled by user", audio_seconds
+            return AttemptEnd(
+                outcome=AttemptOutcome.CANCELLED, error="cancelled by user", audio_seconds=audio_seconds
+            )
         except LeaseLost as exc:
-            bound.warning("job.lease_lost", error=str(exc))
-            return JobState.RUNNING, str(exc), audio_seconds
+            return exc
         except NoRoomOnDevice as exc:
             # Not the file's fault: give it back uncounted, for a device with room.
-            self._store.release(job.id, token, reason=str(exc))
             self._hold_off_until = time.monotonic() + 5.0
-            return JobState.QUEUED, str(exc), audio_seconds
+            return AttemptEnd(outcome=AttemptOutcome.RELEASED, error=str(exc), audio_seconds=audio_seconds)
         except SourceChanged as exc:
             bound.info("job.source_changed", error=str(exc))
-            # Lease lost (RUNNING: someone else's now) or back in the queue.
-            requeued = requeue_changed(self._store, job, token, exc)
-            return (JobState.QUEUED if requeued else JobState.RUNNING), str(exc), audio_seconds
+            return changed_source_end(exc, audio_seconds=audio_seconds)
         except (MediaError, ModelNotFoundError) as exc:
             # The same file or model fails the same way every time: no retry.
-            self._store.finish(job.id, token, state=JobState.FAILED, error=str(exc))
-            return JobState.FAILED, str(exc), audio_seconds
+            return AttemptEnd(outcome=AttemptOutcome.FAILED, error=str(exc), audio_seconds=audio_seconds)
         except Exception as exc:  # noqa: BLE001 - any other failure (disk full, CUDA, a bug) is retried
             if engine_module(job.spec.options.engine).is_out_of_memory(exc):
                 self._cache.clear("oom")
-            error = f"{type(exc).__name__}: {exc}"
-            state = self._store.retry_or_fail(
-                job.id,
-                token,
-                error=error,
-                base_delay=self._settings.retry_base_seconds,
-                max_delay=self._settings.retry_max_seconds,
+            return AttemptEnd(
+                outcome=AttemptOutcome.RETRY,
+                error=f"{type(exc).__name__}: {exc}",
+                audio_seconds=audio_seconds,
+                retry_base_seconds=self._settings.retry_base_seconds,
+                retry_max_seconds=self._settings.retry_max_seconds,
             )
-            return state, error, audio_seconds
 
     def _start_decoding(self, claim: Claim, session: JobSession, audio_seconds: float) -> None:
         """Start the ETA's clock, seeded with the realtime factor of earlier
@@ -949,106 +920,3 @@ class Worker:
             raise LeaseLost(f"job {job.id}: lease lost before writing outputs")
         session.checkpoint()
         return outputs.write_outputs(base, contents, root=spec.output_dir)
-
-    def _planned(self, job_id: int) -> list[str]:
-        job = self._store.get(job_id)
-        return list(job.outputs) if job else []
-
-
-def remove_outputs(paths: list[str]) -> None:
-    """Remove a job's outputs and any temp files left for them."""
-    for path in paths:
-        leftovers = glob.glob(outputs.temp_glob(path))
-        for item in [path, *leftovers]:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(item)
-
-
-def dispose_source(store: JobStore, job: Job) -> None:
-    """Move a finished job's source where its end state says: done/ or
-    failed/ (with NAME.error.txt); a cancelled job's file stays in the cancel
-    folder, or moves there when it was cancelled by id. Idempotent: the store
-    records that it was done, and a different file now at the same path
-    (dropped again) is left alone. A failed move is logged; the daemon's
-    sweep retries it (disposal.py)."""
-    error = try_dispose(store, job)
-    if error is not None:
-        spec = job.spec
-        log.warning(
-            "job.dispose_failed", job_id=job.id, inbox=spec.inbox, file=spec.rel_path, error=str(error)
-        )
-
-
-def try_dispose(store: JobStore, job: Job) -> OutputError | ValueError | None:
-    """dispose_source() without the log line: returns why the move failed
-    (the source is then still owed its move), None when it is done."""
-    spec = job.spec
-    target = {
-        JobState.DONE: spec.done_dir,
-        JobState.FAILED: spec.failed_dir,
-        JobState.CANCELLED: spec.cancel_dir or None,
-    }.get(job.state)
-    if target is None:
-        return None
-    moved_to = ""
-    if job.state is JobState.DONE and _requeued_changed_source(store, job):
-        return None
-    if _same_file_still_there(job):
-        try:
-            rel_path = done_rel_path(job) if job.state is JobState.DONE else spec.rel_path
-            moved_to = outputs.move_source(job.source, target, rel_path)
-        except (OutputError, ValueError) as exc:
-            return exc
-    if job.state is JobState.FAILED:
-        _write_note(job, moved_to)
-    store.mark_disposed(job.id, moved_to)
-    return None
-
-
-def _write_note(job: Job, moved_to: str) -> None:
-    """NAME.error.txt next to the failed source; a note that cannot be written
-    is logged, never raised: the source has moved already and must not be
-    retried forever (nor take the caller down)."""
-    spec = job.spec
-    try:
-        outputs.write_error_note(
-            spec.failed_dir,
-            spec.rel_path,
-            job.last_error or "unknown error",
-            {
-                "job": str(job.id),
-                "inbox": spec.inbox,
-                "attempts": f"{job.attempts} of {job.max_attempts}",
-                "model": spec.model,
-                "worker": job.worker or "",
-                "moved_to": moved_to or "(source was gone)",
-            },
-        )
-    except (OutputError, ValueError) as exc:
-        log.error("job.note_failed", job_id=job.id, inbox=spec.inbox, file=spec.rel_path, error=str(exc))
-
-
-def _requeued_changed_source(store: JobStore, job: Job) -> bool:
-    """A done job's file changed in place after its transcript was made: the
-    file stays in the inbox and a new job transcribes its final content."""
-    changed = changed_since_done(job)
-    if changed is None:
-        return False
-    again, _new = store.enqueue(job.spec, changed, max_attempts=job.max_attempts)
-    log.info(
-        "job.source_changed_after_done",
-        job_id=job.id,
-        new_job_id=again.id,
-        inbox=job.spec.inbox,
-        file=job.spec.rel_path,
-    )
-    store.mark_disposed(job.id, "")
-    return True
-
-
-def _same_file_still_there(job: Job) -> bool:
-    try:
-        now = FileIdentity.of(job.source)
-    except OSError:
-        return False
-    return (now.device, now.inode) == (job.identity.device, job.identity.inode)
