@@ -177,19 +177,38 @@ class Daemon:
             self.stop()
             raise
         try:
-            while not self._signals.stop.is_set():
-                self._signals.nudge.wait(LOOP_SECONDS)
-                self._signals.nudge.clear()
-                if self._signals.stop.is_set():
-                    break
-                try:
-                    self.loop_once()
-                except StoreUnavailable:
-                    if not self._signals.stop.is_set():  # raised only once asked to stop
-                        raise
+            self._supervise_until_stopped()
         finally:
             self.stop()
         return 0
+
+    def _supervise_until_stopped(self) -> None:
+        """A whole pass every LOOP_SECONDS; in between, a nudge (a store
+        notice, a request from intake) is answered at once without one: a
+        busy shared store sends many notices, and a pass reads every busy
+        slot's job."""
+        next_pass = self._clock()
+        while not self._signals.stop.is_set():
+            self._signals.nudge.wait(max(0.0, next_pass - self._clock()))
+            self._signals.nudge.clear()
+            if self._signals.stop.is_set():
+                break
+            now = self._clock()
+            try:
+                if now >= next_pass or self._signals.reload.is_set():
+                    next_pass = now + LOOP_SECONDS
+                    self.loop_once(now)
+                else:
+                    self._handle_wakeups(now)
+            except StoreUnavailable:
+                if not self._signals.stop.is_set():  # raised only once asked to stop
+                    raise
+
+    def _handle_wakeups(self, now: float) -> None:
+        """What a nudge between passes brings: store notices, intake's requests."""
+        assert self._pool is not None
+        self._handle_store_notices(now)
+        self._handle_pool_requests(now)
 
     def start(self) -> None:
         config = self._config
@@ -298,8 +317,7 @@ class Daemon:
             self._signals.reload.clear()
             self.reload()
         assert self._pool is not None and self._store is not None
-        self._handle_store_notices(now)
-        self._handle_pool_requests(now)
+        self._handle_wakeups(now)
         # Before supervise() replaces a dead worker, so a pass that finds one
         # sends no keep-alive (and the next pass, 0.2 s later, does).
         self._keep_alive(now)

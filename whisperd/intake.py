@@ -414,9 +414,9 @@ class Intake:
         if told and job.state in (JobState.RUNNING, JobState.CANCELLED):
             self._owner.count_cancel(job, True)  # it ended (or ends) cancelled while running
         elif job.state is JobState.CANCELLED:
+            self._owner.settle(job)  # logged once its file is where it belongs, as every end is
             log.info("job.cancelled", **logs.job_fields(job), phase="queued")
             self._owner.count_cancel(job, False)
-            self._owner.settle(job)
         elif job.state is JobState.RUNNING and not told:
             self._tell_running(job)
             self._owner.count_cancel(job, True)
