@@ -377,12 +377,13 @@ def test_one_budget_holds_both_engines_models_and_ctranslate2_keeps_to_cpu_threa
         # cpu_threads = 1: CTranslate2 computes on one thread. Uncapped, its
         # pool splits the work about evenly over every core; the worker's own
         # Python thread (faster-whisper's mel features in numpy) may show up
-        # too, with a small share, so the test asks that one thread did most.
+        # too, with a smaller share (larger on a loaded machine), so the test
+        # asks that one thread did at least twice what any other did.
         pid = the_worker_pid(daemon)
         before = thread_cpu_ticks(pid)
         third = transcribe(daemon, "fw", clip, "third.wav")
         busy = computing_threads(before, thread_cpu_ticks(pid))
-        assert busy[0] >= 2 * sum(busy) / 3, f"threads that computed (ticks): {busy}"
+        assert len(busy) == 1 or busy[0] >= 2 * busy[1], f"threads that computed (ticks): {busy}"
         assert wer(SENTENCES[2], read(outputs_by_format(third)["txt"])) < WER_BOUND
         assert [e["model"] for e in daemon.events("model.loaded")] == ["tiny.en", label]  # warm
     finally:
