@@ -458,6 +458,7 @@ class Daemon:
             slots=len(slots),
             devices=",".join(slot.device for slot in slots),
             started_at=time.time(),
+            lease_seconds=config.workers.lease_seconds,
         )
         holder = store.register_instance(entry, stale_after=config.workers.lease_seconds)
         if holder is not None:

@@ -316,6 +316,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _migration_9_move_reason,
     _migration_10_claim_order,
     _migration_11_deferred_files,
+    store_instances.add_lease_column,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
