@@ -87,6 +87,9 @@ def fill(url: str, finished: int, queued: int) -> None:
                 rows = []
         if rows:
             conn.execute(JOBS.insert(), rows)
+    store = JobStore.open(url)
+    store.fold_state_counts()  # as a daemon's housekeeping does (store_counts.py)
+    store.close()
     with engine.begin() as conn:
         conn.exec_driver_sql("ANALYZE")
     engine.dispose()
@@ -123,17 +126,27 @@ def plans(url: str) -> dict[str, list[str]]:
         if statement.lstrip().upper().startswith("SELECT") and "ORDER BY" in statement.upper():
             captured.append((statement, parameters))
 
-    engine = store._engine  # the bench reads the statement the store really sends
+    engine = store._engine  # the bench reads the statements the store really sends
     sa.event.listen(engine, "before_cursor_execute", capture)
     taken = store.claim(worker="plan/cpu-0", device="cpu", lease_seconds=LEASE)
     sa.event.remove(engine, "before_cursor_execute", capture)
     assert taken is not None and captured, "the claim sent no candidate query"
     statement, parameters = captured[0]
+    counted: list[tuple[str, Any]] = []
+
+    def capture_counts(_conn: Any, _cursor: Any, sql: str, params: Any, *_rest: Any) -> None:
+        if sql.lstrip().upper().startswith("SELECT"):
+            counted.append((sql, params))
+
+    sa.event.listen(engine, "before_cursor_execute", capture_counts)
+    store.counts()  # what `whisperd status` and the job gauges ask
+    sa.event.remove(engine, "before_cursor_execute", capture_counts)
     explain = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
-    counts = "SELECT state, count(*) FROM jobs GROUP BY state"
     with engine.connect() as conn:
         claim_plan = [" ".join(map(str, r)) for r in conn.exec_driver_sql(explain + statement, parameters)]
-        counts_plan = [" ".join(map(str, r)) for r in conn.exec_driver_sql(explain + counts)]
+        counts_sql, counts_params = counted[-1]
+        counted_plan = conn.exec_driver_sql(explain + counts_sql, counts_params)
+        counts_plan = [" ".join(map(str, r)) for r in counted_plan]
     store.close()
     return {"claim_candidates": claim_plan, "counts": counts_plan}
 

@@ -640,6 +640,7 @@ class Daemon:
         if self._intake is not None:
             self._intake.check_deferred()  # files waiting for a job that has ended since
         self._retain(self._store)
+        self._store.fold_state_counts()  # keeps status and the job gauges O(states)
         abandoned = self._store.abandon_unsubscribed_hooks()
         if abandoned:
             log.warning("hook.abandoned", deliveries=abandoned, reason=store_hooks.NO_LONGER_CONFIGURED)
