@@ -151,6 +151,18 @@ def plans(url: str) -> dict[str, list[str]]:
     return {"claim_candidates": claim_plan, "counts": counts_plan}
 
 
+def time_counts(url: str, reads: int = 20) -> dict[str, float]:
+    """How long `store.counts()` (status, the job gauges) takes on this table."""
+    store = JobStore.open(url)
+    seconds = []
+    for _ in range(reads):
+        began = time.perf_counter()
+        store.counts()
+        seconds.append(time.perf_counter() - began)
+    store.close()
+    return _spread(seconds)
+
+
 def measure(url: str, claimers: int) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
     start = context.Event()
@@ -212,6 +224,7 @@ def run_one(backend: str, size: int, queued: int, claimers: int, work: Path) -> 
         fill(url, size, queued)
         built = time.perf_counter() - began
         plan = plans(url)
+        counts = time_counts(url)
         others = bl.ForeignLoad()
         result = measure(url, claimers)
         result.update(
@@ -222,11 +235,13 @@ def run_one(backend: str, size: int, queued: int, claimers: int, work: Path) -> 
             build_seconds=round(built, 1),
             foreign_cores=round(others.cores(), 3),
             plans=plan,
+            counts_seconds=counts,
         )
         bl.say(
             f"{backend} {size:,}: {result['jobs_per_second']} jobs/s, claim p95 "
             f"{result['claim_seconds']['p95'] * 1000:.1f} ms, "
-            f"finish p95 {result['finish_seconds']['p95'] * 1000:.1f} ms"
+            f"finish p95 {result['finish_seconds']['p95'] * 1000:.1f} ms, "
+            f"counts p50 {counts['p50'] * 1000:.1f} ms"
         )
         return result
     finally:
