@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+
+from whisperd.store_contract import InstanceEntry as InstanceEntry  # noqa: PLC0414 - re-exported: its home is L0 (store_contract.py)
 
 
 def define_instance_tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
@@ -54,25 +55,6 @@ def define_instance_tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
 
 
 INSTANCES, INSTANCE_INBOXES = define_instance_tables(sa.MetaData())
-
-
-@dataclass(frozen=True, kw_only=True)
-class InstanceEntry:
-    """One daemon as the registry knows it."""
-
-    instance: str
-    token: str
-    host: str
-    pid: int
-    version: str
-    slots: int
-    # Comma-separated torch devices of its slots ("cpu", "cuda:0,cuda:1").
-    devices: str
-    started_at: float
-    # Seconds since its last heartbeat, by the database's clock (0 when written).
-    age_seconds: float = 0.0
-    # Names of the inboxes it watches (filled by list_instances only).
-    inboxes: tuple[str, ...] = ()
 
 
 def _entry(row: Any, now: float) -> InstanceEntry:
