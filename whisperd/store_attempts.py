@@ -52,6 +52,55 @@ from whisperd.store_schema import (
 CLAIM_CANDIDATES = 8
 
 
+def _claim_candidates(
+    moment: float, inboxes: Sequence[str] | None, instance: str | None
+) -> sa.Select[tuple[int]]:
+    """The ids a claim tries, best first: queued, due, not asked to cancel,
+    not paused, of the given inboxes or of those `instance` watches."""
+    query = (
+        sa.select(JOBS.c.id)
+        .where(
+            JOBS.c.state == JobState.QUEUED.value,
+            JOBS.c.not_before <= moment,
+            JOBS.c.cancel_requested == sa.false(),
+            _not_paused(),
+        )
+        .order_by(JOBS.c.priority.desc(), JOBS.c.id.asc())
+        .limit(CLAIM_CANDIDATES)
+        # Other hosts skip rows we are looking at (nothing on SQLite, where
+        # BEGIN IMMEDIATE already serialises claims).
+        .with_for_update(skip_locked=True)
+    )
+    if inboxes is not None:
+        query = query.where(JOBS.c.inbox.in_(list(inboxes)))
+    if instance is not None:
+        query = query.where(JOBS.c.inbox.in_(store_instances.watched_by(instance)))
+    return query
+
+
+def _requeued_values(job: Job, identity: FileIdentity, extra_attempts: int, now: float) -> dict[str, Any]:
+    """The columns of an ended job queued again by `whisperd retry`."""
+    return {
+        **_cleared_claim(),
+        "state": JobState.QUEUED.value,
+        "max_attempts": job.attempts + max(1, extra_attempts),
+        "not_before": now,
+        "finished_at": None,
+        "disposed_at": None,
+        "disposed_to": None,
+        "cancel_requested": False,
+        "progress": 0.0,
+        "eta_seconds": None,
+        "decoding_started_at": None,
+        "decoding_seconds": None,
+        "file_device": _to_int64(identity.device),
+        "file_inode": _to_int64(identity.inode),
+        "file_size": identity.size,
+        "file_mtime_ns": identity.mtime_ns,
+        "updated_at": now,
+    }
+
+
 class AttemptsMixin(StoreBase):
     """Claim, run and end attempts."""
 
@@ -76,24 +125,7 @@ class AttemptsMixin(StoreBase):
         if inboxes is not None and not inboxes:
             return None
         moment = _clock(now)
-        query = (
-            sa.select(JOBS.c.id)
-            .where(
-                JOBS.c.state == JobState.QUEUED.value,
-                JOBS.c.not_before <= moment,
-                JOBS.c.cancel_requested == sa.false(),
-                _not_paused(),
-            )
-            .order_by(JOBS.c.priority.desc(), JOBS.c.id.asc())
-            .limit(CLAIM_CANDIDATES)
-            # Other hosts skip rows we are looking at (nothing on SQLite, where
-            # BEGIN IMMEDIATE already serialises claims).
-            .with_for_update(skip_locked=True)
-        )
-        if inboxes is not None:
-            query = query.where(JOBS.c.inbox.in_(list(inboxes)))
-        if instance is not None:
-            query = query.where(JOBS.c.inbox.in_(store_instances.watched_by(instance)))
+        query = _claim_candidates(moment, inboxes, instance)
         with self._writing() as conn:
             for job_id in conn.execute(query).scalars().all():
                 token = str(uuid.uuid4())
@@ -308,25 +340,7 @@ class AttemptsMixin(StoreBase):
             conn.execute(
                 JOBS.update()
                 .where(JOBS.c.id == job_id, JOBS.c.state == expected.value)
-                .values(
-                    **_cleared_claim(),
-                    state=JobState.QUEUED.value,
-                    max_attempts=job.attempts + max(1, extra_attempts),
-                    not_before=moment,
-                    finished_at=None,
-                    disposed_at=None,
-                    disposed_to=None,
-                    cancel_requested=False,
-                    progress=0.0,
-                    eta_seconds=None,
-                    decoding_started_at=None,
-                    decoding_seconds=None,
-                    file_device=_to_int64(identity.device),
-                    file_inode=_to_int64(identity.inode),
-                    file_size=identity.size,
-                    file_mtime_ns=identity.mtime_ns,
-                    updated_at=moment,
-                )
+                .values(**_requeued_values(job, identity, extra_attempts, moment))
             )
             store_notify.notify(conn, StoreNotice(kind=store_notify.QUEUED, inbox=job.spec.inbox))
             return self._fetch(conn, job_id)

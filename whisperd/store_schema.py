@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -26,12 +27,10 @@ _ACTIVE_VALUES = [s.value for s in ACTIVE_STATES]
 # ---------------------------------------------------------------- schema v1 ---
 
 
-def _define_v1(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
-    """The version 1 tables. Migration 1 creates exactly these; when a later
-    version changes a table, migration 1 must keep using this definition."""
-    jobs = sa.Table(
-        "jobs",
-        metadata,
+def _v1_job_columns() -> list[sa.Column[Any]]:
+    """The columns of the version 1 jobs table (new objects at each call:
+    a column belongs to one table)."""
+    return [
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("inbox", sa.Text, nullable=False),
         sa.Column("rel_path", sa.Text, nullable=False),
@@ -60,7 +59,25 @@ def _define_v1(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
         sa.Column("audio_seconds", sa.Float),
         sa.Column("cancel_requested", sa.Boolean, nullable=False),
         sa.Column("updated_at", sa.Float, nullable=False),
+    ]
+
+
+def _v1_model_memory(metadata: sa.MetaData) -> sa.Table:
+    """How much device memory a model took on a kind of device (version 1)."""
+    return sa.Table(
+        "model_memory",
+        metadata,
+        sa.Column("model", sa.Text, primary_key=True),
+        sa.Column("device_kind", sa.Text, primary_key=True),
+        sa.Column("bytes", sa.BigInteger, nullable=False),
+        sa.Column("measured_at", sa.Float, nullable=False),
     )
+
+
+def _define_v1(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
+    """The version 1 tables. Migration 1 creates exactly these; when a later
+    version changes a table, migration 1 must keep using this definition."""
+    jobs = sa.Table("jobs", metadata, *_v1_job_columns())
     sa.Index("ix_jobs_claim", jobs.c.state, jobs.c.priority, jobs.c.not_before, jobs.c.id)
     # The identity rule: at most one queued-or-running job per file of an inbox.
     active = jobs.c.state.in_(_ACTIVE_VALUES)
@@ -77,14 +94,7 @@ def _define_v1(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
     sa.Index("ix_jobs_content", jobs.c.file_size, jobs.c.file_mtime_ns)
     sa.Index("ix_jobs_worker", jobs.c.worker, jobs.c.state)
 
-    model_memory = sa.Table(
-        "model_memory",
-        metadata,
-        sa.Column("model", sa.Text, primary_key=True),
-        sa.Column("device_kind", sa.Text, primary_key=True),
-        sa.Column("bytes", sa.BigInteger, nullable=False),
-        sa.Column("measured_at", sa.Float, nullable=False),
-    )
+    model_memory = _v1_model_memory(metadata)
     return jobs, model_memory
 
 
