@@ -52,9 +52,7 @@ from whisperd.store_schema import (
 CLAIM_CANDIDATES = 8
 
 
-def _claim_candidates(
-    moment: float, inboxes: Sequence[str] | None, instance: str | None
-) -> sa.Select[tuple[int]]:
+def _claim_candidates(moment: float, inboxes: Sequence[str] | None, instance: str | None) -> sa.Select[Any]:
     """The ids a claim tries, best first: queued, due, not asked to cancel,
     not paused, of the given inboxes or of those `instance` watches."""
     query = (
