@@ -153,8 +153,6 @@ class AttemptsMixin(StoreBase):
                         return Claim(job=job, token=token)
         return None
 
-    # ------------------------------------------------------- worker writes ---
-
     def heartbeat(
         self,
         job_id: int,
