@@ -1,4 +1,13 @@
-"""Contract tests for the job store, run against SQLite and the real PostgreSQL."""
+"""The job store's contract suite: every case runs on SQLite and on the real
+PostgreSQL (the `store_url` fixture of conftest.py; the PostgreSQL cases carry
+the `postgres` marker).
+
+Each public call of JobStore has at least one case here (TestEveryVerb checks
+that by name); the roles of store_contract.py are made of these calls. Deeper
+cases of some verbs live beside it on the same fixture: test_operator_store.py
+(history, retry, pause, retention), test_store_hooks.py, test_instances.py,
+test_queue_db_concurrency.py; the SQLite-only cases of opening are at the end.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ import sqlalchemy as sa
 from whisperd.errors import WhisperdError
 from whisperd.jobs import AttemptEnd, AttemptOutcome, Claim, FileIdentity, Job, JobSpec, JobState
 from whisperd.queue_db import MIGRATIONS, SCHEMA_VERSION, JobStore, _new_row
+from whisperd.store_contract import InstanceEntry
 
 T0 = 1_700_000_000.0
 LEASE = 30.0
@@ -748,6 +758,266 @@ class TestJobStoreContract:
         assert errors == []
         assert len({job_id for job_id, _ in results}) == 1
         assert sorted(created for _, created in results) == [False] * 5 + [True]
+
+
+def done_job(store: JobStore, inbox: Inbox, name: str, *, now: float = T0) -> Job:
+    """A job of `name` claimed and ended done at now + 5 (its source not moved yet)."""
+    job = enqueue(store, inbox, name, now=now)
+    taken = claim(store, now=now)
+    assert taken.job.id == job.id
+    assert store.end_attempt(job.id, taken.token, AttemptEnd(outcome=AttemptOutcome.DONE), now=now + 5)
+    return job
+
+
+def instance_entry(instance: str, token: str) -> InstanceEntry:
+    return InstanceEntry(
+        instance=instance, token=token, host="host", pid=1, version="0", slots=1, devices="cpu", started_at=T0
+    )
+
+
+class TestEveryVerb:
+    """At least one case for each public call of JobStore that the cases above
+    do not name (test_every_public_call_has_a_case keeps it so)."""
+
+    def test_every_public_call_has_a_case(self) -> None:
+        text = Path(__file__).read_text()
+        public = [name for name in dir(JobStore) if not name.startswith("_")]
+        assert [name for name in public if f".{name}" not in text] == []
+
+    def test_enqueue_many_queues_a_batch_once_per_file(self, store: JobStore, inbox: Inbox) -> None:
+        a, b = inbox.drop("a.wav", b"a"), inbox.drop("b.wav", b"bb")
+        answers = store.enqueue_many([a, b, a], max_attempts=3, now=T0)
+        assert [created for _job, created in answers] == [True, True, False]
+        assert answers[0][0].id == answers[2][0].id
+        assert store.counts()[JobState.QUEUED] == 2
+
+    def test_fold_state_counts_keeps_the_counts_and_folds_once(self, store: JobStore, inbox: Inbox) -> None:
+        for name in ("a.wav", "b.wav"):
+            enqueue(store, inbox, name)
+        taken = claim(store)
+        store.end_attempt(taken.job.id, taken.token, AttemptEnd(outcome=AttemptOutcome.DONE))
+        before = store.counts()
+        assert store.fold_state_counts() > 0
+        assert store.fold_state_counts() == 0
+        assert (
+            store.counts() == before == {**dict.fromkeys(JobState, 0), JobState.QUEUED: 1, JobState.DONE: 1}
+        )
+
+    def test_record_rejected_keeps_a_refused_file_as_a_failed_job(
+        self, store: JobStore, inbox: Inbox
+    ) -> None:
+        spec, identity = inbox.drop("link.wav")
+        job = store.record_rejected(spec, identity, reason="a symbolic link", now=T0)
+        assert (job.state, job.last_error, job.max_attempts, job.finished_at) == (
+            JobState.FAILED,
+            "a symbolic link",
+            1,
+            T0,
+        )
+
+    def test_queued_with_inodes_finds_a_batch_of_files(self, store: JobStore, inbox: Inbox) -> None:
+        job = enqueue(store, inbox, "a.wav")
+        other = enqueue(store, inbox, "b.wav")
+        found = store.queued_with_inodes(inbox.name, [(job.identity.device, job.identity.inode)])
+        assert [j.id for j in found] == [job.id]
+        assert store.queued_with_inodes("elsewhere", [(other.identity.device, other.identity.inode)]) == []
+        assert store.queued_with_inodes(inbox.name, []) == []
+
+    def test_a_deferred_file_waits_for_its_path_then_is_queued(self, store: JobStore, inbox: Inbox) -> None:
+        first = enqueue(store, inbox, "talk.wav")
+        taken = claim(store)
+        spec, identity = inbox.drop("talk.wav", b"a newer recording")
+        store.defer_file(spec, identity, waits_for=first.id, now=T0 + 1)
+        assert store.deferred_files([inbox.name]) == []  # its job still runs
+        [waiting] = store.deferred_files([inbox.name], ready_only=False)
+        assert (waiting.waits_for, waiting.identity, waiting.spec) == (first.id, identity, spec)
+
+        assert store.end_attempt(first.id, taken.token, AttemptEnd(outcome=AttemptOutcome.DONE), now=T0 + 5)
+        assert store.deferred_files([inbox.name]) == [waiting]
+        job, created = store.enqueue_deferred(waiting, identity, max_attempts=3, now=T0 + 6)
+        assert created and job.id != first.id and job.identity == identity
+        assert store.deferred_files([inbox.name], ready_only=False) == []
+        assert not store.forget_deferred(waiting)
+
+    def test_forget_deferred_drops_the_row_of_that_file(self, store: JobStore, inbox: Inbox) -> None:
+        first = enqueue(store, inbox, "talk.wav")
+        spec, identity = inbox.drop("talk.wav", b"replaced")
+        store.defer_file(spec, identity, waits_for=first.id, now=T0 + 1)
+        [waiting] = store.deferred_files([inbox.name], ready_only=False)
+        assert store.forget_deferred(waiting)
+        assert store.deferred_files([inbox.name], ready_only=False) == []
+
+    def test_set_device_and_set_identity_are_fenced(self, store: JobStore, inbox: Inbox) -> None:
+        job = enqueue(store, inbox, "talk.wav")
+        taken = claim(store)
+        changed = FileIdentity(device=job.identity.device, inode=job.identity.inode, size=99, mtime_ns=7)
+        assert store.set_device(job.id, taken.token, "cuda:1", now=T0 + 1)
+        assert store.set_identity(job.id, taken.token, changed, now=T0 + 1)
+        after = store.get(job.id)
+        assert after is not None and (after.device, after.identity) == ("cuda:1", changed)
+        assert not store.set_device(job.id, "not-the-token", "cpu")
+        assert not store.set_identity(job.id, "not-the-token", job.identity)
+
+    def test_output_owner_job_names_the_job_and_its_path(self, store: JobStore, inbox: Inbox) -> None:
+        job = enqueue(store, inbox, "talk.wav")
+        taken = claim(store)
+        assert store.set_outputs(job.id, taken.token, ["/out/talk.txt"], now=T0 + 1)
+        assert store.output_owner_job("/out/talk.txt") == (job.id, "talk.wav")
+        assert store.output_owner_job("/out/other.txt") is None
+
+    def test_a_paused_inbox_is_not_claimed_until_resumed(self, store: JobStore, inbox: Inbox) -> None:
+        enqueue(store, inbox, "talk.wav")
+        assert store.claimable_count([inbox.name]) == 1
+        assert store.pause_inbox(inbox.name, now=T0)
+        assert not store.pause_inbox(inbox.name, now=T0 + 1)
+        assert store.paused_inboxes() == {inbox.name: T0}
+        assert store.claimable_count([inbox.name]) == 0
+        assert store.claim(worker="host-a/0", device="cpu", lease_seconds=LEASE, now=T0) is None
+        assert store.resume_inbox(inbox.name)
+        assert not store.resume_inbox(inbox.name)
+        assert store.paused_inboxes() == {}
+        assert store.claimable_count([inbox.name]) == 1
+        assert store.claimable_count([]) == 0
+
+    def test_an_owed_move_retried_then_stuck_then_forgotten(self, store: JobStore, inbox: Inbox) -> None:
+        job = done_job(store, inbox, "talk.wav")
+        assert [j.id for j in store.undisposed(now=T0 + 100)] == [job.id]
+        assert store.undisposed(now=T0 + 100, inboxes=["elsewhere"]) == []
+
+        failures = store.record_move_failure(
+            job.id, stuck_reason=None, next_at=T0 + 200, reason="busy", now=T0 + 100
+        )
+        assert failures == 1 and store.move_attempts(job.id) == 1
+        assert [(j.id, n, why) for j, n, why in store.retrying_moves()] == [(job.id, 1, "busy")]
+        assert store.undisposed(now=T0 + 150) == []  # its next attempt is not due yet
+
+        assert store.record_move_failure(job.id, stuck_reason="gone", next_at=0.0, now=T0 + 200) == 2
+        assert [(j.id, why) for j, why in store.stuck_sources()] == [(job.id, "gone")]
+        assert store.source_stuck_reason(job.id) == "gone"
+        assert store.retrying_moves() == []
+        assert store.undisposed(now=T0 + 300) == []
+
+        assert store.forget_move_failures(job.id) == 1
+        assert (store.move_attempts(job.id), store.source_stuck_reason(job.id)) == (0, None)
+        assert store.mark_disposed(job.id, "/done/talk.wav", now=T0 + 400)
+        assert store.undisposed(now=T0 + 500) == []
+        after = store.get(job.id)
+        assert after is not None and (after.disposed_to, after.disposed_at) == ("/done/talk.wav", T0 + 400)
+
+    def test_mark_disposed_refuses_an_active_job(self, store: JobStore, inbox: Inbox) -> None:
+        job = enqueue(store, inbox, "talk.wav")
+        assert not store.mark_disposed(job.id, "/done/talk.wav")
+
+    def test_requeue_ended_retries_the_same_job_and_keeps_its_history(
+        self, store: JobStore, inbox: Inbox
+    ) -> None:
+        job = enqueue(store, inbox, "talk.wav", max_attempts=1)
+        taken = claim(store)
+        end = AttemptEnd(outcome=AttemptOutcome.FAILED, error="bad file")
+        assert store.end_attempt(job.id, taken.token, end, now=T0 + 5) is JobState.FAILED
+        [first] = store.attempts_of(job.id)
+        assert (first.number, first.worker, first.device, first.outcome, first.error) == (
+            1,
+            "host-a/0",
+            "cpu",
+            "failed",
+            "bad file",
+        )
+        assert first.ended_at == T0 + 5
+
+        with pytest.raises(ValueError, match="only failed or cancelled"):
+            store.requeue_ended(job.id, expected=JobState.QUEUED, identity=job.identity, extra_attempts=1)
+        again = store.requeue_ended(
+            job.id, expected=JobState.FAILED, identity=job.identity, extra_attempts=2, now=T0 + 10
+        )
+        assert again is not None and (again.id, again.state, again.max_attempts) == (
+            job.id,
+            JobState.QUEUED,
+            3,
+        )
+        assert (
+            store.requeue_ended(job.id, expected=JobState.FAILED, identity=job.identity, extra_attempts=1)
+            is None
+        )
+        claim(store, now=T0 + 10)
+        assert [a.number for a in store.attempts_of(job.id)] == [1, 2]
+
+    def test_an_instance_registers_watches_beats_and_leaves(self, store: JobStore, inbox: Inbox) -> None:
+        assert store.register_instance(instance_entry("hosta", "tok"), stale_after=LEASE) is None
+        assert store.instance_heartbeat("hosta", "tok")
+        assert not store.instance_heartbeat("hosta", "another-daemon")
+        assert store.set_instance_inboxes("hosta", [(inbox.name, str(inbox.root))], stale_after=LEASE) == []
+        [listed] = store.instances()
+        assert (listed.instance, listed.token, listed.inboxes) == ("hosta", "tok", (inbox.name,))
+
+        job = enqueue(store, inbox, "talk.wav")
+        taken = store.claim(worker="hosta/0", device="cpu", lease_seconds=LEASE, instance="hosta", now=T0)
+        assert taken is not None and taken.job.id == job.id
+        assert [j.id for j in store.running_of_instance("hosta")] == [job.id]
+        assert store.running_of_instance("host") == []  # the prefix is compared exactly
+
+        store.unregister_instance("hosta", "tok")
+        assert store.instances() == []
+
+    def test_a_hook_owed_by_a_job_end_is_claimed_once_its_source_moved(
+        self, store: JobStore, inbox: Inbox
+    ) -> None:
+        hooks = {inbox.name: ["on_done"]}
+        store.set_hook_subscriptions("hosta", hooks)
+        job = done_job(store, inbox, "talk.wav")
+        [owed] = store.hook_deliveries_of(job.id)
+        assert (owed.kind, owed.state, owed.attempts) == ("on_done", "pending", 0)
+        # Its source has not moved, and it was owed after moved_before: it waits.
+        assert store.claim_hook_delivery(hooks, lease=LEASE, moved_before=T0, now=T0 + 10) is None
+
+        assert store.mark_disposed(job.id, "/done/talk.wav", now=T0 + 10)
+        taken = store.claim_hook_delivery(hooks, lease=LEASE, moved_before=T0, now=T0 + 11)
+        assert taken is not None and (taken.id, taken.attempts) == (owed.id, 1)
+        assert store.claim_hook_delivery(hooks, lease=LEASE, moved_before=T0, now=T0 + 12) is None  # leased
+        assert store.record_hook_outcome(taken, error=None, retry_at=None, now=T0 + 12)
+        [made] = store.hook_deliveries_of(job.id)
+        assert (made.state, made.delivered_at) == ("delivered", T0 + 12)
+
+    def test_a_hook_no_daemon_has_any_more_is_abandoned(self, store: JobStore, inbox: Inbox) -> None:
+        store.set_hook_subscriptions("hosta", {inbox.name: ["on_done"]})
+        job = done_job(store, inbox, "talk.wav")
+        assert store.abandon_unsubscribed_hooks(now=T0 + 10) == 0
+        store.set_hook_subscriptions("hosta", {})
+        assert store.abandon_unsubscribed_hooks(now=T0 + 20) == 1
+        [given_up] = store.hook_deliveries_of(job.id)
+        assert given_up.state == "failed"
+
+    def test_retention_prunes_old_moved_jobs_and_vacuum_runs(self, store: JobStore, inbox: Inbox) -> None:
+        old = done_job(store, inbox, "old.wav")
+        assert store.mark_disposed(old.id, "/done/old.wav", now=T0 + 6)
+        queued = enqueue(store, inbox, "queued.wav")
+        later = T0 + 3 * 86400.0
+        assert store.prune_finished(keep_days=1, keep_jobs=0, now=later) == 1
+        assert store.get(old.id) is None and store.get(queued.id) is not None
+        assert store.prune_finished(keep_days=1, keep_jobs=0, now=later) == 0
+
+        sqlite = store.where.startswith("sqlite")
+        assert not store.enable_incremental_vacuum()  # a new SQLite file is incremental from the start
+        left = store.vacuum_free_pages()
+        assert left >= 0 and (sqlite or left == 0)
+
+    def test_health_where_listener_and_failing_fast(self, store: JobStore, store_url: str) -> None:
+        assert store.health.up
+        assert store.where.startswith(store_url.split(":", maxsplit=1)[0].split("+", maxsplit=1)[0])
+        listener = store.listener(lambda _notice: None)  # not started: nothing listens yet
+        assert (listener is None) == store.where.startswith("sqlite")
+        with store.failing_fast():
+            assert store.counts()[JobState.QUEUED] == 0
+
+    def test_open_read_only_reads_what_a_writer_wrote(
+        self, store: JobStore, store_url: str, inbox: Inbox
+    ) -> None:
+        job = enqueue(store, inbox, "talk.wav")
+        reader = JobStore.open_read_only(store_url)
+        try:
+            assert [j.id for j in reader.list_jobs()] == [job.id]
+        finally:
+            reader.close()
 
 
 # ------------------------------------------------------- opening, SQLite only ---

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 from whisperd.jobs import FileIdentity, Job, JobState
-from whisperd.queue_db import JobStore
+from whisperd.store_contract import IntakeStore
 
 # File-system timestamps come from a coarse kernel clock that may run a tick
 # behind time.time(); a cancel made right after the job was queued still counts.
@@ -32,7 +32,7 @@ def _arrived_at(path: str) -> float | None:
 
 
 def match_cancelled_file(
-    store: JobStore, inbox: str, path: str, identity: FileIdentity, *, running_since: float
+    store: IntakeStore, inbox: str, path: str, identity: FileIdentity, *, running_since: float
 ) -> list[Job]:
     """The active job (at most one) that the file `path` in `inbox`'s cancel
     folder stands for; `running_since` is when this daemon started (time.time())."""

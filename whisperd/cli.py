@@ -21,7 +21,8 @@ from whisperd.terminal import terminal_safe
 from whisperd.watcher import REASON_UNSUPPORTED_PREFIX
 
 if TYPE_CHECKING:  # the store's modules load late: CLI start-up stays fast
-    from whisperd.store_instances import InstanceEntry
+    from whisperd.queue_db import JobStore
+    from whisperd.store_contract import InstanceEntry, OperatorStore, ReaderStore
 
 DEFAULT_CONFIG = os.environ.get("WHISPERD_CONFIG", "config.toml")
 # Exit status when the job store cannot be reached (distinct from 1: other errors, 2: config).
@@ -114,7 +115,8 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config)
 
 
-def _open_store(config: Config, *, read_only: bool = False):  # type: ignore[no-untyped-def]  # JobStore, imported late: CLI start-up stays fast
+def _open_store(config: Config, *, read_only: bool = False) -> JobStore:
+    # JobStore is imported here, not at the top: CLI start-up stays fast.
     from whisperd.queue_db import JobStore
 
     if read_only:  # status, jobs: group members may only read the state folder
@@ -155,7 +157,7 @@ def _to_toml(data: dict[str, object]) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = _config(args)
-    store = _open_store(config, read_only=True)
+    store: ReaderStore = _open_store(config, read_only=True)
     try:
         counts = store.counts()
         running = store.list_jobs(states=[JobState.RUNNING], limit=1000)
@@ -277,7 +279,7 @@ def _status_jobs(
         )
 
 
-def _ignored_files(store) -> list[Job]:  # type: ignore[no-untyped-def]
+def _ignored_files(store: ReaderStore) -> list[Job]:
     """Files left in an inbox because whisperd does not take their extension."""
     failed = store.list_jobs(states=[JobState.FAILED], limit=1000)
     return [
@@ -301,7 +303,7 @@ def _duration(seconds: float) -> str:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     config = _config(args)
-    store = _open_store(config, read_only=True)
+    store: ReaderStore = _open_store(config, read_only=True)
     try:
         states = [JobState(s) for s in args.state] if args.state else None
         jobs = store.list_jobs(states=states, limit=args.limit)
@@ -339,7 +341,7 @@ def _job_line(job: Job) -> str:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     config = _config(args)
-    store = _open_store(config)
+    store: OperatorStore = _open_store(config)
     try:
         jobs = _jobs_for_target(store, args.target)
         if not jobs:
@@ -374,7 +376,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
-def _jobs_for_target(store, target: str) -> list[Job]:  # type: ignore[no-untyped-def]
+def _jobs_for_target(store: OperatorStore, target: str) -> list[Job]:
     if target.isdigit():
         job = store.get(int(target))
         return [job] if job is not None else []

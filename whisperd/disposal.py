@@ -20,7 +20,7 @@ from whisperd.errors import OutputError
 from whisperd.jobs import Job
 from whisperd.lifecycle import Lifecycle
 from whisperd.logs import get_logger
-from whisperd.queue_db import JobStore
+from whisperd.store_contract import SupervisorStore
 
 log = get_logger(__name__)
 
@@ -35,7 +35,9 @@ RETRY_BASE_SECONDS = 5.0
 RETRY_MAX_SECONDS = 600.0
 
 
-def move_owed_source(lifecycle: Lifecycle, store: JobStore, job: Job, *, now: float | None = None) -> bool:
+def move_owed_source(
+    lifecycle: Lifecycle, store: SupervisorStore, job: Job, *, now: float | None = None
+) -> bool:
     """Settle what job still owes once (lifecycle.py); on a failed move record
     it, and mark the source stuck (logged once) when the error is permanent or
     the attempts are used up. Returns True when the source ended up stuck."""

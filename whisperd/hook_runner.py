@@ -22,8 +22,7 @@ from whisperd import job_report, logs
 from whisperd.config import InboxConfig
 from whisperd.hook_delivery import TryResult, post_webhook, run_program
 from whisperd.jobs import Job
-from whisperd.queue_db import JobStore
-from whisperd.store_hooks import HookDelivery
+from whisperd.store_contract import HookDelivery, HookStore
 
 log = logs.get_logger("whisperd.hooks")
 
@@ -72,7 +71,7 @@ class HookRunner:
 
     def __init__(
         self,
-        store: JobStore,
+        store: HookStore,
         inboxes: Mapping[str, InboxConfig],
         *,
         on_outcome: OnOutcome | None = None,

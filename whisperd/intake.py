@@ -33,7 +33,7 @@ from whisperd.cancel_match import match_cancelled_file
 from whisperd.config import Config, InboxConfig
 from whisperd.errors import StoreUnavailable
 from whisperd.jobs import FileIdentity, Job, JobSpec, JobState
-from whisperd.queue_db import JobStore
+from whisperd.store_contract import IntakeStore
 from whisperd.watcher import REASON_UNSUPPORTED_PREFIX, WatchSpec
 
 # The daemon's logger, as before intake had a module: operators filter on it.
@@ -111,7 +111,9 @@ class _Item:
 class Intake:
     """The watcher's callbacks put, intake's thread takes (start / stop / join)."""
 
-    def __init__(self, store: JobStore, config: Config, owner: IntakeOwner, *, running_since: float) -> None:
+    def __init__(
+        self, store: IntakeStore, config: Config, owner: IntakeOwner, *, running_since: float
+    ) -> None:
         self._store = store
         self._settings = _Settings.of(config)
         self._owner = owner
@@ -481,7 +483,7 @@ def _still_delivered(path: str, identity: FileIdentity) -> bool:
         return False
 
 
-def _already_ignored(store: JobStore, path: str, identity: FileIdentity, reason: str) -> bool:
+def _already_ignored(store: IntakeStore, path: str, identity: FileIdentity, reason: str) -> bool:
     return any(
         job.last_error == reason and _same_file(job.identity, identity) for job in store.find_by_source(path)
     )

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from whisperd.jobs import Job, JobState
-
-if TYPE_CHECKING:  # the store is imported late: CLI start-up stays fast
-    from whisperd.queue_db import Attempt
-    from whisperd.store_hooks import HookDelivery
+from whisperd.store_contract import Attempt, HookDelivery  # L0, stdlib only: no store loaded
 
 # Bumped only when a field is removed or changes meaning (new fields may appear).
 JSON_FORMAT_VERSION = 1

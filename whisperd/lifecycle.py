@@ -23,8 +23,8 @@ from typing import Any
 from whisperd import logs, media, outputs
 from whisperd.errors import OutputError
 from whisperd.jobs import TERMINAL_STATES, AttemptEnd, AttemptOutcome, FileIdentity, Job, JobState
-from whisperd.queue_db import JobStore
 from whisperd.repeat_names import done_rel_path
+from whisperd.store_contract import LifecycleStore
 
 log = logs.get_logger("whisperd.lifecycle")
 
@@ -58,7 +58,7 @@ class Lifecycle:
     """Ends attempts and settles what an ended job still owes."""
 
     def __init__(
-        self, store: JobStore, emit: Emit | None = None, *, crash_at: Callable[[str], None] = _no_crash
+        self, store: LifecycleStore, emit: Emit | None = None, *, crash_at: Callable[[str], None] = _no_crash
     ) -> None:
         self._store = store
         self._emit = emit or _no_emit

@@ -20,6 +20,7 @@ from whisperd.terminal import terminal_safe
 
 if TYPE_CHECKING:  # imported late at run time: CLI start-up stays fast
     from whisperd.queue_db import JobStore
+    from whisperd.store_contract import OperatorStore, ReaderStore
 
 # No job with that id, or no inbox of that name in the config.
 NOT_FOUND_EXIT = 4
@@ -58,7 +59,7 @@ def _when(moment: float | None) -> str:
 
 
 def cmd_show(config: Config, job_id: int, *, as_json: bool) -> int:
-    store = open_store(config, read_only=True)
+    store: ReaderStore = open_store(config, read_only=True)
     try:
         job = store.get(job_id)
         if job is None:
@@ -126,14 +127,14 @@ def _decoding_speed(job: dict[str, Any]) -> str:
 
 
 def cmd_retry(config: Config, job_id: int) -> int:
-    store = open_store(config, read_only=False)
+    store: OperatorStore = open_store(config, read_only=False)
     try:
         return _retry(store, config, job_id)
     finally:
         store.close()
 
 
-def _retry(store: JobStore, config: Config, job_id: int) -> int:
+def _retry(store: OperatorStore, config: Config, job_id: int) -> int:
     job = store.get(job_id)
     if job is None:
         say(f"whisperd: no job {job_id}", file=sys.stderr)
@@ -225,7 +226,7 @@ def cmd_pause(config: Config, inbox: str | None, *, pause: bool) -> int:
         known = ", ".join(i.name for i in config.inboxes)
         say(f"whisperd: no inbox named {inbox} in {config.source} (inboxes: {known})", file=sys.stderr)
         return NOT_FOUND_EXIT
-    store = open_store(config, read_only=False)
+    store: OperatorStore = open_store(config, read_only=False)
     try:
         for name in names:
             changed = store.pause_inbox(name) if pause else store.resume_inbox(name)

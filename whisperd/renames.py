@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from whisperd.jobs import FileIdentity, Job
-from whisperd.queue_db import JobStore
+from whisperd.store_contract import IntakeStore
 
 
-def renamed_away(store: JobStore, jobs: Sequence[Job]) -> list[tuple[Job, Job]]:
+def renamed_away(store: IntakeStore, jobs: Sequence[Job]) -> list[tuple[Job, Job]]:
     """(old, new) pairs: a queued job of the same inbox for the very same
     file (device and inode) as one of the new `jobs`, under another name that
     no longer holds that file. One store read for the whole batch."""

@@ -12,22 +12,9 @@ queue_db.JobStore's methods run these statements inside its own transactions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import sqlalchemy as sa
 
-from whisperd.jobs import FileIdentity, JobSpec
-
-
-@dataclass(frozen=True, kw_only=True)
-class DeferredFile:
-    """A settled file waiting at spec.rel_path for job `waits_for` to end."""
-
-    spec: JobSpec
-    # The waiting file as it was when it settled (device and inode name it).
-    identity: FileIdentity
-    waits_for: int
-    recorded_at: float
+from whisperd.store_contract import DeferredFile as DeferredFile  # noqa: PLC0414 - re-exported: its home is L0 (store_contract.py)
 
 
 def define_deferral_table(metadata: sa.MetaData) -> sa.Table:

@@ -2,7 +2,7 @@
 
 A job that ends done or failed owes one delivery per hook its inbox has
 (`on_done` or `on_failed`, and `webhook_url`). The delivery rows are written
-in the same transaction that ends the job (queue_db.JobStore._fenced_update
+in the same transaction that ends the job (store_base.StoreBase._fenced_update
 calls record_job_end), so a daemon killed right after a job ended still owes,
 and after its restart makes, every delivery: at least once.
 
@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+
+from whisperd.store_contract import HookDelivery as HookDelivery  # noqa: PLC0414 - re-exported: its home is L0 (store_contract.py)
 
 # The kinds of delivery, and the job states that owe each.
 HOOK_KINDS = ("on_done", "on_failed", "webhook")
@@ -70,20 +71,6 @@ def define_hook_tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
 
 
 HOOK_DELIVERIES, HOOK_SUBSCRIPTIONS = define_hook_tables(sa.MetaData())
-
-
-@dataclass(frozen=True, kw_only=True)
-class HookDelivery:
-    """One owed or made delivery of a job's end to one hook."""
-
-    id: int
-    job_id: int
-    kind: str
-    state: str
-    attempts: int
-    next_attempt_at: float
-    last_error: str | None
-    delivered_at: float | None
 
 
 def _delivery(row: Any) -> HookDelivery:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+
+from whisperd.store_contract import InstanceEntry as InstanceEntry  # noqa: PLC0414 - re-exported: its home is L0 (store_contract.py)
 
 
 def define_instance_tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
@@ -66,34 +67,6 @@ def add_lease_column(conn: Connection) -> None:
     """Schema v12: add instances.lease_seconds."""
     name, type_ = _V12_LEASE_COLUMN
     conn.exec_driver_sql(f"ALTER TABLE instances ADD COLUMN {name} {type_.compile(dialect=conn.dialect)}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class InstanceEntry:
-    """One daemon as the registry knows it."""
-
-    instance: str
-    token: str
-    host: str
-    pid: int
-    version: str
-    slots: int
-    # Comma-separated torch devices of its slots ("cpu", "cuda:0,cuda:1").
-    devices: str
-    started_at: float
-    # Seconds since its last heartbeat, by the database's clock (0 when written).
-    age_seconds: float = 0.0
-    # Names of the inboxes it watches (filled by list_instances only).
-    inboxes: tuple[str, ...] = ()
-    # The lease it runs with ([workers] lease_seconds); None for a row an
-    # older version wrote.
-    lease_seconds: float | None = None
-
-    def is_live(self, default_lease: float) -> bool:
-        """Whether its last heartbeat is younger than its own lease (the
-        reader's `default_lease` when the row does not say)."""
-        lease = self.lease_seconds if self.lease_seconds is not None else default_lease
-        return self.age_seconds < lease
 
 
 def _entry(row: Any, now: float) -> InstanceEntry:
