@@ -135,7 +135,7 @@ def test_what_the_lifecycle_reports_arrives_typed(tmp_path: Path, store: JobStor
 
 def _exposition(record: Callable[[Metrics], None]) -> bytes:
     metrics = Metrics(
-        job_counts=dict, running_jobs=list, devices=None, version="test", process_collector=False
+        job_counts=lambda: {}, running_jobs=lambda: [], devices=None, version="test", process_collector=False
     )
     record(metrics)
     return generate_latest(metrics.registry)
