@@ -155,8 +155,9 @@ def test_the_metrics_sink_records_each_event_as_the_daemon_did() -> None:
         m.device_health_changed("cuda:0", False)
 
     def by_events(m: Metrics) -> None:
+        sink: events.EventSink = m.sink  # the protocol the daemon hands events through
         for event in EVERY_EVENT:
-            m.sink.handle(event)
+            sink.handle(event)
 
     expected = _exposition(by_hooks)
     assert b"whisperd_jobs_finished_total" in expected
