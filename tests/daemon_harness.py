@@ -119,12 +119,20 @@ class DaemonUnderTest:
     # -- process ---------------------------------------------------------------
 
     def start(
-        self, *, wait_ready: bool = True, env: dict[str, str] | None = None, timeout: float = 60.0
+        self,
+        *,
+        wait_ready: bool = True,
+        env: dict[str, str] | None = None,
+        timeout: float = 60.0,
+        crash_point: str = "",
     ) -> None:
+        """crash_point: the hidden `--crash-point` (worker.CRASH_POINTS): the
+        worker kills the daemon and itself there."""
         assert self.process is None or self.process.poll() is not None, "already running"
         self.lines = []
+        crash = ["--crash-point", crash_point] if crash_point else []
         self.process = subprocess.Popen(
-            [*self.wrapper, *WHISPERD, "run", "--config", str(self.config_path)],
+            [*self.wrapper, *WHISPERD, "run", "--config", str(self.config_path), *crash],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

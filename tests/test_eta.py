@@ -9,7 +9,8 @@ import multiprocessing
 
 import pytest
 
-from whisperd.worker import Doorbell, Flag, JobSession, SlotChannel
+from whisperd.job_session import JobSession
+from whisperd.slot_channel import Doorbell, Flag, SlotChannel
 
 
 def _session() -> JobSession:

@@ -11,6 +11,7 @@ hardware seam). Real SQLite stores, real clips, real signals throughout.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -31,11 +32,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from whisperd.config import Config, DaemonConfig, ModelsConfig, WorkersConfig
 from whisperd.daemon import Daemon
 from whisperd.errors import WhisperdError
-from whisperd.gpu_pool import HealthPolicy, Slot, WorkerPool, default_cpu_threads, plan_slots
+from whisperd.gpu_pool import WorkerPool
 from whisperd.jobs import DecodeOptions, FileIdentity, Job, JobSpec, JobState
 from whisperd.protocols import THROTTLE_HW_SLOWDOWN, THROTTLE_HW_THERMAL, DeviceInfo
 from whisperd.queue_db import JobStore
-from whisperd.worker import WorkerSettings
+from whisperd.slot_channel import WorkerSettings
+from whisperd.slot_plan import HealthPolicy, Slot, default_cpu_threads, plan_slots
+from whisperd.worker import worker_main
 
 MiB = 2**20
 # A scripted card: what NVML would describe.
@@ -515,8 +518,9 @@ def _build_rig(
         slots,
         _settings_for(root, canary_seconds=canary_seconds),
         store,
+        worker_main=worker_main,
         cancel_grace_seconds=1.0,
-        on_event=lambda kind, fields: events.append((kind, dict(fields))),
+        on_event=lambda event: events.append((event.kind, dataclasses.asdict(event))),
         probe=probe,
         health=health,
         clock=clock,

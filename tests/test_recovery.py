@@ -136,7 +136,7 @@ def test_daemon_killed_at_crash_point_transcribes_file_exactly_once(
 ) -> None:
     daemon = daemon_factory(database_url=daemon_database_url)
     clip = speech(SENTENCES[0], "talk")
-    daemon.start(env={"WHISPERD_CRASH_POINT": point})
+    daemon.start(crash_point=point)
     daemon.drop(clip)
 
     assert wait_for_exit(daemon) == -signal.SIGKILL, daemon.log_text()

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from whisperd import __version__, job_report, operator_cli
@@ -55,6 +55,10 @@ def _say(*lines: object, file: TextIO | None = None) -> None:
         print(terminal_safe(line), file=file or sys.stdout)
 
 
+# Adds one subcommand (name, handler, help) with its --config option; returns its parser.
+_Command = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="whisperd", description="Transcription daemon for openai-whisper.")
     parser.add_argument("--version", action="version", version=f"whisperd {__version__}")
@@ -68,7 +72,44 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    command("run", cmd_run, "run the daemon in the foreground (systemd runs this)")
+    run = command("run", cmd_run, "run the daemon in the foreground (systemd runs this)")
+    # The crash-recovery tests' hook (WorkerSettings.crash_point): not for users.
+    run.add_argument(
+        "--crash-point", default="", choices=_CrashPoints(), metavar="POINT", help=argparse.SUPPRESS
+    )
+    _add_store_commands(command)
+    command(
+        "reload", cmd_reload, "make the running daemon re-read its config; wait until it has (ExecReload)"
+    )
+    command("check-config", cmd_check_config, "validate the config and print the effective config")
+    command("doctor", cmd_doctor, "check ffmpeg, devices, models, folders and database; say what to fix")
+    models = command(
+        "models", lambda a: (parser.parse_args(["models", "--help"]), 2)[1], "list or import models"
+    )
+    _add_models_commands(models)
+    return parser
+
+
+class _CrashPoints:
+    """worker.CRASH_POINTS, read only when --crash-point is given: the worker's
+    modules load the store's, and the CLI's start-up stays fast without them."""
+
+    def __contains__(self, point: object) -> bool:
+        return point in self._points()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._points())
+
+    @staticmethod
+    def _points() -> tuple[str, ...]:
+        from whisperd.worker import CRASH_POINTS
+
+        return CRASH_POINTS
+
+
+def _add_store_commands(command: _Command) -> None:
+    """The commands that read or change the job store: status, jobs, show,
+    cancel, retry, pause, resume."""
     json_help = "print one JSON document (field names: README, Machine-readable output)"
     status = command("status", cmd_status, "the queue and each running job's progress")
     status.add_argument("--json", action="store_true", help=json_help)
@@ -89,14 +130,10 @@ def _parser() -> argparse.ArgumentParser:
     pause.add_argument("inbox", nargs="?")
     resume = command("resume", cmd_resume, "start the queued jobs of a paused inbox again (all: no name)")
     resume.add_argument("inbox", nargs="?")
-    command(
-        "reload", cmd_reload, "make the running daemon re-read its config; wait until it has (ExecReload)"
-    )
-    command("check-config", cmd_check_config, "validate the config and print the effective config")
-    command("doctor", cmd_doctor, "check ffmpeg, devices, models, folders and database; say what to fix")
-    models = command(
-        "models", lambda a: (parser.parse_args(["models", "--help"]), 2)[1], "list or import models"
-    )
+
+
+def _add_models_commands(models: argparse.ArgumentParser) -> None:
+    """models list | models import PATH [--name NAME]."""
     models_sub = models.add_subparsers(dest="models_command", required=True)
     listing = models_sub.add_parser("list", help="models in the models folder")
     listing.set_defaults(handler=cmd_models_list)
@@ -108,7 +145,6 @@ def _parser() -> argparse.ArgumentParser:
     importing.set_defaults(handler=cmd_models_import)
     for p in (listing, importing):
         p.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
-    return parser
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -131,7 +167,7 @@ def _open_store(config: Config, *, read_only: bool = False) -> JobStore:
 def cmd_run(args: argparse.Namespace) -> int:
     from whisperd.daemon import run_daemon
 
-    return run_daemon(_config(args))
+    return run_daemon(_config(args), crash_point=args.crash_point)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -29,7 +29,8 @@ from whisperd.config import Config, InboxConfig
 from whisperd.config_load import load_config
 from whisperd.disposal import move_owed_source
 from whisperd.errors import ConfigError, StoreUnavailable, WhisperdError
-from whisperd.gpu_pool import HealthPolicy, Slot, WorkerPool, default_cpu_threads, plan_slots
+from whisperd.events import JobCancelSeen, JobFinished, WorkerEvent, lifecycle_event
+from whisperd.gpu_pool import WorkerPool
 from whisperd.hook_runner import HookRunner
 from whisperd.intake import Intake, IntakeOwner
 from whisperd.jobs import AttemptEnd, AttemptOutcome, Job, JobState
@@ -41,11 +42,13 @@ from whisperd.nvml import NvmlProbe
 from whisperd.protocols import DeviceProbe
 from whisperd.queue_db import JobStore
 from whisperd.sdnotify import Notifier
+from whisperd.slot_channel import WorkerSettings, worker_id_for
+from whisperd.slot_plan import HealthPolicy, Slot, default_cpu_threads, plan_slots
 from whisperd.store_instances import InstanceEntry
 from whisperd.store_notify import StoreListener, StoreNotice
 from whisperd.store_outage import RetryPolicy
 from whisperd.watcher import Watcher, WatchSpec
-from whisperd.worker import WorkerSettings, worker_id_for
+from whisperd.worker import worker_main
 
 log = logs.get_logger("whisperd.daemon")
 
@@ -117,8 +120,10 @@ class Daemon:
         notifier: Notifier | None = None,
         probe: DeviceProbe | None = None,
         clock: Callable[[], float] = time.monotonic,
+        crash_point: str = "",
     ) -> None:
         self._config = config
+        self._crash_point = crash_point  # test hook only: `whisperd run --crash-point`
         self._notifier = notifier or Notifier()
         self._probe: DeviceProbe = probe or NvmlProbe()
         self._clock = clock
@@ -257,8 +262,9 @@ class Daemon:
             self._plan_slots(),
             self._worker_settings,
             store,
+            worker_main=worker_main,
             cancel_grace_seconds=config.workers.cancel_grace_seconds,
-            on_event=self._on_worker_event,
+            on_event=self._on_event,
             probe=self._probe,
             health=HealthPolicy(
                 interval_seconds=config.workers.health_interval_seconds,
@@ -583,11 +589,14 @@ class Daemon:
         return plan_slots(self._config.workers, gpus)
 
     def _worker_settings(self, slot: Slot) -> WorkerSettings:
-        return self.worker_settings(self._config, slot, slots=len(self._plan_slots()))
+        return self.worker_settings(
+            self._config, slot, slots=len(self._plan_slots()), crash_point=self._crash_point
+        )
 
     @staticmethod
-    def worker_settings(config: Config, slot: Slot, *, slots: int) -> WorkerSettings:
-        """What the worker on `slot` runs with, one of `slots` in the pool (pure: tests call it)."""
+    def worker_settings(config: Config, slot: Slot, *, slots: int, crash_point: str = "") -> WorkerSettings:
+        """What the worker on `slot` runs with, one of `slots` in the pool (pure: tests call it).
+        crash_point: the crash tests' hook (WorkerSettings.crash_point), "" otherwise."""
         workers = config.workers
         budget = workers.cpu_memory_budget_mb if slot.device == "cpu" else 0
         return WorkerSettings(
@@ -611,8 +620,7 @@ class Daemon:
             log_level=config.daemon.log_level,
             log_json=_log_json(config.daemon.log_format),
             parent_pid=os.getpid(),
-            # Test hook only (see WorkerSettings.crash_point); never set in production.
-            crash_point=os.environ.get("WHISPERD_CRASH_POINT", ""),
+            crash_point=crash_point,
             decode_timeout_seconds=workers.decode_timeout_seconds,
         )
 
@@ -796,47 +804,30 @@ class Daemon:
     # -- metrics --------------------------------------------------------------------------
 
     def _on_worker_event(self, kind: str, fields: dict[str, Any]) -> None:
+        """The lifecycle's events, which it still reports as (kind, fields)."""
+        event = lifecycle_event(kind, fields)
+        if event is not None:
+            self._on_event(event)
+
+    def _on_event(self, event: WorkerEvent) -> None:
+        """A worker's or the pool's event: to the metrics, then what the daemon itself does."""
         metrics = self._metrics
         if metrics is None:
             return
-        handlers: dict[str, Callable[[], None]] = {
-            "job_started": lambda: metrics.job_started(
-                fields["inbox"], fields["device"], fields["queue_wait_seconds"]
-            ),
-            "job_finished": lambda: self._job_finished(metrics, fields),
-            "job_retried": lambda: metrics.job_retried(fields["inbox"]),
-            "job_rejected": lambda: metrics.job_rejected(fields["inbox"], fields["reason"]),
-            "job_cancel_seen": lambda: self._cancel_seen(fields["job_id"]),
-            "model_loaded": lambda: metrics.model_loaded(
-                fields["model"], fields["device"], fields["seconds"]
-            ),
-            "model_unloaded": lambda: metrics.model_unloaded(
-                fields["model"], fields["device"], fields["reason"]
-            ),
-            "models_loaded": lambda: metrics.set_models_loaded(fields["device"], fields["models"]),
-            "worker_restarted": lambda: metrics.worker_restarted(fields["slot"], fields["reason"]),
-            "device_health": lambda: metrics.device_health_changed(fields["device"], fields["healthy"]),
-            "cpu_fallback": lambda: metrics.cpu_fallback(fields["model"]),
-        }
-        handler = handlers.get(kind)
-        if handler is not None:
-            try:
-                handler()
-            except Exception as exc:  # noqa: BLE001 - a metrics bug must not stop supervision
-                log.warning("metrics.event_failed", kind=kind, error=str(exc))
+        try:
+            metrics.sink.handle(event)
+            self._count_cancel_event(event)
+        except Exception as exc:  # noqa: BLE001 - a metrics bug must not stop supervision
+            log.warning("metrics.event_failed", kind=event.kind, error=str(exc))
 
-    def _job_finished(self, metrics: Metrics, fields: dict[str, Any]) -> None:
-        metrics.job_finished(
-            fields["inbox"],
-            fields["outcome"],
-            device=fields["device"],
-            duration_seconds=fields["duration_seconds"],
-            audio_seconds=fields["audio_seconds"],
-        )
-        if fields["outcome"] == "cancelled":
+    def _count_cancel_event(self, event: WorkerEvent) -> None:
+        """A cancel seen while its job ran is counted once (see _count_cancel)."""
+        if isinstance(event, JobCancelSeen):
+            self._cancel_seen(event.job_id)
+        elif isinstance(event, JobFinished) and event.outcome == "cancelled":
             # The worker may see a cancel requested by another process before
             # the pool's poll does: the cancel still happened while running.
-            self._cancel_seen(int(fields["job_id"]))
+            self._cancel_seen(event.job_id)
 
     def _cancel_seen(self, job_id: int) -> None:
         """The pool found a cancel another process requested for a running job."""
@@ -925,8 +916,8 @@ def _log_json(log_format: str) -> bool | None:
     return {"json": True, "console": False}.get(log_format)
 
 
-def run_daemon(config: Config) -> int:
+def run_daemon(config: Config, *, crash_point: str = "") -> int:
     logs.configure(config.daemon.log_level, json=_log_json(config.daemon.log_format))
     with contextlib.suppress(KeyboardInterrupt):
-        return Daemon(config).run()
+        return Daemon(config, crash_point=crash_point).run()
     return 0

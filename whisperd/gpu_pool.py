@@ -19,94 +19,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from whisperd import liveness, logs
-from whisperd.config import WorkersConfig
-from whisperd.errors import WhisperdError
+from whisperd import events, liveness, logs
 from whisperd.jobs import AttemptEnd, AttemptOutcome, Job, JobState
 from whisperd.lifecycle import Lifecycle
 from whisperd.metrics_state import WorkerView
 from whisperd.protocols import DeviceProbe
 from whisperd.queue_db import JobStore
-from whisperd.worker import (
-    Doorbell,
-    Flag,
-    SlotChannel,
-    WorkerSettings,
-    worker_main,
-)
+from whisperd.slot_channel import Doorbell, Flag, SlotChannel, WorkerSettings
+from whisperd.slot_plan import HealthPolicy, Slot
 
 log = logs.get_logger("whisperd.pool")
 
 _CTX = multiprocessing.get_context("spawn")
-EventSink = Callable[[str, dict[str, Any]], None]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Slot:
-    # Slot name, unique on this host: "cpu-0", "gpu0-0", "gpu1-0"...
-    name: str
-    # torch device of the slot.
-    device: str
-    # NVML index of the slot's GPU, whose health decides whether it may
-    # claim; None for CPU slots.
-    gpu_index: int | None = None
-
-
-def plan_slots(workers: WorkersConfig, gpu_indexes: Sequence[int]) -> list[Slot]:
-    """Slots for the configured devices: every GPU ("auto") or the listed
-    ones, `jobs_per_device` each; the CPU where there is no GPU. A listed GPU
-    that is not there is an error (its worker could never run a job)."""
-    if workers.devices == "cpu" or (workers.devices == "auto" and not gpu_indexes):
-        return [Slot(name=f"cpu-{n}", device="cpu") for n in range(workers.cpu_slots)]
-    chosen: list[int] = list(gpu_indexes) if isinstance(workers.devices, str) else list(workers.devices)
-    missing = [index for index in chosen if index not in gpu_indexes]
-    if missing:
-        found = ", ".join(str(i) for i in gpu_indexes) or "none"
-        raise WhisperdError(
-            f"workers.devices lists GPU {', '.join(str(i) for i in missing)}, which NVML does not see "
-            f'(GPUs found: {found}); list only present GPUs, or use "auto" or "cpu"'
-        )
-    return [
-        Slot(name=f"gpu{index}-{n}", device=f"cuda:{index}", gpu_index=index)
-        for index in chosen
-        for n in range(workers.jobs_per_device)
-    ]
-
-
-@dataclass(frozen=True, kw_only=True)
-class HealthPolicy:
-    """When the pool calls a device or a worker sick (see config.WorkersConfig)."""
-
-    interval_seconds: float = 15.0
-    # A worker that has not yet proved itself alive once is still starting
-    # (importing torch, initialising CUDA), which can take long on a busy
-    # host: it gets at least this long before it is called silent.
-    startup_seconds: float = 120.0
-    # A job whose progress has not moved for the longer of these is hung.
-    hung_min_seconds: float = 300.0
-    hung_audio_factor: float = 2.0
-
-    @property
-    def silent_worker_seconds(self) -> float:
-        """An idle worker that has not proved itself alive this long is sick."""
-        return 3 * self.interval_seconds + 5.0
-
-    def hung_after(self, audio_seconds: float | None) -> float:
-        return max(self.hung_min_seconds, self.hung_audio_factor * (audio_seconds or 0.0))
-
-
-def default_cpu_threads(slots: int) -> int:
-    """The cores this process may run on, shared out among the slots."""
-    return max(1, _usable_cores() // max(1, slots))
-
-
-def _usable_cores() -> int:
-    # The affinity mask, not os.cpu_count(): a process pinned to a few cores
-    # (taskset, cpusets) must not size its thread pools for the whole host.
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+# A worker process's entry point (worker.worker_main, handed in by the daemon).
+WorkerMain = Callable[[WorkerSettings, SlotChannel], None]
 
 
 @dataclass(kw_only=True)
@@ -143,8 +69,9 @@ class WorkerPool:
         settings_for: Callable[[Slot], WorkerSettings],
         store: JobStore,
         *,
+        worker_main: WorkerMain,
         cancel_grace_seconds: float,
-        on_event: EventSink,
+        on_event: events.EventHandler,
         probe: DeviceProbe | None = None,
         health: HealthPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -157,8 +84,9 @@ class WorkerPool:
         self._store = store
         self._cancel_grace = cancel_grace_seconds
         self._on_event = on_event
+        self._worker_main = worker_main
         # Ends the attempts of workers the pool stops, kills or loses.
-        self._lifecycle = Lifecycle(store, on_event)
+        self._lifecycle = Lifecycle(store, events.lifecycle_emit(on_event))
         # Set by the first worker_started event: a worker imported its engine (torch).
         self._a_worker_started = False
         self._clock = clock
@@ -256,14 +184,14 @@ class WorkerPool:
                     reading.error or ", ".join(reading.bad_throttle_reasons) or "uncorrectable ECC errors"
                 )
                 self._drain(index, reason)
-                self._on_event("device_health", {"device": device, "healthy": False})
+                self._on_event(events.DeviceHealth(device=device, healthy=False))
             elif reading.healthy and index in self._drained:
                 del self._drained[index]
                 for state in self._slots_on(index):
                     state.channel.paused.clear()
                     state.channel.wake.set()
                 log.info("device.recovered", device=device)
-                self._on_event("device_health", {"device": device, "healthy": True})
+                self._on_event(events.DeviceHealth(device=device, healthy=True))
 
     def _slots_on(self, index: int) -> list[_SlotState]:
         return [s for s in self._slots if s.slot.gpu_index == index]
@@ -341,10 +269,10 @@ class WorkerPool:
             if remaining <= 0:
                 return False
             try:
-                kind, fields = self._events.get(timeout=min(remaining, 0.2))
+                event = self._events.get(timeout=min(remaining, 0.2))
             except (queue.Empty, OSError, ValueError):
                 continue
-            self._handle_event(kind, fields)
+            self._handle_event(event)
         return True
 
     def alive_count(self) -> int:
@@ -385,7 +313,7 @@ class WorkerPool:
 
     def _spawn(self, state: _SlotState) -> None:
         process = _CTX.Process(
-            target=worker_main,
+            target=self._worker_main,
             args=(state.settings, state.channel),
             name=f"whisperd-worker-{state.slot.name}",
         )
@@ -445,7 +373,7 @@ class WorkerPool:
         old.wake.close()
         state.cancel_deadlines.clear()
         state.restarts += 1
-        self._on_event("worker_restarted", {"slot": state.slot.name, "reason": reason})
+        self._on_event(events.WorkerRestarted(slot=state.slot.name, reason=reason))
         self._spawn(state)
 
     def _kill(self, state: _SlotState) -> None:
@@ -507,7 +435,7 @@ class WorkerPool:
         job = self._store.get(job_id)
         if job is None or not job.cancel_requested or job.state is not JobState.RUNNING:
             return False
-        self._on_event("job_cancel_seen", {"job_id": job_id})
+        self._on_event(events.JobCancelSeen(job_id=job_id))
         return self.cancel(job_id, now)
 
     def _enforce_cancel(self, state: _SlotState, now: float) -> None:
@@ -540,32 +468,27 @@ class WorkerPool:
     def _drain_events(self) -> None:
         while True:
             try:
-                kind, fields = self._events.get_nowait()
+                event = self._events.get_nowait()
             except (queue.Empty, OSError, ValueError):
                 return
-            self._handle_event(kind, fields)
+            self._handle_event(event)
 
-    def _handle_event(self, kind: str, fields: dict[str, Any]) -> None:
-        if kind == "worker_alive":
-            self._note_alive(fields)
-        elif kind == "worker_started":
+    def _handle_event(self, event: events.WorkerEvent) -> None:
+        if isinstance(event, events.WorkerAlive):
+            self._note_alive(event)
+        elif isinstance(event, events.WorkerStarted):
             self._a_worker_started = True
-            log.info(
-                "worker.ready",
-                worker=fields.get("worker"),
-                device=fields.get("device"),
-                pid=fields.get("pid"),
-            )
-        self._on_event(kind, fields)
+            log.info("worker.ready", worker=event.worker, device=event.device, pid=event.pid)
+        self._on_event(event)
 
-    def _note_alive(self, fields: dict[str, Any]) -> None:
+    def _note_alive(self, event: events.WorkerAlive) -> None:
         for state in self._slots:
-            if state.settings.worker_id != fields.get("worker"):
+            if state.settings.worker_id != event.worker:
                 continue
-            if fields.get("ok"):
+            if event.ok:
                 state.alive_at = self._clock()
                 state.proven = True
             else:
-                log.error("worker.canary_failed", slot=state.slot.name, error=fields.get("error"))
+                log.error("worker.canary_failed", slot=state.slot.name, error=event.error)
                 # The next health check restarts it.
                 state.alive_at = state.started_at = float("-inf")

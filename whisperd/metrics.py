@@ -2,7 +2,8 @@
 
 `Metrics` owns a private CollectorRegistry. The daemon and the pool record
 what happens through its hook methods (job_queued, job_finished, ...), never
-by touching metric objects inside their loops. What is a state rather than an
+by touching metric objects inside their loops; the typed events of workers
+and the pool (events.py) reach those hooks through `MetricsSink`. What is a state rather than an
 event -- queue depth, running jobs' progress and ETA, GPU memory and health,
 each worker process's memory -- is read at scrape time from callables given
 to the constructor, so a scrape always shows the job store and the hardware
@@ -27,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
+from whisperd import events
 from whisperd.metrics_state import RunningJobView, StateCollector, WorkerView
 from whisperd.protocols import DeviceProbe
 
@@ -110,6 +112,8 @@ class Metrics:
         self._warned: set[tuple[str, str]] = set()
         self._define_event_metrics()
         self._define_store_metrics()
+        # Where the pool's events go (the daemon hands each one over).
+        self.sink = MetricsSink(self)
         self._build_info(version)
         if instance:
             self._instance_info(instance)
@@ -255,6 +259,13 @@ class Metrics:
     # -- internals --------------------------------------------------------
 
     def _define_event_metrics(self) -> None:
+        # In this order: the exposition lists the series as they were registered.
+        self._define_job_metrics()
+        self._define_handling_metrics()
+        self._define_model_metrics()
+        self._define_folder_metrics()
+
+    def _define_job_metrics(self) -> None:
         r = self.registry
         self._queued = Counter("whisperd_jobs_queued_total", "Jobs queued.", ["inbox"], registry=r)
         self._finished = Counter(
@@ -290,6 +301,9 @@ class Metrics:
         self._retries = Counter(
             "whisperd_job_retries_total", "Failed attempts put back in the queue.", ["inbox"], registry=r
         )
+
+    def _define_handling_metrics(self) -> None:
+        r = self.registry
         self._hook_deliveries = Counter(
             "whisperd_hook_deliveries_total",
             "Tries at completion hooks (on_done, on_failed, webhook), by outcome "
@@ -322,7 +336,9 @@ class Metrics:
             ["stage"],
             registry=r,
         )
-        self._define_model_metrics()
+
+    def _define_folder_metrics(self) -> None:
+        r = self.registry
         self._device_healthy = Gauge(
             "whisperd_device_healthy",
             "1 while the pool considers the device usable, 0 after it marked it unhealthy.",
@@ -427,3 +443,44 @@ class Metrics:
     def _collector_failed(self, collector: str, exc: Exception) -> None:
         self._scrape_errors.labels(collector).inc()
         _log.warning("metrics.collector_failed", collector=collector, error=str(exc))
+
+
+class MetricsSink:
+    """The events.EventSink of the metrics: each worker or pool event
+    becomes the hook call the daemon made for it when events were strings
+    (same metrics, labels, values). Events that are no metric's business
+    (a worker's start, its proofs of life, a cancel the pool saw) are left
+    to the daemon and the pool."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def handle(self, event: events.WorkerEvent) -> None:
+        m = self._metrics
+        match event:
+            case events.JobStarted():
+                m.job_started(event.inbox, event.device, event.queue_wait_seconds)
+            case events.JobFinished():
+                m.job_finished(
+                    event.inbox,
+                    event.outcome,
+                    device=event.device,
+                    duration_seconds=event.duration_seconds,
+                    audio_seconds=event.audio_seconds,
+                )
+            case events.JobRetried():
+                m.job_retried(event.inbox)
+            case events.JobRejected():
+                m.job_rejected(event.inbox, event.reason)
+            case events.ModelLoaded():
+                m.model_loaded(event.model, event.device, event.seconds)
+            case events.ModelUnloaded():
+                m.model_unloaded(event.model, event.device, event.reason)
+            case events.ModelsLoaded():
+                m.set_models_loaded(event.device, event.models)
+            case events.WorkerRestarted():
+                m.worker_restarted(event.slot, event.reason)
+            case events.DeviceHealth():
+                m.device_health_changed(event.device, event.healthy)
+            case events.CpuFallback():
+                m.cpu_fallback(event.model)
