@@ -79,17 +79,6 @@ def test_a_closed_channel_never_breaks_the_job() -> None:
     put_event(channel, events.JobRetried(inbox="talks"))  # does not raise
 
 
-def test_lifecycle_kinds_become_their_events_and_others_are_left_out() -> None:
-    assert events.lifecycle_event("job_retried", {"inbox": "talks"}) == events.JobRetried(inbox="talks")
-    assert events.lifecycle_event("job_rejected", {"inbox": "a", "reason": "empty"}) == events.JobRejected(
-        inbox="a", reason="empty"
-    )
-    assert events.lifecycle_event("something_else", {"x": 1}) is None
-    seen: list[WorkerEvent] = []
-    events.lifecycle_emit(seen.append)("job_retried", {"inbox": "talks", "stray": 1})
-    assert seen == []  # fields that fit no event are dropped, never raised into an attempt's end
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[JobStore]:
     opened = JobStore.open("sqlite:///" + str(tmp_path / "jobs.db"))
@@ -115,7 +104,7 @@ def test_what_the_lifecycle_reports_arrives_typed(tmp_path: Path, store: JobStor
     )
     job, _ = store.enqueue(spec, FileIdentity.of(str(source)), max_attempts=3)
     seen: list[WorkerEvent] = []
-    life = Lifecycle(store, events.lifecycle_emit(seen.append))
+    life = Lifecycle(store, seen.append)
     claim = store.claim(worker="host/cpu-0", device="cpu", lease_seconds=30.0)
     assert claim is not None
     retry = AttemptEnd(outcome=AttemptOutcome.RETRY, error="boom", retry_base_seconds=0, retry_max_seconds=0)

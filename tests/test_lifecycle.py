@@ -9,6 +9,7 @@ sweep and start-up recovery do, and check what a user would see.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from whisperd import lifecycle
+from whisperd.events import JobFinished, WorkerEvent
 from whisperd.jobs import AttemptEnd, AttemptOutcome, Claim, FileIdentity, Job, JobSpec, JobState
 from whisperd.lifecycle import Lifecycle
 from whisperd.queue_db import JobStore
@@ -197,15 +199,15 @@ def test_a_done_end_moves_the_source_and_tells_the_metrics(tmp_path: Path) -> No
     job = folders.drop(store, "talk.wav")
     taken = claim(store)
     written = write_outputs(store, taken, folders)
-    events: list[tuple[str, dict[str, Any]]] = []
-    seam = Lifecycle(store, lambda kind, fields: events.append((kind, fields)))
+    events: list[WorkerEvent] = []
+    seam = Lifecycle(store, events.append)
 
     end = AttemptEnd(outcome=AttemptOutcome.DONE, outputs=written, audio_seconds=2.0)
     assert seam.end_attempt(job, taken.token, end, device="cpu", duration_seconds=1.0) is JobState.DONE
 
     assert files_in(folders.done) == ["talk.wav"] and files_in(folders.inbox) == []
     assert files_in(folders.output) == ["talk.srt", "talk.txt"]
-    finished = [fields for kind, fields in events if kind == "job_finished"]
+    finished = [dataclasses.asdict(e) for e in events if isinstance(e, JobFinished)]
     assert finished == [
         {
             "job_id": job.id,

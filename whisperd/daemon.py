@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import IO, Any
+from typing import IO
 
 from whisperd import __version__, atomic_files, logs, outputs, reloading, store_hooks, store_notify
 from whisperd.compute_types import check_compute_types
@@ -29,7 +29,7 @@ from whisperd.config import Config, InboxConfig
 from whisperd.config_load import load_config
 from whisperd.disposal import move_owed_source
 from whisperd.errors import ConfigError, StoreUnavailable, WhisperdError
-from whisperd.events import JobCancelSeen, JobFinished, WorkerEvent, lifecycle_event
+from whisperd.events import JobCancelSeen, JobFinished, WorkerEvent
 from whisperd.gpu_pool import WorkerPool
 from whisperd.hook_runner import HookRunner
 from whisperd.intake import Intake, IntakeOwner
@@ -564,7 +564,7 @@ class Daemon:
         """The seam every end of an attempt and every owed move goes through."""
         assert self._store is not None
         if self._lifecycle is None:
-            self._lifecycle = Lifecycle(self._store, self._on_worker_event)
+            self._lifecycle = Lifecycle(self._store, self._on_event)
         return self._lifecycle
 
     def _per_job(self, stage: str, job: Job, action: Callable[[], object]) -> None:
@@ -802,12 +802,6 @@ class Daemon:
             self._pool.wake()
 
     # -- metrics --------------------------------------------------------------------------
-
-    def _on_worker_event(self, kind: str, fields: dict[str, Any]) -> None:
-        """The lifecycle's events, which it still reports as (kind, fields)."""
-        event = lifecycle_event(kind, fields)
-        if event is not None:
-            self._on_event(event)
 
     def _on_event(self, event: WorkerEvent) -> None:
         """A worker's or the pool's event: to the metrics, then what the daemon itself does."""

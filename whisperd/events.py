@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,31 +168,3 @@ class EventSink(Protocol):
     thread that supervises the pool."""
 
     def handle(self, event: WorkerEvent) -> None: ...
-
-
-# The events lifecycle.py reports, by the kind it names them with.
-_LIFECYCLE_EVENTS: dict[str, type[JobFinished] | type[JobRetried] | type[JobRejected]] = {
-    cls.kind: cls for cls in (JobFinished, JobRetried, JobRejected)
-}
-
-
-def lifecycle_event(kind: str, fields: dict[str, Any]) -> WorkerEvent | None:
-    """The typed event for what lifecycle.py emits as (kind, fields); None for
-    a kind that is not one of its events."""
-    cls = _LIFECYCLE_EVENTS.get(kind)
-    return None if cls is None else cls(**fields)
-
-
-def lifecycle_emit(handle: EventHandler) -> Callable[[str, dict[str, Any]], None]:
-    """A `lifecycle.Emit` that hands `handle` the typed events: the bridge
-    while lifecycle.py still reports (kind, fields)."""
-
-    def emit(kind: str, fields: dict[str, Any]) -> None:
-        try:
-            event = lifecycle_event(kind, fields)
-        except TypeError:  # fields that fit no event: metrics must never break an attempt's end
-            return
-        if event is not None:
-            handle(event)
-
-    return emit

@@ -86,7 +86,7 @@ class WorkerPool:
         self._on_event = on_event
         self._worker_main = worker_main
         # Ends the attempts of workers the pool stops, kills or loses.
-        self._lifecycle = Lifecycle(store, events.lifecycle_emit(on_event))
+        self._lifecycle = Lifecycle(store, on_event)
         # Set by the first worker_started event: a worker imported its engine (torch).
         self._a_worker_started = False
         self._clock = clock

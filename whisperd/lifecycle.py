@@ -22,6 +22,7 @@ from typing import Any
 
 from whisperd import logs, media, outputs
 from whisperd.errors import OutputError
+from whisperd.events import JobFinished, JobRejected, JobRetried, WorkerEvent
 from whisperd.jobs import TERMINAL_STATES, AttemptEnd, AttemptOutcome, FileIdentity, Job, JobState
 from whisperd.repeat_names import done_rel_path
 from whisperd.store_contract import LifecycleStore
@@ -29,7 +30,8 @@ from whisperd.store_contract import LifecycleStore
 log = logs.get_logger("whisperd.lifecycle")
 
 # An event for the metrics: (kind, fields), as the worker's channel carries it.
-Emit = Callable[[str, dict[str, Any]], None]
+# Where the lifecycle reports each attempt's end (the worker's channel, the pool's or the daemon's handler).
+Emit = Callable[[WorkerEvent], None]
 
 # The steps of an end, named for the crash tests (crash_at is called after each).
 AFTER_TRANSITION = "after_transition"
@@ -46,7 +48,7 @@ STEPS = (
 )
 
 
-def _no_emit(_kind: str, _fields: dict[str, Any]) -> None:
+def _no_emit(_event: WorkerEvent) -> None:
     return None
 
 
@@ -141,7 +143,7 @@ class Lifecycle:
             fields.update(error=end.error, attempt=job.attempts)
             released = end.outcome is AttemptOutcome.RELEASED
             log.warning(log_as or ("job.released" if released else "job.retry"), **fields)
-            self._emit("job_retried", {"inbox": job.spec.inbox})
+            self._emit(JobRetried(inbox=job.spec.inbox))
         else:
             rtf = duration / audio if audio else None
             fields.update(
@@ -153,22 +155,21 @@ class Lifecycle:
         rejected = media.reject_kind(reason) if state is JobState.FAILED else None
         if rejected is not None:
             outcome = "rejected"
-            self._emit("job_rejected", {"inbox": job.spec.inbox, "reason": rejected})
+            self._emit(JobRejected(inbox=job.spec.inbox, reason=rejected))
         self._finished_event(job, outcome, device, duration, audio)
 
     def _finished_event(
         self, job: Job, outcome: str, device: str, duration: float, audio_seconds: float | None
     ) -> None:
         self._emit(
-            "job_finished",
-            {
-                "job_id": job.id,
-                "inbox": job.spec.inbox,
-                "outcome": outcome,
-                "device": device,
-                "duration_seconds": duration,
-                "audio_seconds": audio_seconds,
-            },
+            JobFinished(
+                job_id=job.id,
+                inbox=job.spec.inbox,
+                outcome=outcome,
+                device=device,
+                duration_seconds=duration,
+                audio_seconds=audio_seconds,
+            )
         )
 
     # --------------------------------------------------------- settling ---

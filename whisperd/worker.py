@@ -23,7 +23,7 @@ from typing import Any
 
 from whisperd import lifecycle, liveness, logs, media, outputs, protocols
 from whisperd.errors import JobCancelled, LeaseLost, MediaError, ModelNotFoundError, NoRoomOnDevice
-from whisperd.events import CpuFallback, JobStarted, WorkerAlive, WorkerStarted, lifecycle_emit
+from whisperd.events import CpuFallback, JobStarted, WorkerAlive, WorkerStarted
 from whisperd.job_session import Heartbeat, JobSession
 from whisperd.jobs import AttemptEnd, AttemptOutcome, Claim, FileIdentity, Job, TranscriptResult
 from whisperd.lifecycle import Lifecycle
@@ -106,9 +106,7 @@ class Worker:
         # Seconds of audio the running attempt decoded (None: not yet).
         self._audio_seconds: float | None = None
         # Every end of an attempt goes through here; its events go to the pool.
-        self._lifecycle = Lifecycle(
-            store, lifecycle_emit(functools.partial(put_event, channel)), crash_at=self._crash_if
-        )
+        self._lifecycle = Lifecycle(store, functools.partial(put_event, channel), crash_at=self._crash_if)
 
     def loop(self) -> None:
         next_canary = 0.0
