@@ -14,21 +14,27 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from types import FrameType
 from typing import IO, Any
 
-from whisperd import __version__, logs, reloading
+from whisperd import logs, reloading
 from whisperd.compute_types import check_compute_types
 from whisperd.config import Config, InboxConfig
-from whisperd.config_load import load_config
 from whisperd.daemon_instance import InstanceRegistry, lock_state_dir, recover
-from whisperd.daemon_views import StatusViews, status_line
-from whisperd.errors import ConfigError, StoreUnavailable, WhisperdError
+from whisperd.daemon_notify import ServiceNotices
+from whisperd.daemon_parts import (
+    make_folders,
+    make_watcher,
+    reread_config,
+    start_metrics_server,
+    wait_for_a_worker,
+    wait_for_start_scan,
+    watch_spec,
+)
+from whisperd.daemon_signals import Signals
+from whisperd.daemon_views import StatusViews, make_metrics, status_line
+from whisperd.errors import StoreUnavailable, WhisperdError
 from whisperd.gpu_pool import HealthPolicy, Slot, WorkerPool, default_cpu_threads, plan_slots
 from whisperd.hook_runner import HookRunner
 from whisperd.housekeeping import Housekeeping, Tally
@@ -44,7 +50,7 @@ from whisperd.queue_db import JobStore
 from whisperd.sdnotify import Notifier
 from whisperd.store_notify import StoreListener
 from whisperd.store_outage import RetryPolicy
-from whisperd.watcher import Watcher, WatchSpec
+from whisperd.watcher import Watcher
 from whisperd.worker import WorkerSettings, worker_id_for
 
 log = logs.get_logger("whisperd.daemon")
@@ -52,17 +58,6 @@ log = logs.get_logger("whisperd.daemon")
 # How often the loop runs, and how often its slower duties run (housekeeping.py).
 LOOP_SECONDS = 0.2
 HOUSEKEEPING_SECONDS = 5.0
-# READY=1 waits this long for the first worker to import torch and open the
-# store (seconds on a warm machine; keep well under the unit's TimeoutStartSec).
-WORKER_READY_TIMEOUT_SECONDS = 60.0
-# READY waits for the files found at start to become jobs: settle_seconds
-# plus this much for looking at and queueing them (intake's share included);
-# after it, READY anyway.
-START_SCAN_MARGIN_SECONDS = 10.0
-# While running jobs drain on stop, ask systemd for more time at most this
-# often, each time for what is left of the grace period plus the margin.
-EXTEND_TIMEOUT_EVERY_SECONDS = 1.0
-EXTEND_TIMEOUT_MARGIN_SECONDS = 5.0
 # How long stop() waits for intake's thread to finish the item in hand.
 INTAKE_STOP_SECONDS = 10.0
 
@@ -73,15 +68,6 @@ def watchdog_ping_seconds(watchdog_timeout: float | None) -> float:
     if watchdog_timeout is None:
         return HOUSEKEEPING_SECONDS
     return min(HOUSEKEEPING_SECONDS, watchdog_timeout / 2)
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Signals:
-    stop: threading.Event
-    force: threading.Event
-    reload: threading.Event
-    # Set with each of the others and by a store notice: the loop runs at once.
-    nudge: threading.Event
 
 
 class Daemon:
@@ -99,9 +85,7 @@ class Daemon:
         self._notifier = notifier or Notifier()
         self._probe: DeviceProbe = probe or NvmlProbe()
         self._clock = clock
-        self._signals = _Signals(
-            stop=threading.Event(), force=threading.Event(), reload=threading.Event(), nudge=threading.Event()
-        )
+        self._signals = Signals()
         self._inboxes: dict[str, InboxConfig] = {i.name: i for i in config.inboxes}
         self._lock_file: IO[str] | None = None
         self._store: JobStore | None = None
@@ -117,15 +101,22 @@ class Daemon:
         self._server: MetricsServer | None = None
         self._hooks: HookRunner | None = None
         self._next_housekeeping = 0.0
-        self._last_extend = float("-inf")
-        self._ready = False
         # Handling errors and cancels counted (the loop and intake's thread both count).
         self._tally = Tally()
-        every = watchdog_ping_seconds(self._notifier.watchdog_interval())
-        self._housekeeper = Housekeeping(self._notifier, self._tally, watchdog_every=every)
+        self._housekeeper = Housekeeping(self._tally)
+        # What systemd hears while the daemon runs (keep-alive, more time, store waits).
+        self._notices = ServiceNotices(
+            self._notifier,
+            clock,
+            watchdog_every=watchdog_ping_seconds(self._notifier.watchdog_interval()),
+            busy_timeout=lambda: self._config.daemon.database_busy_timeout_seconds,
+            pool=lambda: self._pool,
+        )
         self._started_wall = time.time()
         self._instance = config.instance
-        self._registry = InstanceRegistry(config.instance, config_source=config.source)
+        self._registry = InstanceRegistry(
+            config.instance, config_source=config.source, on_taken_over=self.request_stop
+        )
         # What a scrape reads: the store and the pool as they are at that moment.
         self._views = StatusViews(
             instance=config.instance,
@@ -138,7 +129,7 @@ class Daemon:
 
     def run(self) -> int:
         """Start, supervise until asked to stop, stop. Returns the exit code."""
-        self._install_signal_handlers()
+        self._signals.install()
         try:
             self.start()
         except WhisperdError as exc:
@@ -188,11 +179,11 @@ class Daemon:
         config = self._config
         # A compute type a device cannot run is refused before anything starts.
         check_compute_types(config, [slot.device for slot in self._plan_slots()])
-        self._make_folders(config.inboxes)
+        make_folders(config.inboxes)
         self._lock_file = lock_state_dir(config.daemon.state_dir)
         self._started_wall = time.time()  # cancel files older than this start are old
         # Every store call (here, in the loop, in intake) waits out an outage.
-        retry = RetryPolicy(stop=self._signals.stop, on_wait=self._on_store_wait)
+        retry = RetryPolicy(stop=self._signals.stop, on_wait=self._notices.on_store_wait)
         self._store = store = JobStore.open(
             config.database_url, busy_timeout_seconds=config.daemon.database_busy_timeout_seconds, retry=retry
         )
@@ -214,7 +205,9 @@ class Daemon:
         )
         self._pool.start()
         self._start_feeders(store, metrics)
-        self._wait_for_start_scan()
+        assert self._watcher is not None and self._intake is not None
+        wait_for_start_scan(self._watcher, self._intake, settle_seconds=config.daemon.settle_seconds)
+        wait_for_a_worker(self._pool)
         self._announce_ready()
 
     def _prepare_store(self, store: JobStore) -> None:
@@ -233,40 +226,31 @@ class Daemon:
             instance=self._instance,
             inboxes=config.inboxes,
             per_job=self._tally.per_job,
-            dispose_owed=functools.partial(self._dispose_finished, store, older_than=0.0),
+            dispose_owed=functools.partial(
+                self._housekeeper.dispose_finished,
+                store,
+                self._life(),
+                inboxes=self._inboxes,
+                started_wall=self._started_wall,
+                older_than=0.0,
+                metrics=self._metrics,
+            ),
         )
         if store.enable_incremental_vacuum():  # before the workers open the file
             log.info("store.auto_vacuum_enabled", where=store.where)
 
     def _start_metrics(self, store: JobStore) -> Metrics:
-        config, views = self._config, self._views
-        self._metrics = metrics = Metrics(
-            job_counts=views.job_counts,
-            claimable_jobs=views.claimable_jobs,
-            running_jobs=views.running_jobs,
-            devices=self._probe,
-            version=__version__,
-            workers=views.workers,
-            instance=self._instance,
-        )
+        config = self._config
+        self._metrics = metrics = make_metrics(self._views, probe=self._probe, instance=self._instance)
         metrics.rescan_interval(config.daemon.rescan_seconds)
         self._tally.attach(metrics)  # with what recovery counted
         store.health.listen(on_change=metrics.store_changed, on_error=metrics.store_error)
         metrics.store_changed(store.health.up)
-        if config.metrics.enabled:
-            self._server = MetricsServer(metrics, host=config.metrics.host, port=config.metrics.port)
-            try:
-                self._server.start()
-            except OSError as exc:
-                self._server = None
-                raise WhisperdError(
-                    f"{config.source}: [metrics] {exc}; choose another port or set enabled = false"
-                ) from exc
+        self._server = start_metrics_server(config, metrics)
         return metrics
 
     def _start_feeders(self, store: JobStore, metrics: Metrics) -> None:
         """After the pool: the store listener, the hook runner, intake, the watcher."""
-        config = self._config
         self._listener = store.listener(self._requests.on_store_notice)
         if self._listener is not None:
             self._listener.start()
@@ -275,37 +259,12 @@ class Daemon:
         self._hooks.start()
         self._intake = intake = self._make_intake(store)
         intake.start()  # before the watcher, which hands it what it finds
-        self._watcher = Watcher(
-            [self._watch_spec(i) for i in config.inboxes],
-            settle_seconds=config.daemon.settle_seconds,
-            rescan_seconds=config.daemon.rescan_seconds,
-            on_settled=intake.on_settled,
-            on_settled_many=intake.on_settled_many,
-            on_cancel=intake.on_cancel,
-            on_rejected=intake.on_rejected,
-        )
+        self._watcher = make_watcher(self._config, intake)
         self._watcher.start()  # watches first, then scans what is already there
 
-    def _wait_for_start_scan(self) -> None:
-        """READY promises that files dropped while whisperd was down are jobs."""
-        assert self._watcher is not None and self._intake is not None
-        scan_deadline = time.monotonic() + self._config.daemon.settle_seconds + START_SCAN_MARGIN_SECONDS
-        settled = self._watcher.wait_start_settled(scan_deadline - time.monotonic())
-        if not (settled and self._intake.wait_idle(max(0.0, scan_deadline - time.monotonic()))):
-            log.warning(
-                "daemon.start_scan_pending",
-                hint="files found at start are still settling; they are queued once they stop changing",
-            )
-
     def _announce_ready(self) -> None:
-        """Once a worker is up (or the wait ran out): daemon.ready and READY=1."""
+        """daemon.ready and READY=1, once the start scan and a worker are done (or waited for)."""
         assert self._pool is not None
-        if self._pool.size() and not self._pool.wait_for_a_worker(WORKER_READY_TIMEOUT_SECONDS):
-            log.warning(
-                "daemon.workers_pending",
-                seconds=WORKER_READY_TIMEOUT_SECONDS,
-                hint="no worker finished starting (importing torch) in time; jobs wait until one has",
-            )
         log.info(
             "daemon.ready",
             instance=self._instance,
@@ -313,7 +272,7 @@ class Daemon:
             slots=self._pool.size(),
             metrics_port=self._server.bound_port if self._server else None,
         )
-        self._ready = True
+        self._notices.ready = True
         self._notifier.ready(self._status_line())
 
     def loop_once(self, now: float | None = None) -> None:
@@ -326,8 +285,10 @@ class Daemon:
         self._handle_wakeups(now)
         # Before supervise() replaces a dead worker, so a pass that finds one
         # sends no keep-alive (and the next pass, 0.2 s later, does).
-        self._housekeeper.keep_alive(now, self._pool)
-        self._beat_instance(now)
+        self._notices.keep_alive(now, self._pool)
+        self._registry.beat(
+            self._store, now, every=min(HOUSEKEEPING_SECONDS, self._config.workers.lease_seconds / 3)
+        )
         self._pool.supervise(now)
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + HOUSEKEEPING_SECONDS
@@ -351,7 +312,7 @@ class Daemon:
             self._hooks = None
         if self._pool is not None:
             grace = 0.0 if self._signals.force.is_set() else self._config.daemon.shutdown_grace_seconds
-            self._pool.stop(grace, on_wait=self._while_draining, cut_short=self._signals.force.is_set)
+            self._pool.stop(grace, on_wait=self._notices.while_draining, cut_short=self._signals.force.is_set)
             self._pool = None
         if self._server is not None:
             self._server.stop()
@@ -367,10 +328,7 @@ class Daemon:
         log.info("daemon.stopped")
 
     def request_stop(self) -> None:
-        if self._signals.stop.is_set():
-            self._signals.force.set()  # a second SIGTERM: stop at once
-        self._signals.stop.set()
-        self._signals.nudge.set()
+        self._signals.request_stop()
 
     def reload(self) -> None:
         """SIGHUP: re-read the config; inboxes come and go, running jobs stay.
@@ -384,14 +342,8 @@ class Daemon:
             self._notifier.ready(self._status_line())
 
     def _reload_config(self) -> None:
-        try:
-            fresh = load_config(self._config.source)
-            check_compute_types(fresh, [slot.device for slot in self._plan_slots()])
-            self._make_folders(fresh.inboxes)
-        except (ConfigError, OSError) as exc:
-            log.error(
-                "config.reload_failed", error=str(exc), hint="the previous configuration stays in force"
-            )
+        fresh = reread_config(self._config, lambda: [slot.device for slot in self._plan_slots()])
+        if fresh is None:
             return
         pending = reloading.restart_only_changes(self._config, fresh)
         self._config = fresh
@@ -399,7 +351,7 @@ class Daemon:
         if self._intake is not None:  # before the watcher hands it files of new inboxes
             self._intake.set_config(fresh)
         if self._watcher is not None:
-            self._watcher.set_specs([self._watch_spec(i) for i in fresh.inboxes])
+            self._watcher.set_specs([watch_spec(i) for i in fresh.inboxes])
         if self._store is not None:
             lease = self._config.workers.lease_seconds
             self._registry.register_inboxes(self._store, self._inboxes, stale_after=lease, at_start=False)
@@ -407,32 +359,7 @@ class Daemon:
         if self._hooks is not None:
             self._hooks.set_inboxes(self._inboxes)
         log.info("config.reloaded", inboxes=list(self._inboxes))
-        if pending:
-            log.warning(
-                "config.restart_needed",
-                settings=pending,
-                hint="these changes take effect at the next restart",
-            )
-
-    # -- start-up -----------------------------------------------------------------
-
-    def _install_signal_handlers(self) -> None:
-        def on_stop(_signum: int, _frame: FrameType | None) -> None:
-            self.request_stop()
-
-        def on_reload(_signum: int, _frame: FrameType | None) -> None:
-            self._signals.reload.set()
-            self._signals.nudge.set()
-
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, on_reload)
-
-    @staticmethod
-    def _make_folders(inboxes: tuple[InboxConfig, ...]) -> None:
-        for inbox in inboxes:
-            for folder in (inbox.path, inbox.output, inbox.cancel, inbox.done, inbox.failed):
-                os.makedirs(folder, exist_ok=True)
+        reloading.report_restart_needed(pending)
 
     def _life(self) -> Lifecycle:
         """The seam every end of an attempt and every owed move goes through."""
@@ -479,15 +406,7 @@ class Daemon:
             decode_timeout_seconds=workers.decode_timeout_seconds,
         )
 
-    @staticmethod
-    def _watch_spec(inbox: InboxConfig) -> WatchSpec:
-        return WatchSpec(
-            name=inbox.name,
-            root=inbox.path,
-            cancel_dir=inbox.cancel,
-            mode=inbox.watch,
-            allow_symlinks=inbox.allow_symlinks,
-        )
+    # -- the loop's slower duties (housekeeping.py) ---------------------------------
 
     def _housekeeping(self) -> None:
         assert self._store is not None
@@ -503,44 +422,8 @@ class Daemon:
         )
         self._notifier.status(self._status_line())
 
-    def _dispose_finished(self, store: JobStore, *, older_than: float) -> None:
-        self._housekeeper.dispose_finished(
-            store,
-            self._life(),
-            inboxes=self._inboxes,
-            started_wall=self._started_wall,
-            older_than=older_than,
-            metrics=self._metrics,
-        )
-
-    def _beat_instance(self, now: float) -> None:
-        """Keep this instance's registry row fresh; if another daemon took the
-        name over (this one was stopped past the lease), stop."""
-        if self._store is None:
-            return
-        every = min(HOUSEKEEPING_SECONDS, self._config.workers.lease_seconds / 3)
-        if not self._registry.beat(self._store, now, every=every):
-            self.request_stop()
-
     def _count_cancel(self, job: Job, *, was_running: bool) -> None:
         self._tally.count_cancel(job, was_running=was_running)
-
-    def _while_draining(self, remaining: float) -> None:
-        """Called by the pool every 0.1 s while running jobs finish."""
-        now = self._clock()
-        if now - self._last_extend >= EXTEND_TIMEOUT_EVERY_SECONDS:
-            self._last_extend = now
-            self._notifier.extend_timeout(remaining + EXTEND_TIMEOUT_MARGIN_SECONDS)
-
-    def _on_store_wait(self, reason: str, delay: float) -> None:
-        """Before each wait for an unreachable store (any thread): tell systemd
-        we are waiting, not stuck; at start, ask for more start time."""
-        self._notifier.status(f"store unreachable: {reason}; retrying")
-        if not self._ready:
-            busy = self._config.daemon.database_busy_timeout_seconds
-            self._notifier.extend_timeout(delay + busy + EXTEND_TIMEOUT_MARGIN_SECONDS)
-        elif self._pool is not None and self._pool.alive_count() == self._pool.size():
-            self._notifier.watchdog()
 
     def _status_line(self) -> str:
         return status_line(self._store)

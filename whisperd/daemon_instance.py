@@ -72,8 +72,10 @@ class InstanceRegistry:
     """This instance's rows in the store: its registry entry, its inboxes,
     its hooks. Touched by the daemon's main thread only."""
 
-    def __init__(self, instance: str, *, config_source: str) -> None:
+    def __init__(self, instance: str, *, config_source: str, on_taken_over: Callable[[], None]) -> None:
         self._instance = instance
+        # Called once another daemon has taken this name over: this one stops.
+        self._on_taken_over = on_taken_over
         # Named in refusals: where to give this daemon another name.
         self._source = config_source
         # This state folder's token while this daemon holds its registry row.
@@ -133,22 +135,22 @@ class InstanceRegistry:
             self._instance, {name: inbox.hook_kinds() for name, inbox in inboxes.items()}
         )
 
-    def beat(self, store: JobStore, now: float, *, every: float) -> bool:
+    def beat(self, store: JobStore, now: float, *, every: float) -> None:
         """Keep this instance's registry row fresh (at most once per `every`
-        seconds). False once another daemon took the name over (this one was
-        stopped past the lease): the caller stops."""
+        seconds); if another daemon took the name over (this one was stopped
+        past the lease), stop."""
         if self._token is None or now < self._next_beat:
-            return True
+            return
         self._next_beat = now + every
         if store.instance_heartbeat(self._instance, self._token):
-            return True
+            return
         log.error(
             "instance.taken_over",
             instance=self._instance,
             hint="another daemon registered this name while this one was silent; stopping",
         )
         self._token = None
-        return False
+        self._on_taken_over()
 
     def unregister(self, store: JobStore) -> None:
         if self._token is None:

@@ -1,6 +1,7 @@
 """What the daemon shows of itself (layer L4, beside daemon.py): the
 read-only views the metrics read at scrape time (job counts, claimable jobs,
-running jobs, the pool's workers) and the status line systemd shows.
+running jobs, the pool's workers), the metrics registry built on them, and
+the status line systemd shows.
 
 A scrape runs in a metrics connection thread: every view reads the store
 failing fast (a scrape must not wait out an outage) and reads the daemon's
@@ -11,9 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from whisperd import __version__
 from whisperd.gpu_pool import WorkerPool
 from whisperd.jobs import JobState
+from whisperd.metrics import Metrics
 from whisperd.metrics_state import RunningJobView, WorkerView
+from whisperd.protocols import DeviceProbe
 from whisperd.queue_db import JobStore
 
 
@@ -90,3 +94,16 @@ class StatusViews:
     def workers(self) -> Sequence[WorkerView]:
         pool = self._pool()  # read once: stop() drops it while a scrape may run
         return () if pool is None else pool.workers()
+
+
+def make_metrics(views: StatusViews, *, probe: DeviceProbe, instance: str) -> Metrics:
+    """The daemon's metrics registry, reading `views` and `probe` at scrape time."""
+    return Metrics(
+        job_counts=views.job_counts,
+        claimable_jobs=views.claimable_jobs,
+        running_jobs=views.running_jobs,
+        devices=probe,
+        version=__version__,
+        workers=views.workers,
+        instance=instance,
+    )

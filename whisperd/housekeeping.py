@@ -1,7 +1,7 @@
 """The daemon loop's slower duties (layer L4, beside daemon.py): the
 housekeeping pass (expired leases, owed source moves, waiting replacements,
 retention, abandoned hooks, the paused-inbox gauge, dead watches, the
-watcher's counters), the keep-alive to systemd, and the guard and counters
+watcher's counters), and the guard and counters
 that recovery, the sweep and intake share (``Tally``).
 
 Everything here runs in the daemon's main thread, except ``Tally``, which
@@ -18,13 +18,11 @@ from collections.abc import Callable, Collection
 from whisperd import logs, store_hooks
 from whisperd.config import Config
 from whisperd.disposal import move_owed_source
-from whisperd.gpu_pool import WorkerPool
 from whisperd.intake import Intake
 from whisperd.jobs import Job, JobState
 from whisperd.lifecycle import Lifecycle
 from whisperd.metrics import Metrics
 from whisperd.queue_db import JobStore
-from whisperd.sdnotify import Notifier
 from whisperd.watcher import Watcher
 
 log = logs.get_logger("whisperd.daemon")
@@ -84,24 +82,12 @@ class Tally:
 
 
 class Housekeeping:
-    """The housekeeping pass and the keep-alive; the daemon's loop calls
-    them with the parts they work on."""
+    """The housekeeping pass; the daemon's loop calls it with the parts it works on."""
 
-    def __init__(self, notifier: Notifier, tally: Tally, *, watchdog_every: float) -> None:
-        self._notifier = notifier
+    def __init__(self, tally: Tally) -> None:
         self._tally = tally
-        self._watchdog_every = watchdog_every
-        self._next_watchdog = 0.0
         # watcher.events_seen totals already added to the metrics.
         self._watcher_events_counted: dict[str, int] = {}
-
-    def keep_alive(self, now: float, pool: WorkerPool) -> None:
-        """WATCHDOG=1 every watchdog_every seconds, only while every worker
-        is alive: a pool that cannot keep its workers up lets systemd step in."""
-        if now < self._next_watchdog or pool.alive_count() != pool.size():
-            return
-        self._next_watchdog = now + self._watchdog_every
-        self._notifier.watchdog()
 
     def run(
         self,

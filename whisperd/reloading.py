@@ -1,6 +1,6 @@
 """`whisperd reload`: SIGHUP the running daemon and wait until it has reloaded;
 and the daemon's side of a reload: which changed settings it cannot apply
-(layer L4 beside daemon.py; stdlib, config and atomic_files only).
+(layer L4 beside daemon.py; stdlib, config, logs and atomic_files only).
 
 systemd's Type=notify-reload (which makes `systemctl reload` wait for the
 daemon's READY=1) needs systemd >= 253; the unit keeps Type=notify and runs
@@ -18,8 +18,11 @@ import os
 import signal
 import time
 
-from whisperd import atomic_files
+from whisperd import atomic_files, logs
 from whisperd.config import Config
+
+# The daemon's logger: a reload's lines keep the name they always had.
+log = logs.get_logger("whisperd.daemon")
 
 COUNT_FILE = "reloads"
 LOCK_FILE = "whisperd.lock"
@@ -47,6 +50,14 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
             if not same and key not in RELOADABLE_SETTINGS:
                 changed.append(key)
     return changed
+
+
+def report_restart_needed(pending: list[str]) -> None:
+    """After a reload: warn of the changed settings it could not apply."""
+    if pending:
+        log.warning(
+            "config.restart_needed", settings=pending, hint="these changes take effect at the next restart"
+        )
 
 
 def reload_count(state_dir: str) -> int:
