@@ -101,8 +101,7 @@ class Daemon:
         self._server: MetricsServer | None = None
         self._hooks: HookRunner | None = None
         self._next_housekeeping = 0.0
-        # Handling errors and cancels counted (the loop and intake's thread both count).
-        self._tally = Tally()
+        self._tally = Tally()  # handling errors and cancels (the loop and intake's thread count)
         self._housekeeper = Housekeeping(self._tally)
         # What systemd hears while the daemon runs (keep-alive, more time, store waits).
         self._notices = ServiceNotices(
