@@ -87,6 +87,9 @@ def fill(url: str, finished: int, queued: int) -> None:
                 rows = []
         if rows:
             conn.execute(JOBS.insert(), rows)
+    store = JobStore.open(url)
+    store.fold_state_counts()  # as a daemon's housekeeping does (store_counts.py)
+    store.close()
     with engine.begin() as conn:
         conn.exec_driver_sql("ANALYZE")
     engine.dispose()
@@ -123,19 +126,41 @@ def plans(url: str) -> dict[str, list[str]]:
         if statement.lstrip().upper().startswith("SELECT") and "ORDER BY" in statement.upper():
             captured.append((statement, parameters))
 
-    engine = store._engine  # the bench reads the statement the store really sends
+    engine = store._engine  # the bench reads the statements the store really sends
     sa.event.listen(engine, "before_cursor_execute", capture)
     taken = store.claim(worker="plan/cpu-0", device="cpu", lease_seconds=LEASE)
     sa.event.remove(engine, "before_cursor_execute", capture)
     assert taken is not None and captured, "the claim sent no candidate query"
     statement, parameters = captured[0]
+    counted: list[tuple[str, Any]] = []
+
+    def capture_counts(_conn: Any, _cursor: Any, sql: str, params: Any, *_rest: Any) -> None:
+        if sql.lstrip().upper().startswith("SELECT"):
+            counted.append((sql, params))
+
+    sa.event.listen(engine, "before_cursor_execute", capture_counts)
+    store.counts()  # what `whisperd status` and the job gauges ask
+    sa.event.remove(engine, "before_cursor_execute", capture_counts)
     explain = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
-    counts = "SELECT state, count(*) FROM jobs GROUP BY state"
     with engine.connect() as conn:
         claim_plan = [" ".join(map(str, r)) for r in conn.exec_driver_sql(explain + statement, parameters)]
-        counts_plan = [" ".join(map(str, r)) for r in conn.exec_driver_sql(explain + counts)]
+        counts_sql, counts_params = counted[-1]
+        counted_plan = conn.exec_driver_sql(explain + counts_sql, counts_params)
+        counts_plan = [" ".join(map(str, r)) for r in counted_plan]
     store.close()
     return {"claim_candidates": claim_plan, "counts": counts_plan}
+
+
+def time_counts(url: str, reads: int = 20) -> dict[str, float]:
+    """How long `store.counts()` (status, the job gauges) takes on this table."""
+    store = JobStore.open(url)
+    seconds = []
+    for _ in range(reads):
+        began = time.perf_counter()
+        store.counts()
+        seconds.append(time.perf_counter() - began)
+    store.close()
+    return _spread(seconds)
 
 
 def measure(url: str, claimers: int) -> dict[str, Any]:
@@ -199,6 +224,7 @@ def run_one(backend: str, size: int, queued: int, claimers: int, work: Path) -> 
         fill(url, size, queued)
         built = time.perf_counter() - began
         plan = plans(url)
+        counts = time_counts(url)
         others = bl.ForeignLoad()
         result = measure(url, claimers)
         result.update(
@@ -209,11 +235,13 @@ def run_one(backend: str, size: int, queued: int, claimers: int, work: Path) -> 
             build_seconds=round(built, 1),
             foreign_cores=round(others.cores(), 3),
             plans=plan,
+            counts_seconds=counts,
         )
         bl.say(
             f"{backend} {size:,}: {result['jobs_per_second']} jobs/s, claim p95 "
             f"{result['claim_seconds']['p95'] * 1000:.1f} ms, "
-            f"finish p95 {result['finish_seconds']['p95'] * 1000:.1f} ms"
+            f"finish p95 {result['finish_seconds']['p95'] * 1000:.1f} ms, "
+            f"counts p50 {counts['p50'] * 1000:.1f} ms"
         )
         return result
     finally:

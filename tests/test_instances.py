@@ -82,6 +82,33 @@ def test_the_same_state_folder_takes_its_name_back_at_once_after_a_crash(
     assert [(i.instance, i.pid) for i in a.instances()] == [("hosta", 12)]
 
 
+def test_each_daemon_is_judged_live_by_the_lease_it_registered_with(
+    stores: tuple[JobStore, JobStore],
+) -> None:
+    """Hosts may run with different leases: a heartbeat's age is judged by its
+    owner's lease, not by the reader's (status, name take-over, inbox paths)."""
+    a, b = stores
+    # hosta runs with a long lease; b reads with a zero one (everything is stale by it).
+    long_lived = entry("hosta", "folder-1", pid=11, lease_seconds=600.0)
+    assert a.register_instance(long_lived, stale_after=600.0) is None
+    assert a.set_instance_inboxes("hosta", [("main", "/srv/a/main")], stale_after=600.0) == []
+
+    holder = b.register_instance(entry("hosta", "folder-2", pid=22), stale_after=0.0)
+    assert holder is not None and holder.pid == 11 and holder.lease_seconds == 600.0
+    (listed,) = b.instances()
+    assert listed.is_live(0.0) and listed.lease_seconds == 600.0
+    assert b.register_instance(entry("hostb", "folder-2", lease_seconds=0.0), stale_after=0.0) is None
+    conflicts = b.set_instance_inboxes("hostb", [("main", "/srv/b/main")], stale_after=0.0)
+    assert conflicts == [("main", "hosta", "/srv/a/main")]
+
+    # hostb runs with a zero lease: stale even to a reader with a long one, so
+    # its name can be taken over by another state folder.
+    by_name = {i.instance: i for i in a.instances()}
+    assert not by_name["hostb"].is_live(600.0)
+    assert a.register_instance(entry("hostb", "folder-3", pid=33), stale_after=600.0) is None
+    assert not b.instance_heartbeat("hostb", "folder-2")
+
+
 def test_workers_claim_only_jobs_of_inboxes_their_instance_watches(
     stores: tuple[JobStore, JobStore], tmp_path: Path
 ) -> None:

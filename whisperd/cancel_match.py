@@ -44,9 +44,7 @@ def match_cancelled_file(
         return arrived + CLOCK_SLACK_SECONDS >= job.created_at
 
     candidates = store.find_active_by_identity(identity, inbox=inbox)
-    moved = [
-        j for j in candidates if (j.identity.device, j.identity.inode) == (identity.device, identity.inode)
-    ]
+    moved = [j for j in candidates if j.identity.same_file(identity)]
     for job in moved:
         if after_queued(job):
             return [job]

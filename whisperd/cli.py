@@ -167,7 +167,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         retrying = store.retrying_moves()
     finally:
         store.close()
-    # Another host may use another lease; this config's is the best guess here.
+    # Each daemon is judged by the lease it registered with; this config's
+    # only for a row an older version wrote.
     stale_after = config.workers.lease_seconds
     if args.json:
         operator_cli.print_json(
@@ -194,7 +195,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     # Served: this config's inboxes and those of every live daemon on the store.
     served = {i.name for i in config.inboxes}.union(
-        *(entry.inboxes for entry in instances if entry.age_seconds < stale_after)
+        *(entry.inboxes for entry in instances if entry.is_live(stale_after))
     )
     _status_jobs(running, queued, ignored, stuck, configured=served)
     for job, attempts, reason in retrying:
@@ -217,16 +218,17 @@ def _instance_document(entry: InstanceEntry, stale_after: float) -> dict[str, ob
         "inboxes": list(entry.inboxes),
         "started_at": entry.started_at,
         "heartbeat_age_seconds": round(entry.age_seconds, 3),
-        "live": entry.age_seconds < stale_after,
+        "lease_seconds": entry.lease_seconds if entry.lease_seconds is not None else stale_after,
+        "live": entry.is_live(stale_after),
     }
 
 
 def _status_instances(instances: list[InstanceEntry], stale_after: float) -> None:
     """The daemons sharing the store, one line each, above the queue."""
-    live = sum(1 for i in instances if i.age_seconds < stale_after)
+    live = sum(1 for i in instances if i.is_live(stale_after))
     _say(f"instances: {len(instances)} ({live} live)")
     for entry in instances:
-        state = "live" if entry.age_seconds < stale_after else "STALE"
+        state = "live" if entry.is_live(stale_after) else "STALE"
         _say(
             f"  {entry.instance}  host {entry.host}  pid {entry.pid}  "
             f"inboxes {','.join(entry.inboxes) or '-'}  "

@@ -97,6 +97,7 @@ class InstanceRegistry:
             slots=len(devices),
             devices=",".join(devices),
             started_at=time.time(),
+            lease_seconds=stale_after,
         )
         holder = store.register_instance(entry, stale_after=stale_after)
         if holder is not None:

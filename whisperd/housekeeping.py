@@ -115,6 +115,7 @@ class Housekeeping:
         if intake is not None:
             intake.check_deferred()  # files waiting for a job that has ended since
         retain(store, config, metrics)
+        store.fold_state_counts()  # keeps status and the job gauges O(states)
         abandoned = store.abandon_unsubscribed_hooks()
         if abandoned:
             log.warning("hook.abandoned", deliveries=abandoned, reason=store_hooks.NO_LONGER_CONFIGURED)

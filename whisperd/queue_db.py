@@ -33,7 +33,7 @@ from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from whisperd import store_deferrals, store_hooks, store_instances, store_notify
+from whisperd import store_counts, store_deferrals, store_hooks, store_instances, store_notify
 from whisperd.errors import StoreUnavailable, WhisperdError
 from whisperd.jobs import (
     ACTIVE_STATES,
@@ -316,6 +316,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     _migration_9_move_reason,
     _migration_10_claim_order,
     _migration_11_deferred_files,
+    store_instances.add_lease_column,
+    store_counts.add_state_counts,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1337,12 +1339,17 @@ class JobStore:
 
     def counts(self) -> dict[JobState, int]:
         """Number of jobs in every state, zeros included."""
-        query = sa.select(JOBS.c.state, sa.func.count()).group_by(JOBS.c.state)
         totals = dict.fromkeys(JobState, 0)
         with self._reading() as conn:
-            for state, count in conn.execute(query).all():
-                totals[JobState(state)] = int(count)
+            for state, count in store_counts.read(conn).items():
+                totals[JobState(state)] = count
         return totals
+
+    def fold_state_counts(self) -> int:
+        """Fold the state counts' deltas into their totals (store_counts.py),
+        keeping counts() cheap; returns how many were folded."""
+        with self._writing() as conn:
+            return store_counts.fold(conn)
 
     def claimable_count(self, inboxes: Sequence[str]) -> int:
         """Queued jobs an instance watching `inboxes` may claim (a paused

@@ -33,7 +33,7 @@ def ensure_unchanged(path: str, read: FileIdentity) -> None:
     other content. A vanished file is left to the checks that say so; a file
     replaced by another (new inode) gets a job of its own once this one ends."""
     now = identity_now(path)
-    same_file = now is not None and (now.device, now.inode) == (read.device, read.inode)
+    same_file = now is not None and now.same_file(read)
     if same_file and now != read:
         assert now is not None
         raise SourceChanged(path, now)

@@ -55,6 +55,18 @@ def define_instance_tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
 
 INSTANCES, INSTANCE_INBOXES = define_instance_tables(sa.MetaData())
 
+# Column added by schema v12: the lease the instance runs with. Hosts may
+# run with different leases, so a heartbeat's age is judged by its owner's
+# lease, not by the reader's (NULL: a row written before v12).
+_V12_LEASE_COLUMN = ("lease_seconds", sa.Float())
+INSTANCES.append_column(sa.Column(*_V12_LEASE_COLUMN))
+
+
+def add_lease_column(conn: Connection) -> None:
+    """Schema v12: add instances.lease_seconds."""
+    name, type_ = _V12_LEASE_COLUMN
+    conn.exec_driver_sql(f"ALTER TABLE instances ADD COLUMN {name} {type_.compile(dialect=conn.dialect)}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class InstanceEntry:
@@ -73,6 +85,15 @@ class InstanceEntry:
     age_seconds: float = 0.0
     # Names of the inboxes it watches (filled by list_instances only).
     inboxes: tuple[str, ...] = ()
+    # The lease it runs with ([workers] lease_seconds); None for a row an
+    # older version wrote.
+    lease_seconds: float | None = None
+
+    def is_live(self, default_lease: float) -> bool:
+        """Whether its last heartbeat is younger than its own lease (the
+        reader's `default_lease` when the row does not say)."""
+        lease = self.lease_seconds if self.lease_seconds is not None else default_lease
+        return self.age_seconds < lease
 
 
 def _entry(row: Any, now: float) -> InstanceEntry:
@@ -87,6 +108,7 @@ def _entry(row: Any, now: float) -> InstanceEntry:
         devices=str(m["devices"]),
         started_at=float(m["started_at"]),
         age_seconds=max(0.0, now - float(m["heartbeat_at"])),
+        lease_seconds=None if m["lease_seconds"] is None else float(m["lease_seconds"]),
     )
 
 
@@ -109,12 +131,13 @@ def register(
         "devices": entry.devices,
         "started_at": entry.started_at,
         "heartbeat_at": db_now,
+        "lease_seconds": entry.lease_seconds,
     }
     if row is None:
         conn.execute(INSTANCES.insert().values(instance=entry.instance, **values))
         return None
     holder = _entry(row, float(row._mapping["now"]))
-    if holder.token != entry.token and holder.age_seconds < stale_after:
+    if holder.token != entry.token and holder.is_live(stale_after):
         return holder
     conn.execute(INSTANCES.update().where(INSTANCES.c.instance == entry.instance).values(**values))
     conn.execute(INSTANCE_INBOXES.delete().where(INSTANCE_INBOXES.c.instance == entry.instance))
@@ -157,7 +180,7 @@ def path_conflicts(
         .where(
             INSTANCE_INBOXES.c.instance != instance,
             INSTANCE_INBOXES.c.inbox.in_(list(paths)),
-            INSTANCES.c.heartbeat_at >= db_now - stale_after,
+            _live(stale_after, db_now),
         )
         .order_by(INSTANCE_INBOXES.c.inbox, INSTANCE_INBOXES.c.instance)
     )
@@ -166,6 +189,14 @@ def path_conflicts(
         for inbox, other, path in conn.execute(query).all()
         if path != paths[inbox]
     ]
+
+
+def _live(default_lease: float, db_now: Any) -> sa.ColumnElement[bool]:
+    """SQL for InstanceEntry.is_live: the heartbeat younger than the row's
+    own lease (or `default_lease` where the row has none)."""
+    lease = sa.func.coalesce(INSTANCES.c.lease_seconds, default_lease)
+    live: sa.ColumnElement[bool] = INSTANCES.c.heartbeat_at > db_now - lease
+    return live
 
 
 def set_inboxes(conn: Connection, instance: str, inboxes: Sequence[tuple[str, str]]) -> None:

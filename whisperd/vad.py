@@ -23,10 +23,9 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from whisperd.jobs import DecodeOptions, Segment, TranscriptResult, VadSummary, Word
 from whisperd.protocols import SAMPLE_RATE
@@ -39,6 +38,9 @@ _PIECE_SAMPLES = (PIECE_SECONDS * SAMPLE_RATE // _WINDOW) * _WINDOW
 _FRAMES_PER_SECOND = 100
 
 Audio = np.ndarray[Any, np.dtype[np.float32]]
+
+if TYPE_CHECKING:
+    from faster_whisper.vad import VadOptions
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,11 @@ class Region:
 
 
 def vad_options(options: DecodeOptions) -> VadOptions:
+    # faster_whisper is imported only where VAD runs: importing it loads
+    # CTranslate2 (with an OpenMP runtime of its own) and PyAV, ~2 s and
+    # ~40 MB in every openai-whisper worker, and slowed torch's decoding.
+    from faster_whisper.vad import VadOptions
+
     return VadOptions(
         threshold=options.vad_threshold,
         min_silence_duration_ms=options.vad_min_silence_ms,
@@ -63,6 +70,8 @@ def vad_options(options: DecodeOptions) -> VadOptions:
 
 def speech_regions(audio: Audio, options: DecodeOptions, checkpoint: Callable[[], None]) -> list[Region]:
     """The speech regions of 16 kHz mono audio, in order, never overlapping."""
+    from faster_whisper.vad import get_speech_timestamps
+
     settings = vad_options(options)
     join_below = options.vad_min_silence_ms * SAMPLE_RATE // 1000
     regions: list[Region] = []
