@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from whisperd.daemon import store_running_jobs
+from whisperd.daemon_views import store_running_jobs
 from whisperd.jobs import AttemptEnd, AttemptOutcome, FileIdentity, JobSpec, JobState
 from whisperd.queue_db import JobStore
 from whisperd.store_instances import InstanceEntry

@@ -16,7 +16,7 @@ from fake_nvml import ScriptedProbe, idle_reading
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from whisperd.daemon import store_job_counts, store_running_jobs
+from whisperd.daemon_views import store_job_counts, store_running_jobs
 from whisperd.jobs import AttemptEnd, AttemptOutcome, FileIdentity, Job, JobSpec, JobState
 from whisperd.metrics import Metrics
 from whisperd.metrics_server import MetricsServer

@@ -20,7 +20,7 @@ import pytest
 from conftest import require_tool
 from fake_nvml import ScriptedProbe
 
-from whisperd.daemon import store_job_counts, store_running_jobs
+from whisperd.daemon_views import store_job_counts, store_running_jobs
 from whisperd.jobs import FileIdentity, JobSpec
 from whisperd.metrics import Metrics
 from whisperd.metrics_state import WorkerView

@@ -163,7 +163,29 @@ def decode_audio(
     claims): ffmpeg is stopped and MediaError raised once the audio is longer.
     """
     _stat_source(path, fd)
-    args = [
+    limit = None if max_seconds is None else int(max_seconds * SAMPLE_RATE) * _BYTES_PER_SAMPLE
+    try:
+        run = media_tool.run_tool(
+            _decode_args(path, fd), path=path, timeout=timeout, action="decoding", fd=fd, max_stdout=limit
+        )
+    except media_tool.OverLimit:
+        longest = media_tool.format_number(max_seconds or 0.0)
+        raise MediaError(path, f"audio is longer than {longest} s, the limit for this worker") from None
+    if run.returncode != 0:
+        raise MediaError(path, _failure_reason(path, run.stderr_tail, fd))
+    samples = np.frombuffer(run.stdout, dtype="<i2", count=len(run.stdout) // 2)
+    if samples.size == 0:
+        detail = _last_line(path, run.stderr_tail, fd)
+        raise MediaError(path, "no audio could be decoded" + (f": {detail}" if detail else ""))
+    audio = samples.astype(np.float32)
+    audio /= 32768.0
+    return audio
+
+
+def _decode_args(path: str, fd: int | None) -> list[str]:
+    """ffmpeg's arguments for decode_audio: the audio stream ffmpeg picks,
+    as mono s16le at SAMPLE_RATE on stdout."""
+    return [
         "ffmpeg",
         "-nostdin",
         "-hide_banner",
@@ -184,23 +206,6 @@ def decode_audio(
         str(SAMPLE_RATE),
         "pipe:1",
     ]
-    limit = None if max_seconds is None else int(max_seconds * SAMPLE_RATE) * _BYTES_PER_SAMPLE
-    try:
-        run = media_tool.run_tool(
-            args, path=path, timeout=timeout, action="decoding", fd=fd, max_stdout=limit
-        )
-    except media_tool.OverLimit:
-        longest = media_tool.format_number(max_seconds or 0.0)
-        raise MediaError(path, f"audio is longer than {longest} s, the limit for this worker") from None
-    if run.returncode != 0:
-        raise MediaError(path, _failure_reason(path, run.stderr_tail, fd))
-    samples = np.frombuffer(run.stdout, dtype="<i2", count=len(run.stdout) // 2)
-    if samples.size == 0:
-        detail = _last_line(path, run.stderr_tail, fd)
-        raise MediaError(path, "no audio could be decoded" + (f": {detail}" if detail else ""))
-    audio = samples.astype(np.float32)
-    audio /= 32768.0
-    return audio
 
 
 def check_source(

@@ -1,5 +1,6 @@
-"""`whisperd reload`: SIGHUP the running daemon and wait until it has reloaded
-(layer L2 with sdnotify: the systemd side; stdlib and atomic_files only).
+"""`whisperd reload`: SIGHUP the running daemon and wait until it has reloaded;
+and the daemon's side of a reload: which changed settings it cannot apply
+(layer L4 beside daemon.py; stdlib, config, logs and atomic_files only).
 
 systemd's Type=notify-reload (which makes `systemctl reload` wait for the
 daemon's READY=1) needs systemd >= 253; the unit keeps Type=notify and runs
@@ -11,15 +12,52 @@ in STATE_DIR/whisperd.lock and waits for the count to move.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import signal
 import time
 
-from whisperd import atomic_files
+from whisperd import atomic_files, logs
+from whisperd.config import Config
+
+# The daemon's logger: a reload's lines keep the name they always had.
+log = logs.get_logger("whisperd.daemon")
 
 COUNT_FILE = "reloads"
 LOCK_FILE = "whisperd.lock"
+# Settings a reload applies at once (to jobs queued from then on). Every other
+# setting outside the [[inbox]] tables takes effect at the next restart.
+RELOADABLE_SETTINGS = frozenset(
+    {
+        "daemon.shutdown_grace_seconds",
+        "daemon.keep_finished_days",
+        "daemon.keep_finished_jobs",
+        "models.default",
+        "workers.max_attempts",
+    }
+)
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """Dotted names of changed settings that a reload cannot apply."""
+    changed = []
+    for section in ("daemon", "models", "workers", "metrics"):
+        before, after = getattr(old, section), getattr(new, section)
+        for setting in dataclasses.fields(before):
+            key = f"{section}.{setting.name}"
+            same = getattr(before, setting.name) == getattr(after, setting.name)
+            if not same and key not in RELOADABLE_SETTINGS:
+                changed.append(key)
+    return changed
+
+
+def report_restart_needed(pending: list[str]) -> None:
+    """After a reload: warn of the changed settings it could not apply."""
+    if pending:
+        log.warning(
+            "config.restart_needed", settings=pending, hint="these changes take effect at the next restart"
+        )
 
 
 def reload_count(state_dir: str) -> int:
