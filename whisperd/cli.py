@@ -8,21 +8,20 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, TextIO
 
-from whisperd import __version__, job_report, operator_cli
+from whisperd import __version__, cli_status, job_report, operator_cli
+from whisperd.cli_status import duration
 from whisperd.config import Config
 from whisperd.config_load import load_config
 from whisperd.errors import ConfigError, StoreUnavailable, WhisperdError
 from whisperd.jobs import Job, JobState
 from whisperd.terminal import terminal_safe
-from whisperd.watcher import REASON_UNSUPPORTED_PREFIX
 
 if TYPE_CHECKING:  # the store's modules load late: CLI start-up stays fast
     from whisperd.queue_db import JobStore
-    from whisperd.store_contract import InstanceEntry, OperatorStore, ReaderStore
+    from whisperd.store_contract import OperatorStore, ReaderStore
 
 DEFAULT_CONFIG = os.environ.get("WHISPERD_CONFIG", "config.toml")
 # Exit status when the job store cannot be reached (distinct from 1: other errors, 2: config).
@@ -195,146 +194,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = _config(args)
     store: ReaderStore = _open_store(config, read_only=True)
     try:
-        counts = store.counts()
-        running = store.list_jobs(states=[JobState.RUNNING], limit=1000)
-        queued = store.list_jobs(states=[JobState.QUEUED], limit=10)
-        paused = store.paused_inboxes()
-        ignored = _ignored_files(store)
-        stuck = store.stuck_sources()
-        instances = store.instances()
-        retrying = store.retrying_moves()
+        reads = cli_status.read_status(store)
     finally:
         store.close()
     # Each daemon is judged by the lease it registered with; this config's
     # only for a row an older version wrote.
     stale_after = config.workers.lease_seconds
     if args.json:
-        operator_cli.print_json(
-            {
-                "version": job_report.JSON_FORMAT_VERSION,
-                "counts": {s.value: counts.get(s, 0) for s in JobState},
-                "paused_inboxes": sorted(paused),
-                "running": [job_report.job_document(j) for j in running],
-                "queued": [job_report.job_document(j) for j in queued],
-                "ignored": [job_report.job_document(j) for j in ignored],
-                "stuck": [{**job_report.job_document(j), "stuck_reason": r} for j, r in stuck],
-                "instances": [_instance_document(i, stale_after) for i in instances],
-                "move_retrying": [
-                    {**job_report.job_document(j), "failed_moves": n, "move_error": r} for j, n, r in retrying
-                ],
-            }
-        )
-        return 0
-    _status_instances(instances, stale_after)
-    _say("queue: " + ", ".join(f"{s.value} {counts.get(s, 0)}" for s in JobState))
-    for name in sorted(paused):
-        _say(
-            f"  paused  inbox {name} (since {time.strftime('%Y-%m-%d %H:%M', time.localtime(paused[name]))})"
-        )
-    # Served: this config's inboxes and those of every live daemon on the store.
-    served = {i.name for i in config.inboxes}.union(
-        *(entry.inboxes for entry in instances if entry.is_live(stale_after))
-    )
-    _status_jobs(running, queued, ignored, stuck, configured=served)
-    for job, attempts, reason in retrying:
-        _say(
-            f"  #{job.id:<6} {job.state.value}, source waiting in the inbox, move retried "
-            f"({attempts} failed): {job.spec.inbox}/{job.spec.rel_path}: {reason}"
-        )
+        operator_cli.print_json(reads.document(stale_after))
+    else:
+        _say(*reads.lines(stale_after, configured={i.name for i in config.inboxes}))
     return 0
-
-
-def _instance_document(entry: InstanceEntry, stale_after: float) -> dict[str, object]:
-    """One daemon sharing the store, for `status --json` (README, Machine-readable output)."""
-    return {
-        "instance": entry.instance,
-        "host": entry.host,
-        "pid": entry.pid,
-        "version": entry.version,
-        "slots": entry.slots,
-        "devices": entry.devices.split(",") if entry.devices else [],
-        "inboxes": list(entry.inboxes),
-        "started_at": entry.started_at,
-        "heartbeat_age_seconds": round(entry.age_seconds, 3),
-        "lease_seconds": entry.lease_seconds if entry.lease_seconds is not None else stale_after,
-        "live": entry.is_live(stale_after),
-    }
-
-
-def _status_instances(instances: list[InstanceEntry], stale_after: float) -> None:
-    """The daemons sharing the store, one line each, above the queue."""
-    live = sum(1 for i in instances if i.is_live(stale_after))
-    _say(f"instances: {len(instances)} ({live} live)")
-    for entry in instances:
-        state = "live" if entry.is_live(stale_after) else "STALE"
-        _say(
-            f"  {entry.instance}  host {entry.host}  pid {entry.pid}  "
-            f"inboxes {','.join(entry.inboxes) or '-'}  "
-            f"heartbeat {entry.age_seconds:.0f} s ago  {state}"
-        )
-
-
-# After a queued job whose inbox a reload removed from the config.
-_NOT_CONFIGURED = (
-    "  (inbox {inbox} is not configured here nor on a live daemon: not claimed until it is added back)"
-)
-
-
-def _status_jobs(
-    running: list[Job],
-    queued: list[Job],
-    ignored: list[Job],
-    stuck: list[tuple[Job, str]],
-    *,
-    configured: set[str],
-) -> None:
-    """The lines of `status` below the totals; a queued job of an inbox the
-    config no longer has waits (nobody claims it) until the inbox is back."""
-    now = time.time()
-    for job in running:
-        elapsed = now - (job.started_at or now)
-        eta = "?" if job.eta_seconds is None else _duration(job.eta_seconds)
-        cancel = "  (cancelling)" if job.cancel_requested else ""
-        _say(
-            f"  #{job.id:<6} {_bar(job.progress)} {job.progress * 100:5.1f}%"
-            f"  elapsed {_duration(elapsed)}"
-            f"  eta {eta}  {job.device or '?'}  {job.spec.inbox}/{job.spec.rel_path}{cancel}"
-        )
-    for job in queued:
-        _say(
-            f"  #{job.id:<6} queued  {job.spec.inbox}/{job.spec.rel_path}"
-            f"{'  (retry #' + str(job.attempts + 1) + ')' if job.attempts else ''}"
-            f"{'' if job.spec.inbox in configured else _NOT_CONFIGURED.format(inbox=job.spec.inbox)}"
-        )
-    for job in ignored:
-        _say(f"  ignored {job.spec.inbox}/{job.spec.rel_path}: {job.last_error}")
-    for job, reason in stuck:
-        _say(
-            f"  #{job.id:<6} {job.state.value}, source stuck in the inbox: "
-            f"{job.spec.inbox}/{job.spec.rel_path}: {reason}"
-        )
-
-
-def _ignored_files(store: ReaderStore) -> list[Job]:
-    """Files left in an inbox because whisperd does not take their extension."""
-    failed = store.list_jobs(states=[JobState.FAILED], limit=1000)
-    return [
-        job
-        for job in failed
-        if (job.last_error or "").startswith(REASON_UNSUPPORTED_PREFIX) and os.path.lexists(job.source)
-    ]
-
-
-def _bar(fraction: float, width: int = 20) -> str:
-    filled = round(max(0.0, min(1.0, fraction)) * width)
-    return "[" + "#" * filled + "-" * (width - filled) + "]"
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -368,7 +238,7 @@ def _job_line(job: Job) -> str:
         if job.audio_seconds:
             rtf = f"{seconds / job.audio_seconds:.2f}"
     elif job.state is JobState.RUNNING and job.eta_seconds is not None:
-        took = f"eta {_duration(job.eta_seconds)}"  # a running job's TOOK is still to come
+        took = f"eta {duration(job.eta_seconds)}"  # a running job's TOOK is still to come
     return (
         f"{job.id:>6}  {job.state.value:<9} {job.attempts:>2}/{job.max_attempts:<2} {took:>8} {rtf:>6}  "
         f"{job.device or '-':<7} {job.spec.inbox}/{job.spec.rel_path}"

@@ -121,9 +121,12 @@ class Daemon:
         self._registry = InstanceRegistry(
             config.instance, config_source=config.source, on_taken_over=self.request_stop
         )
-        # What a scrape reads: the store and the pool as they are at that moment.
-        self._views = StatusViews(
-            instance=config.instance,
+        self._views = self._make_views()
+
+    def _make_views(self) -> StatusViews:
+        """What a scrape reads: the store and the pool as they are at that moment."""
+        return StatusViews(
+            instance=self._config.instance,
             store=lambda: self._store,
             pool=lambda: self._pool,
             inboxes=lambda: list(self._inboxes),
