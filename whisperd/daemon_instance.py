@@ -21,7 +21,7 @@ from whisperd.config import InboxConfig
 from whisperd.errors import StoreUnavailable, WhisperdError
 from whisperd.jobs import AttemptEnd, AttemptOutcome, Job
 from whisperd.lifecycle import Lifecycle
-from whisperd.queue_db import JobStore
+from whisperd.store_contract import SupervisorStore
 from whisperd.store_instances import InstanceEntry
 
 log = logs.get_logger("whisperd.daemon")
@@ -83,7 +83,7 @@ class InstanceRegistry:
         self._next_beat = 0.0
 
     def register(
-        self, store: JobStore, *, state_dir: str, devices: Sequence[str], stale_after: float
+        self, store: SupervisorStore, *, state_dir: str, devices: Sequence[str], stale_after: float
     ) -> None:
         """Take this daemon's name in the store's registry, or refuse to start
         while another live daemon holds it (it would re-queue that one's jobs)."""
@@ -110,7 +110,12 @@ class InstanceRegistry:
         log.info("instance.registered", instance=self._instance, slots=entry.slots, devices=entry.devices)
 
     def register_inboxes(
-        self, store: JobStore, inboxes: Mapping[str, InboxConfig], *, stale_after: float, at_start: bool
+        self,
+        store: SupervisorStore,
+        inboxes: Mapping[str, InboxConfig],
+        *,
+        stale_after: float,
+        at_start: bool,
     ) -> None:
         """Tell the store which inboxes this instance watches: its workers
         claim only their jobs. An inbox name another live instance uses for
@@ -129,14 +134,14 @@ class InstanceRegistry:
             raise WhisperdError(message)
         log.error("config.inbox_conflict", error=message, hint="its jobs are not claimed by this daemon")
 
-    def subscribe_hooks(self, store: JobStore, inboxes: Mapping[str, InboxConfig]) -> None:
+    def subscribe_hooks(self, store: SupervisorStore, inboxes: Mapping[str, InboxConfig]) -> None:
         """Tell the store which completion hooks each inbox has: the
         transaction that ends a job (in a worker) records what it owes."""
         store.set_hook_subscriptions(
             self._instance, {name: inbox.hook_kinds() for name, inbox in inboxes.items()}
         )
 
-    def beat(self, store: JobStore, now: float, *, every: float) -> None:
+    def beat(self, store: SupervisorStore, now: float, *, every: float) -> None:
         """Keep this instance's registry row fresh (at most once per `every`
         seconds); if another daemon took the name over (this one was stopped
         past the lease), stop."""
@@ -153,7 +158,7 @@ class InstanceRegistry:
         self._token = None
         self._on_taken_over()
 
-    def unregister(self, store: JobStore) -> None:
+    def unregister(self, store: SupervisorStore) -> None:
         if self._token is None:
             return
         try:
@@ -164,7 +169,7 @@ class InstanceRegistry:
 
 
 def recover(
-    store: JobStore,
+    store: SupervisorStore,
     life: Lifecycle,
     *,
     instance: str,

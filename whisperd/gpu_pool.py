@@ -24,9 +24,9 @@ from whisperd.jobs import AttemptEnd, AttemptOutcome, Job, JobState
 from whisperd.lifecycle import Lifecycle
 from whisperd.metrics_state import WorkerView
 from whisperd.protocols import DeviceProbe
-from whisperd.queue_db import JobStore
 from whisperd.slot_channel import Doorbell, Flag, SlotChannel, WorkerSettings
 from whisperd.slot_plan import HealthPolicy, Slot
+from whisperd.store_contract import SupervisorStore
 
 log = logs.get_logger("whisperd.pool")
 
@@ -67,7 +67,7 @@ class WorkerPool:
         self,
         slots: Sequence[Slot],
         settings_for: Callable[[Slot], WorkerSettings],
-        store: JobStore,
+        store: SupervisorStore,
         *,
         worker_main: WorkerMain,
         cancel_grace_seconds: float,

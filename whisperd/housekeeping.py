@@ -22,7 +22,7 @@ from whisperd.intake import Intake
 from whisperd.jobs import Job, JobState
 from whisperd.lifecycle import Lifecycle
 from whisperd.metrics import Metrics
-from whisperd.queue_db import JobStore
+from whisperd.store_contract import SupervisorStore
 from whisperd.watcher import Watcher
 
 log = logs.get_logger("whisperd.daemon")
@@ -91,7 +91,7 @@ class Housekeeping:
 
     def run(
         self,
-        store: JobStore,
+        store: SupervisorStore,
         life: Lifecycle,
         *,
         config: Config,
@@ -127,7 +127,7 @@ class Housekeeping:
 
     def dispose_finished(
         self,
-        store: JobStore,
+        store: SupervisorStore,
         life: Lifecycle,
         *,
         inboxes: Collection[str],
@@ -158,7 +158,7 @@ class Housekeeping:
         self._watcher_events_counted = seen
 
 
-def retain(store: JobStore, config: Config, metrics: Metrics | None) -> None:
+def retain(store: SupervisorStore, config: Config, metrics: Metrics | None) -> None:
     """Prune one batch of finished jobs past [daemon] keep_finished_*,
     then hand the freed pages back so the file shrinks."""
     settings = config.daemon

@@ -338,7 +338,7 @@ class Intake:
         replaced): the store records that it waits; it gets its own job once
         that job has ended (_enqueue_deferred)."""
         for (spec, identity), (job, is_new) in zip(items, queued, strict=True):
-            if is_new or not job.state.is_active or _same_file(job.identity, identity):
+            if is_new or not job.state.is_active or job.identity.same_file(identity):
                 continue
             self._store.defer_file(spec, identity, waits_for=job.id)
             log.info("job.replacement_waits", inbox=spec.inbox, file=spec.rel_path, waits_for=job.id)
@@ -354,7 +354,7 @@ class Intake:
             except OSError:
                 current = None
             try:
-                if current is None or not _same_file(current, item.identity):
+                if current is None or not current.same_file(item.identity):
                     store.forget_deferred(item)
                     continue
                 job, created = store.enqueue_deferred(item, current, max_attempts=self._settings.max_attempts)
@@ -462,10 +462,6 @@ class Intake:
 _NO_IDENTITY = FileIdentity(device=0, inode=0, size=0, mtime_ns=0)
 
 
-def _same_file(a: FileIdentity, b: FileIdentity) -> bool:
-    return (a.device, a.inode) == (b.device, b.inode)
-
-
 def _still(path: str, identity: FileIdentity) -> bool:
     """Whether `path` still holds exactly that file (content included)."""
     try:
@@ -485,7 +481,7 @@ def _still_delivered(path: str, identity: FileIdentity) -> bool:
 
 def _already_ignored(store: IntakeStore, path: str, identity: FileIdentity, reason: str) -> bool:
     return any(
-        job.last_error == reason and _same_file(job.identity, identity) for job in store.find_by_source(path)
+        job.last_error == reason and job.identity.same_file(identity) for job in store.find_by_source(path)
     )
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from whisperd import logs
 from whisperd.errors import JobCancelled, LeaseLost
 from whisperd.jobs import Claim
-from whisperd.queue_db import JobStore
 from whisperd.slot_channel import SlotChannel, WorkerSettings
+from whisperd.store_contract import WorkerStore
 
 log = logs.get_logger("whisperd.worker")
 
@@ -87,7 +87,9 @@ class Heartbeat:
     """Renews a running job's lease and writes its progress (owned by Worker,
     one per job)."""
 
-    def __init__(self, store: JobStore, claim: Claim, session: JobSession, settings: WorkerSettings) -> None:
+    def __init__(
+        self, store: WorkerStore, claim: Claim, session: JobSession, settings: WorkerSettings
+    ) -> None:
         self._store = store
         self._claim = claim
         self._session = session

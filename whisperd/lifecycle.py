@@ -274,7 +274,7 @@ def changed_since_done(job: Job) -> FileIdentity | None:
         now = FileIdentity.of(job.source)
     except OSError:
         return None
-    if (now.device, now.inode) != (job.identity.device, job.identity.inode):
+    if not now.same_file(job.identity):
         return None
     return now if now != job.identity else None
 
@@ -307,7 +307,7 @@ def _same_file_still_there(job: Job) -> bool:
         now = FileIdentity.of(job.source)
     except OSError:
         return False
-    return (now.device, now.inode) == (job.identity.device, job.identity.inode)
+    return now.same_file(job.identity)
 
 
 def _moved_copy(job: Job, target: str, rel_path: str) -> str | None:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from whisperd import logs
-from whisperd.errors import ModelNotFoundError, NoRoomOnDevice
+from whisperd.errors import ModelNotFoundError, NoRoomOnDevice, WhisperdError
 from whisperd.events import ModelLoaded, ModelsLoaded, ModelUnloaded
 from whisperd.jobs import DecodeOptions
-from whisperd.queue_db import JobStore
 from whisperd.slot_channel import SlotChannel, WorkerSettings, put_event
+from whisperd.store_contract import WorkerStore
 
 log = logs.get_logger("whisperd.worker")
 
@@ -97,7 +97,7 @@ class ModelCache:
     """The models one worker keeps loaded, least recently used first, within
     the device's free memory (GPU) or the RAM budget (CPU)."""
 
-    def __init__(self, settings: WorkerSettings, channel: SlotChannel, store: JobStore) -> None:
+    def __init__(self, settings: WorkerSettings, channel: SlotChannel, store: WorkerStore) -> None:
         from whisperd import transcriber
 
         self._transcriber = transcriber
@@ -204,13 +204,18 @@ class ModelCache:
         table = readme_estimate_bytes(key.name) if self.on_gpu else None
         if table:
             return table
-        if key.engine == "faster-whisper":
-            from whisperd import models
+        from whisperd import models
 
-            source = models.ct2_model_folder(self._settings.models_folder, key.name)
-            return os.path.getsize(os.path.join(source, "model.bin")) if source else 0
-        path = os.path.join(self._settings.models_folder, f"{key.name}.pt")
-        return 2 * os.path.getsize(path) if os.path.isfile(path) else 0
+        # The file the engine will load (models.model_location: the rule doctor shares).
+        try:
+            location = models.model_location(self._settings.models_folder, key.name, key.engine)
+        except WhisperdError:  # a name no file can have: the load says so, not the estimate
+            return 0
+        if location is None:
+            return 0
+        if key.engine == models.FASTER_WHISPER:
+            return os.path.getsize(os.path.join(location, "model.bin"))
+        return 2 * os.path.getsize(location) if os.path.isfile(location) else 0
 
     def _make_room(self, incoming: str, estimate: int) -> None:
         if self.on_gpu:

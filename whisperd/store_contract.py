@@ -233,8 +233,9 @@ class WorkerStore(LifecycleStore, Protocol):
     def close(self) -> None: ...
 
 
-class SupervisorStore(Protocol):
-    """The daemon's own calls: registry, recovery, housekeeping, the pool."""
+class SupervisorStore(LifecycleStore, Protocol):
+    """The daemon's own calls: registry, recovery, housekeeping, the pool (which ends
+    the attempts of the workers it kills through the lifecycle)."""
 
     @property
     def where(self) -> str: ...

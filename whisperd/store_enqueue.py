@@ -196,7 +196,7 @@ class EnqueueMixin(StoreBase):
         def write(conn: Connection) -> tuple[Job, bool]:
             job, created = self._enqueue_in(conn, item.spec, identity, max_attempts, moment)
             mine = _deferral_key(item.spec, item.identity)
-            same_file = (job.identity.device, job.identity.inode) == (identity.device, identity.inode)
+            same_file = job.identity.same_file(identity)
             if created or same_file:
                 conn.execute(DEFERRED_FILES.delete().where(*mine))
             else:

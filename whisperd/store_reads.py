@@ -52,7 +52,7 @@ class ReadsMixin(StoreBase):
         jobs = self._select_jobs(query.order_by(JOBS.c.id))
 
         def exact_first(job: Job) -> tuple[bool, int]:
-            exact = job.identity.device == identity.device and job.identity.inode == identity.inode
+            exact = job.identity.same_file(identity)
             return (not exact, job.id)
 
         return sorted(jobs, key=exact_first)

@@ -32,6 +32,7 @@ from whisperd.queue_db import JobStore
 from whisperd.repeat_names import unrepeated_base
 from whisperd.slot_channel import SlotChannel, WorkerSettings, put_event
 from whisperd.source_change import SourceChanged, changed_source_end, ensure_unchanged
+from whisperd.store_contract import WorkerStore
 from whisperd.store_outage import RetryPolicy
 
 log = logs.get_logger("whisperd.worker")
@@ -92,7 +93,7 @@ class Worker:
     """The claim loop of one worker process."""
 
     def __init__(
-        self, settings: WorkerSettings, channel: SlotChannel, store: JobStore, cache: ModelCache
+        self, settings: WorkerSettings, channel: SlotChannel, store: WorkerStore, cache: ModelCache
     ) -> None:
         self._settings = settings
         self._channel = channel
@@ -205,7 +206,7 @@ class Worker:
             raise MediaError(job.source, "file vanished before it could be transcribed") from None
         except OSError as exc:
             raise MediaError(job.source, f"cannot read file: {exc.strerror}") from None
-        if (current.device, current.inode) != (job.identity.device, job.identity.inode):
+        if not current.same_file(job.identity):
             log.info("job.source_replaced", **logs.job_fields(job))
         if current != job.identity:
             self._store.set_identity(job.id, claim.token, current)
