@@ -12,6 +12,7 @@ hardware seam). Real SQLite stores, real clips, real signals throughout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -32,8 +33,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from whisperd.config import Config, DaemonConfig, ModelsConfig, WorkersConfig
 from whisperd.daemon import Daemon
 from whisperd.errors import WhisperdError
+from whisperd.events import WorkerEvent
 from whisperd.gpu_pool import WorkerPool
 from whisperd.jobs import DecodeOptions, FileIdentity, Job, JobSpec, JobState
+from whisperd.lifecycle import Lifecycle
 from whisperd.protocols import THROTTLE_HW_SLOWDOWN, THROTTLE_HW_THERMAL, DeviceInfo
 from whisperd.queue_db import JobStore
 from whisperd.slot_channel import WorkerSettings
@@ -514,13 +517,18 @@ def _build_rig(
     store.set_instance_inboxes(POOL_INSTANCE, [("main", str(root / "inbox"))], stale_after=60.0)
     clock = SteppedClock()
     events: list[tuple[str, dict[str, Any]]] = []
+
+    def on_event(event: WorkerEvent) -> None:
+        events.append((event.kind, dataclasses.asdict(event)))
+
     pool = WorkerPool(
         slots,
         _settings_for(root, canary_seconds=canary_seconds),
         store,
-        worker_main=worker_main,
+        worker_main=functools.partial(worker_main, make_lifecycle=Lifecycle),
+        lifecycle=Lifecycle(store, on_event),
         cancel_grace_seconds=1.0,
-        on_event=lambda event: events.append((event.kind, dataclasses.asdict(event))),
+        on_event=on_event,
         probe=probe,
         health=health,
         clock=clock,

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from whisperd import lifecycle
+from whisperd import jobs
 from whisperd.events import JobFinished, WorkerEvent
 from whisperd.jobs import AttemptEnd, AttemptOutcome, Claim, FileIdentity, Job, JobSpec, JobState
 from whisperd.lifecycle import Lifecycle
@@ -239,12 +239,12 @@ def test_a_released_end_removes_the_attempts_partial_outputs(tmp_path: Path) -> 
 # ------------------------------------------------------------------- crashes ---
 
 DONE_STEPS = [
-    lifecycle.AFTER_TRANSITION,
-    lifecycle.AFTER_OUTPUTS_REMOVED,
-    lifecycle.AFTER_SOURCE_MOVED,
-    lifecycle.BEFORE_MARK_DISPOSED,
+    jobs.AFTER_TRANSITION,
+    jobs.AFTER_OUTPUTS_REMOVED,
+    jobs.AFTER_SOURCE_MOVED,
+    jobs.BEFORE_MARK_DISPOSED,
 ]
-FAILED_STEPS = [*DONE_STEPS[:3], lifecycle.AFTER_NOTE_WRITTEN, lifecycle.BEFORE_MARK_DISPOSED]
+FAILED_STEPS = [*DONE_STEPS[:3], jobs.AFTER_NOTE_WRITTEN, jobs.BEFORE_MARK_DISPOSED]
 CASES = [(AttemptOutcome.DONE, step) for step in DONE_STEPS] + [
     (AttemptOutcome.FAILED, step) for step in FAILED_STEPS
 ]

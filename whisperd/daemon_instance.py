@@ -19,8 +19,7 @@ from typing import IO
 from whisperd import __version__, atomic_files, logs, outputs
 from whisperd.config import InboxConfig
 from whisperd.errors import StoreUnavailable, WhisperdError
-from whisperd.jobs import AttemptEnd, AttemptOutcome, Job
-from whisperd.lifecycle import Lifecycle
+from whisperd.jobs import AttemptEnd, AttemptEnds, AttemptOutcome, Job
 from whisperd.store_contract import SupervisorStore
 from whisperd.store_instances import InstanceEntry
 
@@ -170,7 +169,7 @@ class InstanceRegistry:
 
 def recover(
     store: SupervisorStore,
-    life: Lifecycle,
+    life: AttemptEnds,
     *,
     instance: str,
     inboxes: Sequence[InboxConfig],
@@ -197,7 +196,7 @@ def recover(
     dispose_owed()
 
 
-def _requeue_stopped(life: Lifecycle, job: Job) -> None:
+def _requeue_stopped(life: AttemptEnds, job: Job) -> None:
     """A job this instance ran when it stopped: a failed attempt, due at once."""
     assert job.claim_token is not None
     end = AttemptEnd(

@@ -17,8 +17,7 @@ import random
 import time
 
 from whisperd.errors import OutputError
-from whisperd.jobs import Job
-from whisperd.lifecycle import Lifecycle
+from whisperd.jobs import AttemptEnds, Job
 from whisperd.logs import get_logger
 from whisperd.store_contract import SupervisorStore
 
@@ -36,7 +35,7 @@ RETRY_MAX_SECONDS = 600.0
 
 
 def move_owed_source(
-    lifecycle: Lifecycle, store: SupervisorStore, job: Job, *, now: float | None = None
+    lifecycle: AttemptEnds, store: SupervisorStore, job: Job, *, now: float | None = None
 ) -> bool:
     """Settle what job still owes once (lifecycle.py); on a failed move record
     it, and mark the source stuck (logged once) when the error is permanent or

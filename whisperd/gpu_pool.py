@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from whisperd import events, liveness, logs
-from whisperd.jobs import AttemptEnd, AttemptOutcome, Job, JobState
-from whisperd.lifecycle import Lifecycle
+from whisperd.jobs import AttemptEnd, AttemptEnds, AttemptOutcome, Job, JobState
 from whisperd.metrics_state import WorkerView
 from whisperd.protocols import DeviceProbe
 from whisperd.slot_channel import Doorbell, Flag, SlotChannel, WorkerSettings
@@ -70,6 +69,7 @@ class WorkerPool:
         store: SupervisorStore,
         *,
         worker_main: WorkerMain,
+        lifecycle: AttemptEnds,
         cancel_grace_seconds: float,
         on_event: events.EventHandler,
         probe: DeviceProbe | None = None,
@@ -85,8 +85,8 @@ class WorkerPool:
         self._cancel_grace = cancel_grace_seconds
         self._on_event = on_event
         self._worker_main = worker_main
-        # Ends the attempts of workers the pool stops, kills or loses.
-        self._lifecycle = Lifecycle(store, on_event)
+        # Ends the attempts of workers the pool stops, kills or loses (the daemon's seam).
+        self._lifecycle = lifecycle
         # Set by the first worker_started event: a worker imported its engine (torch).
         self._a_worker_started = False
         self._clock = clock

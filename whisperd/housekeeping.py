@@ -19,8 +19,7 @@ from whisperd import logs, store_hooks
 from whisperd.config import Config
 from whisperd.disposal import move_owed_source
 from whisperd.intake import Intake
-from whisperd.jobs import Job, JobState
-from whisperd.lifecycle import Lifecycle
+from whisperd.jobs import AttemptEnds, Job, JobState
 from whisperd.metrics import Metrics
 from whisperd.store_contract import SupervisorStore
 from whisperd.watcher import Watcher
@@ -92,7 +91,7 @@ class Housekeeping:
     def run(
         self,
         store: SupervisorStore,
-        life: Lifecycle,
+        life: AttemptEnds,
         *,
         config: Config,
         inboxes: Collection[str],
@@ -128,7 +127,7 @@ class Housekeeping:
     def dispose_finished(
         self,
         store: SupervisorStore,
-        life: Lifecycle,
+        life: AttemptEnds,
         *,
         inboxes: Collection[str],
         started_wall: float,

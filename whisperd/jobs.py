@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 
 class JobState(enum.StrEnum):
@@ -352,3 +353,48 @@ class AttemptEnd:
     retry_max_seconds: float = 300.0
     # Released because the source changed: the identity to transcribe next time.
     identity: FileIdentity | None = None
+
+
+# The steps of an attempt's end (lifecycle.py), named for the crash tests:
+# the lifecycle's crash hook is called after each.
+AFTER_TRANSITION = "after_transition"
+AFTER_OUTPUTS_REMOVED = "after_outputs_removed"
+AFTER_SOURCE_MOVED = "after_source_moved"
+AFTER_NOTE_WRITTEN = "after_note_written"
+BEFORE_MARK_DISPOSED = "before_mark_disposed"
+END_STEPS = (
+    AFTER_TRANSITION,
+    AFTER_OUTPUTS_REMOVED,
+    AFTER_SOURCE_MOVED,
+    AFTER_NOTE_WRITTEN,
+    BEFORE_MARK_DISPOSED,
+)
+
+
+class AttemptEnds(Protocol):
+    """The lifecycle seam (lifecycle.Lifecycle) as the worker, the pool and the
+    owed-move sweep use it: handed to them, never imported by them."""
+
+    def end_attempt(
+        self,
+        job: Job,
+        token: str,
+        end: AttemptEnd,
+        *,
+        device: str | None = None,
+        duration_seconds: float = 0.0,
+        log_as: str | None = None,
+        log_fields: Mapping[str, Any] | None = None,
+    ) -> JobState | None: ...
+
+    def lease_lost(
+        self,
+        job: Job,
+        error: str | None,
+        *,
+        device: str | None = None,
+        duration_seconds: float = 0.0,
+        audio_seconds: float | None = None,
+    ) -> None: ...
+
+    def settle(self, job: Job) -> Exception | None: ...

@@ -23,29 +23,31 @@ from typing import Any
 from whisperd import logs, media, outputs
 from whisperd.errors import OutputError
 from whisperd.events import JobFinished, JobRejected, JobRetried, WorkerEvent
-from whisperd.jobs import TERMINAL_STATES, AttemptEnd, AttemptOutcome, FileIdentity, Job, JobState
+from whisperd.jobs import (
+    AFTER_NOTE_WRITTEN,
+    AFTER_OUTPUTS_REMOVED,
+    AFTER_SOURCE_MOVED,
+    AFTER_TRANSITION,
+    BEFORE_MARK_DISPOSED,
+    END_STEPS,
+    TERMINAL_STATES,
+    AttemptEnd,
+    AttemptOutcome,
+    FileIdentity,
+    Job,
+    JobState,
+)
 from whisperd.repeat_names import done_rel_path
 from whisperd.store_contract import LifecycleStore
 
 log = logs.get_logger("whisperd.lifecycle")
 
-# An event for the metrics: (kind, fields), as the worker's channel carries it.
-# Where the lifecycle reports each attempt's end (the worker's channel, the pool's or the daemon's handler).
+# Where the lifecycle reports each attempt's end (the worker's channel, the
+# pool's or the daemon's handler).
 Emit = Callable[[WorkerEvent], None]
 
-# The steps of an end, named for the crash tests (crash_at is called after each).
-AFTER_TRANSITION = "after_transition"
-AFTER_OUTPUTS_REMOVED = "after_outputs_removed"
-AFTER_SOURCE_MOVED = "after_source_moved"
-AFTER_NOTE_WRITTEN = "after_note_written"
-BEFORE_MARK_DISPOSED = "before_mark_disposed"
-STEPS = (
-    AFTER_TRANSITION,
-    AFTER_OUTPUTS_REMOVED,
-    AFTER_SOURCE_MOVED,
-    AFTER_NOTE_WRITTEN,
-    BEFORE_MARK_DISPOSED,
-)
+# The steps of an end (jobs.END_STEPS), named for the crash tests (crash_at is called after each).
+STEPS = END_STEPS
 
 
 def _no_emit(_event: WorkerEvent) -> None:

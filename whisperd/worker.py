@@ -18,21 +18,30 @@ import functools
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol
 
-from whisperd import lifecycle, liveness, logs, media, outputs, protocols
+from whisperd import liveness, logs, media, outputs, protocols
 from whisperd.errors import JobCancelled, LeaseLost, MediaError, ModelNotFoundError, NoRoomOnDevice
-from whisperd.events import CpuFallback, JobStarted, WorkerAlive, WorkerStarted
+from whisperd.events import CpuFallback, JobStarted, WorkerAlive, WorkerEvent, WorkerStarted
 from whisperd.job_session import Heartbeat, JobSession
-from whisperd.jobs import AttemptEnd, AttemptOutcome, Claim, FileIdentity, Job, TranscriptResult
-from whisperd.lifecycle import Lifecycle
+from whisperd.jobs import (
+    END_STEPS,
+    AttemptEnd,
+    AttemptEnds,
+    AttemptOutcome,
+    Claim,
+    FileIdentity,
+    Job,
+    TranscriptResult,
+)
 from whisperd.model_cache import ModelCache, engine_module, return_freed_memory
 from whisperd.queue_db import JobStore
 from whisperd.repeat_names import unrepeated_base
 from whisperd.slot_channel import SlotChannel, WorkerSettings, put_event
 from whisperd.source_change import SourceChanged, changed_source_end, ensure_unchanged
-from whisperd.store_contract import WorkerStore
+from whisperd.store_contract import LifecycleStore, WorkerStore
 from whisperd.store_outage import RetryPolicy
 
 log = logs.get_logger("whisperd.worker")
@@ -41,11 +50,24 @@ _PR_SET_PDEATHSIG = 1
 
 # The worker's own points, then the steps of the end (lifecycle.py): "after_transition"
 # is just after the job was marked done (or failed...) in the store.
-CRASH_POINTS = ("after_claim", "during_transcription", "after_outputs", *lifecycle.STEPS)
+CRASH_POINTS = ("after_claim", "during_transcription", "after_outputs", *END_STEPS)
 
 
-def worker_main(settings: WorkerSettings, channel: SlotChannel) -> None:
-    """Entry point of a worker process."""
+class MakesLifecycle(Protocol):
+    """Builds the seam every attempt's end goes through (lifecycle.Lifecycle,
+    handed in by the daemon: a peer in L3 is never imported)."""
+
+    def __call__(
+        self,
+        store: LifecycleStore,
+        emit: Callable[[WorkerEvent], None] | None = None,
+        *,
+        crash_at: Callable[[str], None] = ...,
+    ) -> AttemptEnds: ...
+
+
+def worker_main(settings: WorkerSettings, channel: SlotChannel, make_lifecycle: MakesLifecycle) -> None:
+    """Entry point of a worker process (the daemon binds `make_lifecycle`)."""
     _die_with_parent()
     # Its own process group, so the pool's kill reaches the ffmpeg it runs too.
     with contextlib.suppress(OSError):
@@ -72,7 +94,7 @@ def worker_main(settings: WorkerSettings, channel: SlotChannel) -> None:
         settings.database_url, busy_timeout_seconds=settings.database_busy_timeout_seconds, retry=retry
     )
     cache = ModelCache(settings, channel, store)
-    worker = Worker(settings, channel, store, cache)
+    worker = Worker(settings, channel, store, cache, make_lifecycle)
     put_event(channel, WorkerStarted(worker=settings.worker_id, device=settings.device, pid=os.getpid()))
     try:
         worker.loop()
@@ -93,7 +115,12 @@ class Worker:
     """The claim loop of one worker process."""
 
     def __init__(
-        self, settings: WorkerSettings, channel: SlotChannel, store: WorkerStore, cache: ModelCache
+        self,
+        settings: WorkerSettings,
+        channel: SlotChannel,
+        store: WorkerStore,
+        cache: ModelCache,
+        make_lifecycle: MakesLifecycle,
     ) -> None:
         self._settings = settings
         self._channel = channel
@@ -107,7 +134,9 @@ class Worker:
         # Seconds of audio the running attempt decoded (None: not yet).
         self._audio_seconds: float | None = None
         # Every end of an attempt goes through here; its events go to the pool.
-        self._lifecycle = Lifecycle(store, functools.partial(put_event, channel), crash_at=self._crash_if)
+        self._lifecycle = make_lifecycle(
+            store, functools.partial(put_event, channel), crash_at=self._crash_if
+        )
 
     def loop(self) -> None:
         next_canary = 0.0
