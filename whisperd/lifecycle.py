@@ -29,7 +29,6 @@ from whisperd.jobs import (
     AFTER_SOURCE_MOVED,
     AFTER_TRANSITION,
     BEFORE_MARK_DISPOSED,
-    END_STEPS,
     TERMINAL_STATES,
     AttemptEnd,
     AttemptOutcome,
@@ -45,9 +44,6 @@ log = logs.get_logger("whisperd.lifecycle")
 # Where the lifecycle reports each attempt's end (the worker's channel, the
 # pool's or the daemon's handler).
 Emit = Callable[[WorkerEvent], None]
-
-# The steps of an end (jobs.END_STEPS), named for the crash tests (crash_at is called after each).
-STEPS = END_STEPS
 
 
 def _no_emit(_event: WorkerEvent) -> None:

@@ -123,18 +123,23 @@ def _identity_columns(identity: FileIdentity) -> dict[str, Any]:
     }
 
 
+def _identity_from_row(m: Any) -> FileIdentity:
+    """The inverse of _identity_columns, from a row's mapping."""
+    return FileIdentity(
+        device=_from_int64(int(m["file_device"])),
+        inode=_from_int64(int(m["file_inode"])),
+        size=int(m["file_size"]),
+        mtime_ns=int(m["file_mtime_ns"]),
+    )
+
+
 def _job_from_row(row: Row[Any]) -> Job:
     """The one place a stored row becomes a Job."""
     m = row._mapping
     return Job(
         id=int(m["id"]),
         spec=JobSpec.from_dict(json.loads(m["spec_json"])),
-        identity=FileIdentity(
-            device=_from_int64(int(m["file_device"])),
-            inode=_from_int64(int(m["file_inode"])),
-            size=int(m["file_size"]),
-            mtime_ns=int(m["file_mtime_ns"]),
-        ),
+        identity=_identity_from_row(m),
         state=JobState(m["state"]),
         attempts=int(m["attempts"]),
         max_attempts=int(m["max_attempts"]),
@@ -254,12 +259,7 @@ def _deferred_from_row(row: Row[Any]) -> DeferredFile:
     m = row._mapping
     return DeferredFile(
         spec=JobSpec.from_dict(json.loads(m["spec_json"])),
-        identity=FileIdentity(
-            device=_from_int64(int(m["file_device"])),
-            inode=_from_int64(int(m["file_inode"])),
-            size=int(m["file_size"]),
-            mtime_ns=int(m["file_mtime_ns"]),
-        ),
+        identity=_identity_from_row(m),
         waits_for=int(m["waits_for"]),
         recorded_at=float(m["recorded_at"]),
     )
