@@ -175,6 +175,30 @@ def test_each_ended_job_runs_its_hook_program_once_with_its_facts(
     wait_counted(daemon, {("on_done", "delivered"): 1, ("on_failed", "delivered"): 1})
 
 
+def test_a_reload_that_adds_a_hook_wakes_the_idle_runner(
+    daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    # With no hooks configured the runner threads sleep until a reload, not
+    # polling; the reload must wake them, and jobs ended before it owe nothing.
+    records = tmp_path / "records"
+    records.mkdir()
+    recorder = write_script(tmp_path / "bin", "record.py", RECORDER)
+    daemon = daemon_factory(workers={"max_attempts": 1})
+    daemon.start()
+    daemon.drop(not_media(daemon, "before.mp3"))
+    before = daemon.wait_for_state("before.mp3", JobState.FAILED)
+
+    daemon.inboxes[0]["on_failed"] = [sys.executable, str(recorder), str(records), "failed"]
+    daemon.write_config()
+    daemon.send_signal(signal.SIGHUP)
+    daemon.wait_for_event("config.reloaded")
+    daemon.drop(not_media(daemon, "after.mp3"))
+    after = wait_delivered(daemon, "after.mp3", {"on_failed"})
+
+    assert [p.name.rsplit("-", 1)[0] for p in records.glob("*.json")] == [f"on_failed-{after.id}"]
+    assert deliveries(daemon, before) == []
+
+
 # -- webhooks --------------------------------------------------------------------------
 
 

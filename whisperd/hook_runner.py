@@ -28,7 +28,8 @@ log = logs.get_logger("whisperd.hooks")
 
 # Deliveries made at once: a hanging hook holds one of them until its timeout.
 RUNNER_THREADS = 2
-# An idle runner thread looks for due deliveries this often.
+# An idle runner thread looks for due deliveries this often, while any inbox
+# has hooks; with none configured it sleeps until a reload adds one.
 POLL_SECONDS = 0.5
 # A delivery waits for the job's source to move to done/ or failed/ (so the
 # hook sees where it is now), at most this long (a stuck move).
@@ -79,6 +80,8 @@ class HookRunner:
     ) -> None:
         self._store = store
         self._lock = threading.Lock()
+        # Notified by set_inboxes() and stop(): what an idle thread waits on.
+        self._changed = threading.Condition(self._lock)
         self._inboxes = dict(inboxes)
         self._on_outcome = on_outcome
         self._stop = threading.Event()
@@ -92,8 +95,9 @@ class HookRunner:
 
     def set_inboxes(self, inboxes: Mapping[str, InboxConfig]) -> None:
         """A reload: deliveries from now on use these inboxes' hooks."""
-        with self._lock:
+        with self._changed:
             self._inboxes = dict(inboxes)
+            self._changed.notify_all()
 
     def start(self) -> None:
         for thread in self._threads:
@@ -102,6 +106,8 @@ class HookRunner:
     def stop(self, timeout: float = 10.0) -> None:
         """Running hook programs are killed; their deliveries stay owed."""
         self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             if thread.is_alive():
@@ -120,7 +126,24 @@ class HookRunner:
                 log.error("hook.runner_error", error=f"{type(exc).__name__}: {exc}")
                 made = False
             if not made:
-                self._stop.wait(POLL_SECONDS)
+                self._wait_for_work()
+
+    def _wait_for_work(self) -> None:
+        """Until a delivery may be due: the next poll while some inbox has
+        hooks; otherwise until a reload gives one hooks (or stop()). A daemon
+        without hooks then never wakes these threads, which on a busy CPU
+        would steal time from the engine's threads."""
+        with self._changed:
+            if self._stop.is_set():
+                return
+            if self._any_hooks():
+                self._changed.wait(POLL_SECONDS)
+            else:
+                self._changed.wait_for(lambda: self._stop.is_set() or self._any_hooks())
+
+    def _any_hooks(self) -> bool:
+        # Called with self._lock held.
+        return any(inbox.hook_kinds() for inbox in self._inboxes.values())
 
     def run_once(self) -> bool:
         """Make one try at the delivery due longest; False when none was due."""
