@@ -401,7 +401,26 @@ def _child_pids() -> set[int]:
     return children
 
 
-def test_decoding_past_the_timeout_stops_ffmpeg(tmp_path: Path) -> None:
+@pytest.fixture(params=["setpriv", "preexec_fn"])
+def launch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a tool is started with its parent-death signal: through
+    util-linux's setpriv (vfork: the worker is not copied) and, where no
+    setpriv can do it, a preexec_fn."""
+    if request.param == "setpriv":
+        assert media_tool._setpriv() is not None, "setpriv (util-linux) should be installed here"
+    else:
+        monkeypatch.setattr(media_tool, "_setpriv", lambda: None)
+    return str(request.param)
+
+
+def test_either_launch_decodes_the_same_samples(speech_files: SpeechFiles, launch: str) -> None:
+    path = str(speech_files.folder / "speech.mp3")
+    whisper_audio = pytest.importorskip("whisper.audio")
+
+    assert np.array_equal(media.decode_audio(path), whisper_audio.load_audio(path))
+
+
+def test_decoding_past_the_timeout_stops_ffmpeg(tmp_path: Path, launch: str) -> None:
     # Ten minutes of audio take ffmpeg far longer than 20 ms to decode.
     long_tone = _tone(tmp_path / "ten-minutes.wav", 600.0)
     before = _child_pids()

@@ -624,8 +624,15 @@ class TestJobStoreContract:
             job, _ = store.enqueue(dataclasses.replace(spec, model=model), identity, max_attempts=3, now=T0)
             taken = store.claim(worker="host-a/0", device=device, lease_seconds=LEASE, now=T0)
             assert taken is not None and taken.job.id == job.id
-            assert store.decoding_started(job.id, taken.token, now=T0 + 1)
-            store.heartbeat(job.id, taken.token, lease_seconds=LEASE, audio_seconds=audio, now=T0 + 2)
+            beat = store.heartbeat(
+                job.id,
+                taken.token,
+                lease_seconds=LEASE,
+                audio_seconds=audio,
+                decoding_started_at=T0 + 1,
+                now=T0 + 2,
+            )
+            assert beat.ok
             assert store.end_attempt(
                 job.id,
                 taken.token,
@@ -652,7 +659,10 @@ class TestJobStoreContract:
     ) -> None:
         job = enqueue(store, inbox, "talk.wav")
         first = claim(store)
-        assert store.decoding_started(job.id, first.token, now=T0 + 1)
+        assert store.heartbeat(
+            job.id, first.token, lease_seconds=LEASE, decoding_started_at=T0 + 1, now=T0 + 1
+        ).ok
+        assert store.get(job.id).decoding_started_at == T0 + 1  # type: ignore[union-attr]
         store.end_attempt(
             job.id,
             first.token,
@@ -662,9 +672,21 @@ class TestJobStoreContract:
         second = claim(store, now=T0 + 10)
         again = store.get(second.job.id)
         assert again is not None and again.attempts == 2 and again.decoding_started_at is None
-        assert not store.decoding_started(
-            job.id, first.token, now=T0 + 11
-        )  # the old attempt's token is fenced off
+        stale = store.heartbeat(
+            job.id, first.token, lease_seconds=LEASE, decoding_started_at=T0 + 11, now=T0 + 11
+        )
+        assert not stale.ok  # the old attempt's token is fenced off
+        assert store.get(job.id).decoding_started_at is None  # type: ignore[union-attr]
+
+    def test_an_attempt_that_ends_before_its_first_beat_still_records_when_decoding_began(
+        self, store: JobStore, inbox: Inbox
+    ) -> None:
+        job = enqueue(store, inbox, "short.wav")
+        taken = claim(store)
+        end = AttemptEnd(outcome=AttemptOutcome.DONE, decoding_seconds=0.5, decoding_started_at=T0 + 1)
+        assert store.end_attempt(job.id, taken.token, end, now=T0 + 2)
+        done = store.get(job.id)
+        assert done is not None and (done.decoding_started_at, done.decoding_seconds) == (T0 + 1, 0.5)
 
     def test_model_memory_is_remembered_and_updated(self, store: JobStore) -> None:
         assert store.model_memory("tiny.en", "H100") is None

@@ -42,6 +42,8 @@ class JobSession:
     # time.monotonic() when the engine began (model loaded, audio read): the
     # ETA's clock, so neither counts as decoding time.
     decoding_since: float | None = None
+    # time.time() at the same moment: what the store records (heartbeat, end).
+    decoding_started_at: float | None = None
     audio_seconds: float = 0.0
     # Seconds of work per second of audio of earlier jobs of this model on
     # this device: the ETA before this job's own progress has moved.
@@ -62,6 +64,7 @@ class JobSession:
         self.audio_seconds = audio_seconds
         self.expected_realtime_factor = expected_realtime_factor
         self.decoding_since = time.monotonic()
+        self.decoding_started_at = time.time()
 
     def decoding_seconds(self) -> float | None:
         """How long the engine has run so far (None: it has not begun)."""
@@ -116,6 +119,7 @@ class Heartbeat:
             progress=fraction,
             eta_seconds=eta,
             audio_seconds=self.audio_seconds,
+            decoding_started_at=self._session.decoding_started_at,
         )
         if not reply.ok:
             self._session.lease_lost.set()

@@ -346,6 +346,8 @@ class AttemptEnd:
     outputs: tuple[str, ...] = ()
     # Seconds the engine decoded (done): the realtime factor of later ETAs.
     decoding_seconds: float | None = None
+    # When the engine began (wall clock), if no heartbeat has recorded it yet.
+    decoding_started_at: float | None = None
     # Length of the decoded audio in seconds, once known.
     audio_seconds: float | None = None
     # Backoff of a retried attempt: base and cap of the delay, in seconds.

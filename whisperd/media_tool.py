@@ -4,11 +4,19 @@
 threads, within a deadline and an output limit; the child is killed on any
 error and dies with the thread that started it (parent-death signal), so no
 ffmpeg is ever left behind. `ffmpeg_available` is doctor's check.
+
+The parent-death signal is set by util-linux's `setpriv --pdeathsig` in the
+child rather than by a Python `preexec_fn`: a preexec_fn makes subprocess
+fork() the whole worker (a model of hundreds of MB to GBs, its page tables
+copied and every page then copy-on-write under the engine's threads, ~15 ms
+and a burst of page faults per file) where it can otherwise vfork. Without
+a usable setpriv the preexec_fn is the fallback.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import selectors
 import shutil
@@ -81,15 +89,7 @@ def run_tool(
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=() if fd is None else (fd,),
-            # Only a prctl call, no locks taken: safe next to the worker's threads.
-            preexec_fn=_die_with_caller,  # noqa: PLW1509
-        )
+        proc = _launch(args, fd)
     except FileNotFoundError as exc:
         raise MediaError(path, f"{args[0]} not found on PATH; {INSTALL_HINT}") from exc
     try:
@@ -150,6 +150,45 @@ def _load_prctl() -> Any:
 
 # Looked up once here: the child between fork and exec should only call it.
 _PRCTL = _load_prctl()
+
+
+def _launch(args: list[str], fd: int | None) -> subprocess.Popen[bytes]:
+    """Start the tool (FileNotFoundError if it is not on PATH), set to die
+    with the calling thread."""
+    tool = shutil.which(args[0])
+    if tool is None:
+        raise FileNotFoundError(args[0])
+    common: dict[str, Any] = {
+        "stdin": subprocess.DEVNULL,
+        "stdout": subprocess.PIPE,
+        "stderr": subprocess.PIPE,
+        "pass_fds": () if fd is None else (fd,),
+    }
+    setpriv = _setpriv()
+    if setpriv is not None:
+        return subprocess.Popen([setpriv, "--pdeathsig", "KILL", "--", tool, *args[1:]], **common)
+    # Only a prctl call, no locks taken: safe next to the worker's threads.
+    return subprocess.Popen([tool, *args[1:]], preexec_fn=_die_with_caller, **common)  # noqa: PLW1509
+
+
+@functools.cache
+def _setpriv() -> str | None:
+    """setpriv's path if it can set the parent-death signal (util-linux 2.33+),
+    tried once per process; None: use the preexec_fn."""
+    found = shutil.which("setpriv")
+    if found is None:
+        return None
+    try:
+        done = subprocess.run(
+            [found, "--pdeathsig", "KILL", "--", "true"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=VERSION_TIMEOUT_SECONDS,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return found if done.returncode == 0 else None
 
 
 def _die_with_caller() -> None:

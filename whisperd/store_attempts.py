@@ -162,9 +162,13 @@ class AttemptsMixin(StoreBase):
         progress: float | None = None,
         eta_seconds: float | None = None,
         audio_seconds: float | None = None,
+        decoding_started_at: float | None = None,
         now: float | None = None,
     ) -> HeartbeatReply:
-        """Extend the lease and record progress; ok=False means the lease is lost."""
+        """Extend the lease and record progress (and, once known, when the
+        engine began: the ETA and realtime factor count from there; it rides
+        on the beat rather than costing the job a commit of its own before
+        it decodes); ok=False means the lease is lost."""
         moment = _clock(now)
         values: dict[str, Any] = {"lease_expires": _lease_clock(now) + lease_seconds, "updated_at": moment}
         if progress is not None:
@@ -173,6 +177,8 @@ class AttemptsMixin(StoreBase):
             values["eta_seconds"] = eta_seconds
         if audio_seconds is not None:
             values["audio_seconds"] = audio_seconds
+        if decoding_started_at is not None:
+            values["decoding_started_at"] = decoding_started_at
         with self._writing() as conn:
             if not self._fenced_update(conn, job_id, token, values):
                 return HeartbeatReply(ok=False, cancel_requested=False)
@@ -187,15 +193,6 @@ class AttemptsMixin(StoreBase):
         values = {**_identity_columns(identity), "updated_at": _clock(now)}
         with self._writing() as conn:
             return self._fenced_update(conn, job_id, token, values)
-
-    def decoding_started(self, job_id: int, token: str, *, now: float | None = None) -> bool:
-        """Record that the running attempt's engine began (its model is
-        loaded): the ETA and realtime factor count from here."""
-        moment = _clock(now)
-        with self._writing() as conn:
-            return self._fenced_update(
-                conn, job_id, token, {"decoding_started_at": moment, "updated_at": moment}
-            )
 
     def set_device(self, job_id: int, token: str, device: str, *, now: float | None = None) -> bool:
         """Record the device a running job really runs on (a CPU fallback)."""

@@ -203,10 +203,9 @@ class WorkerStore(LifecycleStore, Protocol):
         progress: float | None = ...,
         eta_seconds: float | None = ...,
         audio_seconds: float | None = ...,
+        decoding_started_at: float | None = ...,
         now: float | None = ...,
     ) -> HeartbeatReply: ...
-
-    def decoding_started(self, job_id: int, token: str, *, now: float | None = ...) -> bool: ...
 
     def set_device(self, job_id: int, token: str, device: str, *, now: float | None = ...) -> bool: ...
 

@@ -92,6 +92,8 @@ def _attempt_end_values(job: Job, end: AttemptEnd, now: float) -> tuple[JobState
             values.update(_identity_columns(end.identity))
         return state, values
     values.update(finished_at=now, lease_expires=None)
+    if end.decoding_started_at is not None:
+        values["decoding_started_at"] = end.decoding_started_at
     # Outputs recorded earlier by set_outputs stay unless new ones are given.
     if end.outputs:
         values["outputs_json"] = json.dumps(list(end.outputs))

@@ -355,13 +355,15 @@ class Worker:
             outcome=AttemptOutcome.DONE,
             outputs=tuple(written),
             decoding_seconds=decoding_seconds,
+            decoding_started_at=session.decoding_started_at,
             audio_seconds=audio_seconds,
         )
 
     def _start_decoding(self, claim: Claim, session: JobSession, audio_seconds: float) -> None:
         """Start the ETA's clock, seeded with the realtime factor of earlier
-        jobs of this model on this device, and tell the store when decoding
-        began (`whisperd show`). Neither is worth failing the job for."""
+        jobs of this model on this device (a read: the moment decoding began
+        reaches the store with the next heartbeat or the attempt's end). A
+        store that cannot answer is not worth failing the job for."""
         job = claim.job
         expected: float | None = None
         try:
@@ -369,13 +371,9 @@ class Worker:
                 expected = self._store.realtime_factor(
                     job.spec.model, job.spec.options.engine, job.device or self._settings.device
                 )
-                # The store's time and the ETA's clock start at the same moment.
-                session.decoding_started(audio_seconds, expected)
-                self._store.decoding_started(job.id, claim.token, now=time.time())
         except Exception as exc:  # noqa: BLE001 - only the ETA is poorer for it; the next beat renews the lease
-            log.warning("job.decoding_start_unrecorded", **logs.job_fields(job), error=str(exc))
-        if session.decoding_since is None:
-            session.decoding_started(audio_seconds, expected)
+            log.warning("job.realtime_factor_unread", **logs.job_fields(job), error=str(exc))
+        session.decoding_started(audio_seconds, expected)
 
     def _transcribe(self, loaded: Any, audio: Any, claim: Claim, session: JobSession) -> TranscriptResult:
         """Transcribe; on CUDA out-of-memory unload the other models and try
