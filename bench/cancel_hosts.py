@@ -36,7 +36,7 @@ import sqlalchemy as sa
 from cancel_latency import TEXT, Daemon, _models_folder, _speak
 
 from whisperd.jobs import Job, JobState
-from whisperd.queue_db import JobStore
+from whisperd.store.job_store import JobStore
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "cancel_hosts.json"

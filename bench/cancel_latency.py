@@ -42,7 +42,7 @@ from typing import Any
 import benchlib as bl
 
 from whisperd.jobs import Job, JobState
-from whisperd.queue_db import JobStore
+from whisperd.store.job_store import JobStore
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "cancel_latency.json"
@@ -111,8 +111,8 @@ def _models_folder(given: str | None, scratch: Path) -> Path:
         if not (folder / "tiny.en.pt").is_file():
             raise SystemExit(f"{folder}: no tiny.en.pt here (whisperd models import PATH --name tiny.en)")
         return folder
-    from whisperd.checkpoints import import_model
-    from whisperd.models import bundled_tiny_en_folder
+    from whisperd.models.checkpoints import import_model
+    from whisperd.models.locate import bundled_tiny_en_folder
 
     bundled = bundled_tiny_en_folder()
     if bundled is None:

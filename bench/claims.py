@@ -32,7 +32,7 @@ import benchlib as bl
 import sqlalchemy as sa
 
 from whisperd.jobs import AttemptEnd, AttemptOutcome, JobSpec, JobState
-from whisperd.queue_db import JOBS, JobStore
+from whisperd.store.job_store import JOBS, JobStore
 
 POSTGRES_ADMIN = os.environ.get(
     "WHISPERD_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -88,7 +88,7 @@ def fill(url: str, finished: int, queued: int) -> None:
         if rows:
             conn.execute(JOBS.insert(), rows)
     store = JobStore.open(url)
-    store.fold_state_counts()  # as a daemon's housekeeping does (store_counts.py)
+    store.fold_state_counts()  # as a daemon's housekeeping does (store/counts.py)
     store.close()
     with engine.begin() as conn:
         conn.exec_driver_sql("ANALYZE")

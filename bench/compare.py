@@ -141,7 +141,7 @@ def _loop_result(run: bl.ChildRun) -> dict[str, Any]:
 
 
 def run_fw_engine(clips: list[Path], setup: Setup, out: Path) -> dict[str, Any]:
-    from whisperd.models import bundled_tiny_en_folder
+    from whisperd.models.locate import bundled_tiny_en_folder
 
     script = Path(__file__).with_name("engine_loop_faster.py")
     argv = [bl.PYTHON, str(script), "--model", str(bundled_tiny_en_folder()), "--output-dir", str(out)]

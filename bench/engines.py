@@ -98,8 +98,8 @@ LONG_VARIANTS = (
 def prepare_models() -> Path:
     """A models folder with tiny.en and base, each as NAME.pt (openai-whisper)
     and NAME.ct2/ (faster-whisper), imported with whisperd's own importer."""
-    from whisperd.checkpoints import import_model
-    from whisperd.models import bundled_tiny_en_folder
+    from whisperd.models.checkpoints import import_model
+    from whisperd.models.locate import bundled_tiny_en_folder
 
     folder = bl.cache_root() / "models-engines"
     folder.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from whisperd.nvml import NvmlProbe  # noqa: E402 - after the path fix above
+from whisperd.devices.nvml import NvmlProbe  # noqa: E402 - after the path fix above
 
 DEFAULT_OUT = REPO / "bench" / "results" / "gpu_check.json"
 MiB = 2**20
@@ -123,8 +123,8 @@ def make_random(folder: Path, arches: Sequence[str]) -> list[Path]:
     checks, meaningless for transcripts and realtime factors."""
     import numpy as np
 
-    from whisperd.checkpoints import save_checkpoint
-    from whisperd.model_convert import whisper_state_shapes
+    from whisperd.models.checkpoints import save_checkpoint
+    from whisperd.models.convert import whisper_state_shapes
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

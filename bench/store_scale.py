@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 import benchlib as bl  # noqa: E402
 
 from whisperd.jobs import JobSpec, JobState  # noqa: E402
-from whisperd.queue_db import JobStore  # noqa: E402
+from whisperd.store.job_store import JobStore  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 # One finished job in this many failed (the rest done), as a busy inbox might have.

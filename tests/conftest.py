@@ -19,9 +19,10 @@ from typing import Any, NoReturn
 
 import pytest
 import sqlalchemy as sa
-from daemon_harness import DaemonUnderTest
 
-from whisperd import model_convert, models
+from tests.daemon_harness import DaemonUnderTest
+from whisperd.models import convert as model_convert
+from whisperd.models import locate as models
 
 # Plain English sentences, 8-15 s each when espeak-ng speaks them at speed 150.
 SENTENCES: tuple[str, ...] = (
@@ -121,13 +122,13 @@ def _converter_fingerprint() -> str:
     """Changes whenever the converter's code does, so a fixed bug never hides in the cache."""
     digest = hashlib.sha256()
     package = Path(models.__file__).parent
-    for name in ("model_convert.py", "checkpoints.py", "atomic_files.py"):
+    for name in ("models/convert.py", "models/checkpoints.py", "files/atomic.py"):
         digest.update((package / name).read_bytes())
     return digest.hexdigest()[:12]
 
 
 def _converted_tiny_en(ct2_folder: str) -> Path:
-    from whisperd.checkpoints import save_checkpoint
+    from whisperd.models.checkpoints import save_checkpoint
 
     source = os.stat(os.path.join(ct2_folder, "model.bin"))
     cache = _cache_root() / "models"
@@ -182,7 +183,7 @@ def _reassemble_base(parts: list[Path], target: Path) -> None:
 
 
 def _imported_base(parts: list[Path]) -> Path:
-    from whisperd.checkpoints import import_model
+    from whisperd.models.checkpoints import import_model
 
     stats = [os.stat(folder / f"model.bin.part{n}") for n, folder in enumerate(parts, start=1)]
     key = "-".join(f"{st.st_size}-{st.st_mtime_ns}" for st in stats)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from whisperd.jobs import Job, JobState
-from whisperd.queue_db import JobStore
+from whisperd.store.job_store import JobStore
 
 WHISPERD = [sys.executable, "-m", "whisperd.cli"]
 

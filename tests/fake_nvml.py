@@ -1,5 +1,5 @@
 """A fake NVML for machines without a GPU: the only fake the tests use, at
-the hardware seam. `ScriptedProbe` implements `whisperd.protocols.DeviceProbe` by
+the hardware seam. `ScriptedProbe` implements `whisperd.devices.probe.DeviceProbe` by
 playing back readings a test scripts; the real path (`NvmlProbe`) is checked
 on a GPU machine (bench/gpu_check.py)."""
 
@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from whisperd.protocols import DeviceInfo, DeviceReading
+from whisperd.devices.probe import DeviceInfo, DeviceReading
 
 # A scripted reading: a full reading, or a string standing for a failed one.
 ScriptedItem = DeviceReading | str

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_harness import WHISPERD
 
+from tests.daemon_harness import WHISPERD
 from whisperd.config import SECTIONS, InboxConfig
 from whisperd.config_load import load_config
 from whisperd.errors import ConfigError

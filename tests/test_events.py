@@ -17,9 +17,9 @@ from whisperd import events
 from whisperd.events import WorkerEvent
 from whisperd.jobs import AttemptEnd, AttemptOutcome, FileIdentity, JobSpec
 from whisperd.lifecycle import Lifecycle
-from whisperd.metrics import Metrics
-from whisperd.queue_db import JobStore
-from whisperd.slot_channel import Doorbell, Flag, SlotChannel, put_event
+from whisperd.metrics.registry import Metrics
+from whisperd.store.job_store import JobStore
+from whisperd.workers.channel import Doorbell, Flag, SlotChannel, put_event
 
 EVERY_EVENT: list[WorkerEvent] = [
     events.WorkerStarted(worker="host/cpu-0", device="cpu", pid=4242),

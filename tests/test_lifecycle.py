@@ -21,7 +21,7 @@ from whisperd import jobs
 from whisperd.events import JobFinished, WorkerEvent
 from whisperd.jobs import AttemptEnd, AttemptOutcome, Claim, FileIdentity, Job, JobSpec, JobState
 from whisperd.lifecycle import Lifecycle
-from whisperd.queue_db import JobStore
+from whisperd.store.job_store import JobStore
 
 T0 = 1_700_000_000.0
 LEASE = 30.0

@@ -43,7 +43,7 @@ def json_lines(stream: io.StringIO) -> list[dict[str, object]]:
 
 
 def test_job_events_carry_job_id_inbox_and_file() -> None:
-    log = logs.get_logger("whisperd.worker")
+    log = logs.get_logger("whisperd.workers.worker")
     with capture_logs() as events:
         log.info("job.done", **logs.job_fields(make_job()), seconds=1.5)
     assert events == [
@@ -61,15 +61,15 @@ def test_job_events_carry_job_id_inbox_and_file() -> None:
 def test_a_non_terminal_stream_gets_one_json_object_per_line() -> None:
     stream = io.StringIO()
     logs.configure("info", stream=stream)
-    logs.get_logger("whisperd.daemon").info("daemon.ready", inboxes=2, note="multi\nline")
+    logs.get_logger("whisperd.daemon.root").info("daemon.ready", inboxes=2, note="multi\nline")
     try:
         raise RuntimeError("boom")
     except RuntimeError:
-        logs.get_logger("whisperd.worker").exception("job.failed", job_id=17, inbox="meetings")
+        logs.get_logger("whisperd.workers.worker").exception("job.failed", job_id=17, inbox="meetings")
 
     ready, failed = json_lines(stream)
     assert ready["event"] == "daemon.ready" and ready["level"] == "info" and ready["inboxes"] == 2
-    assert ready["logger"] == "whisperd.daemon" and ready["note"] == "multi\nline"
+    assert ready["logger"] == "whisperd.daemon.root" and ready["note"] == "multi\nline"
     timestamp = datetime.fromisoformat(str(ready["timestamp"]).replace("Z", "+00:00"))
     assert timestamp.utcoffset() is not None and timestamp.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
     assert failed["level"] == "error" and failed["job_id"] == 17
@@ -120,7 +120,7 @@ def test_a_terminal_gets_the_readable_console_format() -> None:
     try:
         with os.fdopen(terminal_fd, "w", closefd=True) as terminal:
             logs.configure("info", stream=terminal)
-            logs.get_logger("whisperd.daemon").info("daemon.ready", inboxes=2)
+            logs.get_logger("whisperd.daemon.root").info("daemon.ready", inboxes=2)
             terminal.flush()
             output = os.read(controller, 65536).decode()
     finally:
@@ -146,7 +146,9 @@ def test_a_bad_level_is_refused_with_the_choices() -> None:
 def test_a_bound_logger_keeps_its_fields_on_every_event() -> None:
     # The worker binds job_id/inbox/file once per job and logs several events.
     logs.configure("info", stream=io.StringIO())
-    log = logs.get_logger("whisperd.worker").bind(job_id=17, inbox="meetings", file="/srv/in/talk.mp3")
+    log = logs.get_logger("whisperd.workers.worker").bind(
+        job_id=17, inbox="meetings", file="/srv/in/talk.mp3"
+    )
     with capture_logs() as events:
         log.info("job.claimed", device="cpu")
         log.info("job.done", seconds=1.5)
@@ -159,6 +161,6 @@ def test_a_bound_logger_keeps_its_fields_on_every_event() -> None:
 def test_the_console_format_shows_the_level_and_the_logger() -> None:
     stream = io.StringIO()
     logs.configure("info", json=False, stream=stream)
-    logs.get_logger("whisperd.watcher").warning("watcher.rescan", found=3)
+    logs.get_logger("whisperd.watch.watcher").warning("watcher.rescan", found=3)
     text = stream.getvalue()
-    assert "warn" in text.lower() and "whisperd.watcher" in text and "found" in text
+    assert "warn" in text.lower() and "whisperd.watch.watcher" in text and "found" in text

@@ -435,7 +435,7 @@ class InboxConfig:
             done_dir=self.done,
             failed_dir=self.failed,
             priority=self.priority,
-            max_size_bytes=int(self.max_size_mb * 1_000_000),  # MB as media.py reports it
+            max_size_bytes=int(self.max_size_mb * 1_000_000),  # MB as media/decode.py reports it
             max_duration_seconds=self.max_duration_seconds,
         )
 

@@ -319,7 +319,7 @@ class TranscriptResult:
 
 class AttemptOutcome(enum.StrEnum):
     """How a running attempt ended, as its worker (or the pool, or recovery)
-    saw it; the store turns it into the job's next state (queue_db.py)."""
+    saw it; the store turns it into the job's next state (store/job_store.py)."""
 
     # Transcribed and written: the job is done.
     DONE = "done"

@@ -20,9 +20,11 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from whisperd import logs, media, outputs
+from whisperd import logs
 from whisperd.errors import OutputError
 from whisperd.events import JobFinished, JobRejected, JobRetried, WorkerEvent
+from whisperd.files import outputs
+from whisperd.files.repeat_names import done_rel_path
 from whisperd.jobs import (
     AFTER_NOTE_WRITTEN,
     AFTER_OUTPUTS_REMOVED,
@@ -36,8 +38,8 @@ from whisperd.jobs import (
     Job,
     JobState,
 )
-from whisperd.repeat_names import done_rel_path
-from whisperd.store_contract import LifecycleStore
+from whisperd.media import decode as media
+from whisperd.store.values import LifecycleStore
 
 log = logs.get_logger("whisperd.lifecycle")
 

@@ -1,0 +1,257 @@
+"""The faster-whisper engine (CTranslate2): the only module that imports
+faster_whisper and ctranslate2 to transcribe (layer L2).
+
+Imported by worker processes only, the first time a job of an inbox with
+`engine = "faster-whisper"` runs. It has the shape of whisperd.engines.openai
+(load_model, release_model, model_device, transcribe, is_out_of_memory), so
+the worker picks an engine module per job and treats both alike.
+
+faster-whisper's transcribe() returns a generator that decodes one 30-s
+window (or, batched, one batch of speech chunks) per step; whisperd drives it
+segment by segment, reporting progress (segment end / duration) and calling
+the JobControl checkpoint in between, so a cancel lands within one window's
+decoding (the pool's kill stays the backstop for a longer one).
+
+No hub is ever asked for anything: models load from a local folder only
+(model.bin, config.json, tokenizer.json), and HF_HUB_OFFLINE is set before
+faster_whisper is first imported, so a missing file fails instead of fetching.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from whisperd.devices.probe import JobControl
+from whisperd.engines import vad
+from whisperd.jobs import DecodeOptions, Segment, TranscriptResult, Word
+
+# What "auto" means per device kind: int8 is faster-whisper's fast CPU type,
+# float16 the native GPU one.
+AUTO_COMPUTE_TYPE = {"cpu": "int8", "cuda": "float16"}
+
+
+@dataclass(kw_only=True)
+class LoadedModel:
+    """A faster-whisper model held by one worker (the fields the cache uses
+    are those of transcriber.LoadedModel)."""
+
+    name: str
+    device: str
+    # The compute type the weights were loaded in (never "auto").
+    compute_type: str
+    # faster_whisper.WhisperModel (or, with batching, shared by the pipeline).
+    model: Any
+    # Bytes loading the model cost: RSS growth on the CPU (the GPU's is
+    # measured by the worker through NVML: CTranslate2's allocator is not torch's).
+    size_bytes: int
+    load_seconds: float
+    last_used: float
+    # Folder the weights came from.
+    folder: str
+
+
+def device_type(device: str) -> tuple[str, int]:
+    """CTranslate2's (device, index) for a whisperd device ("cpu", "cuda:1")."""
+    kind, _, index = device.partition(":")
+    return kind, int(index or 0)
+
+
+def resolve_compute_type(compute_type: str, device: str) -> str:
+    """The concrete CTranslate2 compute type for `device` ("auto" resolved)."""
+    if compute_type == "auto":
+        return AUTO_COMPUTE_TYPE[device_type(device)[0]]
+    return compute_type
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", encoding="ascii") as stream:
+        resident_pages = int(stream.read().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def load_model(
+    name: str,
+    source: str,
+    device: str,
+    *,
+    compute_type: str = "auto",
+    cpu_threads: int = 0,
+) -> LoadedModel:
+    """Load the CTranslate2 Whisper folder `source` (model `name`) onto a
+    device with CTranslate2's threads capped: `cpu_threads` intra-op
+    threads, one inter-op worker."""
+    os.environ["HF_HUB_OFFLINE"] = "1"  # before faster_whisper's first import: never a hub
+    from faster_whisper import WhisperModel
+
+    kind, index = device_type(device)
+    concrete = resolve_compute_type(compute_type, device)
+    before = _rss_bytes()
+    started = time.monotonic()
+    model = WhisperModel(
+        source,
+        device=kind,
+        device_index=index,
+        compute_type=concrete,
+        cpu_threads=max(1, cpu_threads),
+        num_workers=1,
+        local_files_only=True,
+    )
+    elapsed = time.monotonic() - started
+    grown = max(0, _rss_bytes() - before) if kind == "cpu" else 0
+    return LoadedModel(
+        name=name,
+        device=device,
+        compute_type=concrete,
+        model=model,
+        size_bytes=grown,
+        load_seconds=elapsed,
+        last_used=time.monotonic(),
+        folder=source,
+    )
+
+
+def release_model(loaded: LoadedModel) -> None:
+    """Drop a model; CTranslate2 frees its weights when the last reference goes."""
+    loaded.model.model.unload_model()
+    del loaded.model
+    gc.collect()
+
+
+def model_device(loaded: LoadedModel) -> str:
+    """Where the weights are: CTranslate2 puts them exactly where asked, or fails."""
+    kind = str(loaded.model.model.device)
+    return loaded.device if loaded.device.startswith(kind) else kind
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return "out of memory" in str(exc).lower()
+
+
+def transcribe_kwargs(options: DecodeOptions) -> dict[str, Any]:
+    """faster-whisper's transcribe() keywords for a job's options (shared by
+    the bench's in-process loop, so both run exactly the same decoding)."""
+    kwargs: dict[str, Any] = {
+        "language": options.language,
+        "task": options.task,
+        # whisperd's None is greedy; faster-whisper's own default would be 5.
+        "beam_size": options.beam_size or 1,
+        "temperature": list(options.temperature),
+        "initial_prompt": options.initial_prompt,
+        "word_timestamps": options.word_timestamps,
+        "hotwords": options.hotwords,
+        "no_speech_threshold": options.no_speech_threshold,
+        "log_prob_threshold": options.log_prob_threshold,
+        "compression_ratio_threshold": options.compression_ratio_threshold,
+        "vad_filter": options.vad,
+        "vad_parameters": {
+            "threshold": options.vad_threshold,
+            "min_silence_duration_ms": options.vad_min_silence_ms,
+            "speech_pad_ms": options.vad_speech_pad_ms,
+        },
+        "log_progress": False,
+    }
+    if options.best_of:
+        kwargs["best_of"] = options.best_of
+    if options.batch_size > 1:
+        # The batched pipeline decodes speech chunks independently: it has no
+        # conditioning on earlier text, temperature fallback or hallucination
+        # skipping (config refuses those with batch_size > 1).
+        kwargs["batch_size"] = options.batch_size
+    else:
+        kwargs["condition_on_previous_text"] = options.condition_on_previous_text
+        kwargs["hallucination_silence_threshold"] = options.hallucination_silence_threshold
+    return kwargs
+
+
+def run_segments(
+    model: Any, audio: np.ndarray[Any, np.dtype[np.float32]], options: DecodeOptions
+) -> tuple[Any, Any]:
+    """faster-whisper's (segment generator, info) for the job's options."""
+    if options.batch_size > 1:
+        from faster_whisper import BatchedInferencePipeline
+
+        pipeline = BatchedInferencePipeline(model)
+        generator, info = pipeline.transcribe(audio, **transcribe_kwargs(options))
+    else:
+        generator, info = model.transcribe(audio, **transcribe_kwargs(options))
+    return generator, info
+
+
+def transcribe(
+    loaded: LoadedModel,
+    audio: np.ndarray[Any, np.dtype[np.float32]],
+    options: DecodeOptions,
+    control: JobControl,
+) -> TranscriptResult:
+    """Transcribe 16 kHz mono float32 audio, segment by segment under `control`.
+
+    With `vad`, whisperd first finds the speech regions with the same Silero
+    model and thresholds faster-whisper's vad_filter uses (engines/vad.py, a fraction
+    of a second per minute): no speech means no text and no model run, as on
+    openai-whisper, and the json's vad summary is the same on both engines.
+    Segments with no word in them (a VAD false alarm) are dropped too."""
+    loaded.last_used = time.monotonic()
+    control.checkpoint()
+    if not options.vad:
+        return _decode(loaded, audio, options, control)
+    regions = vad.speech_regions(audio, options, control.checkpoint)
+    if not regions:
+        control.progress(1.0)
+        language = options.language or ("" if getattr(loaded.model.model, "is_multilingual", True) else "en")
+        return TranscriptResult(text="", language=language, segments=(), vad=vad.summary(()))
+    decoded = vad.drop_wordless(_decode(loaded, audio, options, control))
+    return dataclasses.replace(decoded, vad=vad.summary(regions))
+
+
+def _decode(
+    loaded: LoadedModel,
+    audio: np.ndarray[Any, np.dtype[np.float32]],
+    options: DecodeOptions,
+    control: JobControl,
+) -> TranscriptResult:
+    generator, info = run_segments(loaded.model, audio, options)
+    duration = max(float(info.duration), 1e-6)
+    segments: list[Segment] = []
+    try:
+        for raw in generator:
+            segments.append(to_segment(len(segments), raw))
+            control.progress(min(1.0, float(raw.end) / duration))
+    finally:
+        generator.close()  # a cancel stops the decoding where it is
+    control.progress(1.0)
+    loaded.last_used = time.monotonic()
+    return to_result(info.language, segments)
+
+
+def to_segment(index: int, raw: Any) -> Segment:
+    """One faster-whisper segment in openai-whisper's shape (ids from 0)."""
+    return Segment(
+        id=index,
+        seek=int(raw.seek),
+        start=float(raw.start),
+        end=float(raw.end),
+        text=str(raw.text),
+        avg_logprob=float(raw.avg_logprob),
+        no_speech_prob=float(raw.no_speech_prob),
+        compression_ratio=float(raw.compression_ratio),
+        temperature=float(raw.temperature or 0.0),
+        tokens=tuple(int(t) for t in raw.tokens),
+        words=tuple(
+            Word(word=str(w.word), start=float(w.start), end=float(w.end), probability=float(w.probability))
+            for w in raw.words or ()
+        ),
+    )
+
+
+def to_result(language: str, segments: list[Segment]) -> TranscriptResult:
+    """The whole transcript; its text is the segments' texts joined, as openai-whisper's is."""
+    return TranscriptResult(
+        text="".join(s.text for s in segments), language=str(language), segments=tuple(segments)
+    )

@@ -1,0 +1,170 @@
+"""Voice activity detection for the openai-whisper engine (layer L1, below engines/openai.py).
+
+Imported by worker processes only. The Silero VAD model that ships inside
+the faster-whisper package (run by onnxruntime, through faster_whisper.vad)
+finds the speech regions of a 16 kHz float32 array; openai-whisper then
+transcribes only those regions, glued end to end, and every segment and
+word timestamp is mapped back onto the original timeline so subtitles line
+up with the audio. Audio with no speech region gives no text at all, and the
+model never runs: whisper's classic "you" on silence never gets a chance.
+
+The VAD runs over the audio in pieces of PIECE_SECONDS with a cancel
+checkpoint between them (an hour of audio takes several seconds here); a
+region cut by a piece boundary is joined again when the silence across the
+boundary is shorter than the inbox's vad_min_silence_ms.
+
+What whisper makes of a region that is not speech after all (noise loud
+enough to fool the VAD) is mostly stopped by its own no-speech guard; the
+rest is a segment with no word in it, dropped here (drop_wordless).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from whisperd.devices.probe import SAMPLE_RATE
+from whisperd.jobs import DecodeOptions, Segment, TranscriptResult, VadSummary, Word
+
+# Silero scores windows of 512 samples; pieces are a whole number of them.
+_WINDOW = 512
+PIECE_SECONDS = 120
+_PIECE_SAMPLES = (PIECE_SECONDS * SAMPLE_RATE // _WINDOW) * _WINDOW
+# Mel frames per second (a segment's seek is counted in them).
+_FRAMES_PER_SECOND = 100
+
+Audio = np.ndarray[Any, np.dtype[np.float32]]
+
+if TYPE_CHECKING:
+    from faster_whisper.vad import VadOptions
+
+
+@dataclass(frozen=True)
+class Region:
+    """Speech from sample `start` (inclusive) to `end` (exclusive) of the original audio."""
+
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def vad_options(options: DecodeOptions) -> VadOptions:
+    # faster_whisper is imported only where VAD runs: importing it loads
+    # CTranslate2 (with an OpenMP runtime of its own) and PyAV, ~2 s and
+    # ~40 MB in every openai-whisper worker, and slowed torch's decoding.
+    from faster_whisper.vad import VadOptions
+
+    return VadOptions(
+        threshold=options.vad_threshold,
+        min_silence_duration_ms=options.vad_min_silence_ms,
+        speech_pad_ms=options.vad_speech_pad_ms,
+    )
+
+
+def speech_regions(audio: Audio, options: DecodeOptions, checkpoint: Callable[[], None]) -> list[Region]:
+    """The speech regions of 16 kHz mono audio, in order, never overlapping."""
+    from faster_whisper.vad import get_speech_timestamps
+
+    settings = vad_options(options)
+    join_below = options.vad_min_silence_ms * SAMPLE_RATE // 1000
+    regions: list[Region] = []
+    for offset in range(0, len(audio), _PIECE_SAMPLES):
+        checkpoint()
+        piece = audio[offset : offset + _PIECE_SAMPLES]
+        found = get_speech_timestamps(piece, settings, sampling_rate=SAMPLE_RATE)
+        pieces = [Region(offset + int(r["start"]), offset + int(r["end"])) for r in found]
+        regions = join_at_boundary(regions, pieces, boundary=offset, join_below=join_below)
+    checkpoint()
+    return regions
+
+
+def join_at_boundary(
+    before: list[Region], after: Sequence[Region], *, boundary: int, join_below: int
+) -> list[Region]:
+    """before + after, where the last region before a piece boundary that runs
+    up to it is joined with the first one after when the silence between them
+    is shorter than join_below samples (in one piece they were one region)."""
+    if not before or not after:
+        return [*before, *after]
+    last, first = before[-1], after[0]
+    if last.end >= boundary and first.start - last.end < join_below:
+        return [*before[:-1], Region(last.start, max(last.end, first.end)), *after[1:]]
+    return [*before, *after]
+
+
+def speech_only(audio: Audio, regions: Sequence[Region]) -> Audio:
+    """The regions' samples glued end to end."""
+    return np.concatenate([audio[r.start : r.end] for r in regions]).astype(np.float32, copy=False)
+
+
+def has_words(text: str) -> bool:
+    return any(ch.isalnum() for ch in text)
+
+
+def drop_wordless(result: TranscriptResult) -> TranscriptResult:
+    """result without segments that hold no letter or digit. On a VAD false
+    alarm (a burst of noise taken for speech) tiny.en's answer is a lone " ."
+    whose average log probability sits just above log_prob_threshold, so the
+    no-speech guard lets it through: as a subtitle it is a dot shown for the
+    length of the noise."""
+    kept = [s for s in result.segments if has_words(s.text)]
+    if len(kept) == len(result.segments):
+        return result
+    segments = tuple(replace(s, id=n) for n, s in enumerate(kept))
+    return replace(result, text="".join(s.text for s in segments), segments=segments)
+
+
+def summary(regions: Sequence[Region]) -> VadSummary:
+    return VadSummary(regions=len(regions), speech_seconds=sum(r.length for r in regions) / SAMPLE_RATE)
+
+
+class Timeline:
+    """Maps times on the glued speech-only audio back to the original audio."""
+
+    def __init__(self, regions: Sequence[Region]) -> None:
+        self._original_starts: list[float] = []
+        self._glued_starts: list[float] = []
+        self._glued_ends: list[float] = []
+        glued = 0
+        for region in regions:
+            self._original_starts.append(region.start / SAMPLE_RATE)
+            self._glued_starts.append(glued / SAMPLE_RATE)
+            glued += region.length
+            self._glued_ends.append(glued / SAMPLE_RATE)
+
+    def original(self, seconds: float, *, is_end: bool = False) -> float:
+        """The original time of `seconds` on the glued audio. A time exactly on
+        a join belongs to the region it starts, or (is_end) to the one it ends,
+        so a segment ending at a join does not stretch over the silence after it."""
+        if not self._glued_starts:
+            return seconds
+        if is_end:
+            index = bisect.bisect_left(self._glued_ends, seconds)
+        else:
+            index = bisect.bisect_right(self._glued_starts, seconds) - 1
+        index = min(max(index, 0), len(self._glued_starts) - 1)
+        offset = seconds - self._glued_starts[index]
+        # Whisper's times may run a little past the audio's end: keep them in their region.
+        offset = min(max(offset, 0.0), self._glued_ends[index] - self._glued_starts[index])
+        return round(self._original_starts[index] + offset, 3)
+
+    def segment(self, segment: Segment) -> Segment:
+        start = self.original(segment.start)
+        end = max(self.original(segment.end, is_end=True), start)
+        seek = round(self.original(segment.seek / _FRAMES_PER_SECOND) * _FRAMES_PER_SECOND)
+        words = tuple(self.word(word) for word in segment.words)
+        return replace(segment, seek=seek, start=start, end=end, words=words)
+
+    def word(self, word: Word) -> Word:
+        start = self.original(word.start)
+        return replace(word, start=start, end=max(self.original(word.end, is_end=True), start))
+
+    def result(self, result: TranscriptResult) -> TranscriptResult:
+        return replace(result, segments=tuple(self.segment(s) for s in result.segments))

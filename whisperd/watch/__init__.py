@@ -1,0 +1,1 @@
+"""watch: TODO docstring."""

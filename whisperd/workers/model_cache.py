@@ -1,0 +1,279 @@
+"""The models one worker process keeps loaded (layer L3, part of the worker).
+
+Keyed by engine, model name and compute type; least recently used first,
+within the device's free memory (GPU) or the RAM budget (CPU). Imported only
+by workers/worker.py; reports loads and unloads to the pool through the slot channel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from whisperd import logs
+from whisperd.errors import ModelNotFoundError, NoRoomOnDevice, WhisperdError
+from whisperd.events import ModelLoaded, ModelsLoaded, ModelUnloaded
+from whisperd.jobs import DecodeOptions
+from whisperd.store.values import WorkerStore
+from whisperd.workers.channel import SlotChannel, WorkerSettings, put_event
+
+log = logs.get_logger("whisperd.workers.worker")
+
+
+def return_freed_memory() -> None:
+    """Hand the memory a finished (or cancelled) job freed back to the OS.
+
+    glibc keeps freed heap for reuse, so without this an idle worker holds on
+    to its last job's buffers (tens of MB for tiny on a long clip, far more
+    with large models) and its RSS wanders from job to job. malloc_trim takes
+    milliseconds; where it does not exist (musl) the memory simply stays."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+# Memory a model needs, from openai-whisper's README table (GB of VRAM), used
+# until whisperd has measured the model on that kind of device.
+README_MEMORY_GB = {"tiny": 1, "base": 1, "small": 2, "medium": 5, "large": 10, "turbo": 6}
+
+
+def readme_estimate_bytes(name: str) -> int | None:
+    base = name.split(".", maxsplit=1)[0].lower()
+    if "turbo" in base:
+        return README_MEMORY_GB["turbo"] * 2**30
+    for key, gigabytes in README_MEMORY_GB.items():
+        if base == key or base.startswith(key + "-"):
+            return gigabytes * 2**30
+    return None
+
+
+def engine_module(engine: str) -> Any:
+    """The engine module a job's `engine` option names (imported on first use:
+    faster-whisper's only in workers that run one of its jobs)."""
+    if engine == "faster-whisper":
+        from whisperd.engines import faster as engine_faster
+
+        return engine_faster
+    from whisperd.engines import openai as transcriber
+
+    return transcriber
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelKey:
+    """What a loaded model is kept under: one model name may be loaded by
+    both engines, and by faster-whisper in several compute types."""
+
+    engine: str
+    name: str
+    # The concrete CTranslate2 type ("" for openai-whisper).
+    compute_type: str = ""
+
+    @property
+    def label(self) -> str:
+        """The name in logs, metrics and the store's memory records: the bare
+        model name for openai-whisper, as before there were two engines."""
+        if self.engine == "openai-whisper":
+            return self.name
+        return f"{self.name}@{self.engine}:{self.compute_type}"
+
+
+def model_key(options: DecodeOptions, name: str, device: str) -> ModelKey:
+    if options.engine != "faster-whisper":
+        return ModelKey(engine="openai-whisper", name=name)
+    from whisperd.engines.faster import resolve_compute_type
+
+    return ModelKey(
+        engine=options.engine, name=name, compute_type=resolve_compute_type(options.compute_type, device)
+    )
+
+
+class ModelCache:
+    """The models one worker keeps loaded, least recently used first, within
+    the device's free memory (GPU) or the RAM budget (CPU)."""
+
+    def __init__(self, settings: WorkerSettings, channel: SlotChannel, store: WorkerStore) -> None:
+        from whisperd.engines import openai as transcriber
+
+        self._transcriber = transcriber
+        self._settings = settings
+        self._channel = channel
+        self._store = store
+        self._models: OrderedDict[ModelKey, Any] = OrderedDict()
+        self.on_gpu = settings.device.startswith("cuda")
+        self._kind = transcriber.device_kind(settings.device)
+
+    def get(self, name: str, options: DecodeOptions | None = None) -> Any:
+        key = model_key(options or DecodeOptions(), name, self._settings.device)
+        loaded = self._models.get(key)
+        if loaded is not None:
+            self._models.move_to_end(key)
+            return loaded
+        self._make_room(key.label, self.estimate(key))
+        before = self._gpu_bytes_held(key.engine)
+        loaded = self._load(key)
+        landed = engine_module(key.engine).model_device(loaded)
+        if landed.split(":")[0] != self._settings.device.split(":")[0]:
+            # A job meant for a GPU never silently runs on the CPU.
+            raise RuntimeError(f"model {key.label} landed on {landed}, not on {self._settings.device}")
+        self._models[key] = loaded
+        measured = loaded.size_bytes
+        if self.on_gpu:
+            measured = max(measured, self._gpu_bytes_held(key.engine) - before)
+            loaded.size_bytes = measured
+        self._store.record_model_memory(key.label, self._kind, measured)
+        log.info(
+            "model.loaded",
+            model=key.label,
+            engine=key.engine,
+            device=self._settings.device,
+            seconds=round(loaded.load_seconds, 3),
+            bytes=measured,
+        )
+        put_event(
+            self._channel,
+            ModelLoaded(model=key.label, device=self._settings.device, seconds=loaded.load_seconds),
+        )
+        self._report_loaded()
+        return loaded
+
+    def _load(self, key: ModelKey) -> Any:
+        settings = self._settings
+        if key.engine == "openai-whisper":
+            return self._transcriber.load_model(
+                key.name, settings.models_folder, settings.device, allow_download=settings.allow_download
+            )
+        from whisperd.engines import faster as engine_faster
+        from whisperd.models import locate as models
+
+        source = models.ct2_model_folder(settings.models_folder, key.name)
+        if source is None:
+            raise ModelNotFoundError(key.name, settings.models_folder, key.engine)
+        return engine_faster.load_model(
+            key.name,
+            source,
+            settings.device,
+            compute_type=key.compute_type,
+            cpu_threads=settings.cpu_threads,
+        )
+
+    def load_on_cpu(self, name: str, engine: str) -> Any:
+        """Model `name` of `engine` loaded on the CPU, outside the cache (the
+        CPU fallback; a GPU compute type falls back to "auto", int8: the CPU
+        cannot run float16). The caller releases it."""
+        settings = self._settings
+        if engine != "faster-whisper":
+            return self._transcriber.load_model(
+                name, settings.models_folder, "cpu", allow_download=settings.allow_download
+            )
+        from whisperd.engines import faster as engine_faster
+        from whisperd.models import locate as models
+
+        source = models.ct2_model_folder(settings.models_folder, name)
+        if source is None:
+            raise ModelNotFoundError(name, settings.models_folder, "faster-whisper")
+        return engine_faster.load_model(name, source, "cpu", cpu_threads=settings.cpu_threads)
+
+    def _gpu_bytes_held(self, engine: str) -> int:
+        """GPU memory this worker holds: torch's allocator for openai-whisper;
+        NVML's per-process count for CTranslate2, whose memory torch never sees."""
+        if not self.on_gpu:
+            return 0
+        if engine == "openai-whisper":
+            return int(self._transcriber.cuda_allocated_bytes(self._settings.device))
+        from whisperd.devices.nvml import NvmlProbe
+
+        probe = NvmlProbe()
+        try:
+            index = int(self._settings.device.partition(":")[2] or 0)
+            return probe.read_process_gpu_memory(index, os.getpid()) or 0
+        finally:
+            probe.close()
+
+    def estimate(self, key: ModelKey) -> int:
+        """Bytes the model will take here: what it took when last measured on
+        this kind of device, else the README table (GPU), else twice its
+        checkpoint (fp16 weights load as fp32 on the CPU; for CTranslate2,
+        its model.bin once)."""
+        recorded = self._store.model_memory(key.label, self._kind)
+        if recorded:
+            return recorded
+        table = readme_estimate_bytes(key.name) if self.on_gpu else None
+        if table:
+            return table
+        from whisperd.models import locate as models
+
+        # The file the engine will load (models.model_location: the rule doctor shares).
+        try:
+            location = models.model_location(self._settings.models_folder, key.name, key.engine)
+        except WhisperdError:  # a name no file can have: the load says so, not the estimate
+            return 0
+        if location is None:
+            return 0
+        if key.engine == models.FASTER_WHISPER:
+            return os.path.getsize(os.path.join(location, "model.bin"))
+        return 2 * os.path.getsize(location) if os.path.isfile(location) else 0
+
+    def _make_room(self, incoming: str, estimate: int) -> None:
+        if self.on_gpu:
+            self._make_room_on_gpu(incoming, estimate)
+            return
+        budget = self._settings.memory_budget_bytes
+        if not budget:
+            return
+        while self._models and sum(m.size_bytes for m in self._models.values()) + estimate > budget:
+            self.unload(next(iter(self._models)), "pressure")
+        if estimate > budget:
+            log.warning("model.over_budget", model=incoming, estimate_bytes=estimate, budget_bytes=budget)
+
+    def _make_room_on_gpu(self, incoming: str, estimate: int) -> None:
+        device = self._settings.device
+        reserve = self._settings.memory_reserve_bytes
+        while self._transcriber.cuda_free_bytes(device) - reserve < estimate and self._models:
+            self.unload(next(iter(self._models)), "pressure")
+        free = self._transcriber.cuda_free_bytes(device)
+        if free - reserve < estimate:
+            raise NoRoomOnDevice(
+                f"model {incoming} needs about {estimate / 2**20:.0f} MiB; {device} has "
+                f"{free / 2**20:.0f} MiB free with {reserve / 2**20:.0f} MiB kept in reserve"
+            )
+
+    def unload(self, key: ModelKey, reason: str) -> None:
+        loaded = self._models.pop(key, None)
+        if loaded is None:
+            return
+        engine_module(key.engine).release_model(loaded)
+        del loaded
+        if not self.on_gpu:
+            # An unloaded model must really leave the worker's RSS (an idle
+            # unload comes long after the post-job trim).
+            return_freed_memory()
+        log.info("model.unloaded", model=key.label, device=self._settings.device, reason=reason)
+        put_event(self._channel, ModelUnloaded(model=key.label, device=self._settings.device, reason=reason))
+        self._report_loaded()
+
+    def unload_others(self, keep: Any, reason: str) -> None:
+        """Unload every model but `keep` (a loaded model this cache holds)."""
+        for key in [k for k, m in self._models.items() if m is not keep]:
+            self.unload(key, reason)
+
+    def unload_idle(self, now: float) -> None:
+        limit = self._settings.model_idle_unload_seconds
+        if not limit:
+            return
+        for key, loaded in list(self._models.items()):
+            if now - loaded.last_used >= limit:
+                self.unload(key, "idle")
+
+    def clear(self, reason: str) -> None:
+        for key in list(self._models):
+            self.unload(key, reason)
+
+    def _report_loaded(self) -> None:
+        models = tuple(key.label for key in self._models)
+        put_event(self._channel, ModelsLoaded(device=self._settings.device, models=models))
