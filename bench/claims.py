@@ -32,7 +32,8 @@ import benchlib as bl
 import sqlalchemy as sa
 
 from whisperd.jobs import AttemptEnd, AttemptOutcome, JobSpec, JobState
-from whisperd.store.job_store import JOBS, JobStore
+from whisperd.store.job_store import JobStore
+from whisperd.store.schema import JOBS
 
 POSTGRES_ADMIN = os.environ.get(
     "WHISPERD_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

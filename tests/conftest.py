@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import pytest
 import sqlalchemy as sa
 
+import whisperd
 from tests.daemon_harness import DaemonUnderTest
 from whisperd.models import convert as model_convert
 from whisperd.models import locate as models
@@ -121,7 +122,7 @@ def require_tiny_en_folder() -> str:
 def _converter_fingerprint() -> str:
     """Changes whenever the converter's code does, so a fixed bug never hides in the cache."""
     digest = hashlib.sha256()
-    package = Path(models.__file__).parent
+    package = Path(whisperd.__file__).parent
     for name in ("models/convert.py", "models/checkpoints.py", "files/atomic.py"):
         digest.update((package / name).read_bytes())
     return digest.hexdigest()[:12]

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 
 class JobState(enum.StrEnum):
@@ -371,32 +370,3 @@ END_STEPS = (
     AFTER_NOTE_WRITTEN,
     BEFORE_MARK_DISPOSED,
 )
-
-
-class AttemptEnds(Protocol):
-    """The lifecycle seam (lifecycle.Lifecycle) as the worker, the pool and the
-    owed-move sweep use it: handed to them, never imported by them."""
-
-    def end_attempt(
-        self,
-        job: Job,
-        token: str,
-        end: AttemptEnd,
-        *,
-        device: str | None = None,
-        duration_seconds: float = 0.0,
-        log_as: str | None = None,
-        log_fields: Mapping[str, Any] | None = None,
-    ) -> JobState | None: ...
-
-    def lease_lost(
-        self,
-        job: Job,
-        error: str | None,
-        *,
-        device: str | None = None,
-        duration_seconds: float = 0.0,
-        audio_seconds: float | None = None,
-    ) -> None: ...
-
-    def settle(self, job: Job) -> Exception | None: ...

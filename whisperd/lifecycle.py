@@ -18,7 +18,7 @@ import contextlib
 import glob
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from whisperd import logs
 from whisperd.errors import OutputError
@@ -39,7 +39,9 @@ from whisperd.jobs import (
     JobState,
 )
 from whisperd.media import decode as media
-from whisperd.store.values import LifecycleStore
+
+if TYPE_CHECKING:
+    from whisperd.store.job_store import JobStore
 
 log = logs.get_logger("whisperd.lifecycle")
 
@@ -60,7 +62,7 @@ class Lifecycle:
     """Ends attempts and settles what an ended job still owes."""
 
     def __init__(
-        self, store: LifecycleStore, emit: Emit | None = None, *, crash_at: Callable[[str], None] = _no_crash
+        self, store: JobStore, emit: Emit | None = None, *, crash_at: Callable[[str], None] = _no_crash
     ) -> None:
         self._store = store
         self._emit = emit or _no_emit

@@ -28,9 +28,9 @@ import srt
 
 from tests.conftest import SENTENCES, SpeechFactory, require_tool, wer
 from tests.daemon_harness import DaemonUnderTest
-from whisperd.devices import probe as protocols
 from whisperd.jobs import JobState
 from whisperd.media import decode as media
+from whisperd.media.decode import SAMPLE_RATE
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ def transcript(inbox: dict[str, Any], stem: str) -> dict[str, Any]:
 def speech_start(path: Path) -> float:
     """Seconds into the file where the sound starts (first sample above -40 dBFS)."""
     audio = media.decode_audio(str(path))
-    return float(np.flatnonzero(np.abs(audio) > 0.01)[0]) / protocols.SAMPLE_RATE
+    return float(np.flatnonzero(np.abs(audio) > 0.01)[0]) / SAMPLE_RATE
 
 
 ENGINES = pytest.mark.parametrize("engine", ["openai-whisper", "faster-whisper"])

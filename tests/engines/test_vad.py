@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import SENTENCES, SpeechFactory
-from whisperd.devices import probe as protocols
 from whisperd.engines import vad
 from whisperd.jobs import DecodeOptions, Segment, TranscriptResult, Word
 from whisperd.media import decode as media
+from whisperd.media.decode import SAMPLE_RATE
 
-RATE = protocols.SAMPLE_RATE
+RATE = SAMPLE_RATE
 VAD_ON = DecodeOptions(vad=True)
 
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import SENTENCES, SpeechFactory
-from whisperd.devices import probe as protocols
 from whisperd.errors import JobCancelled
 from whisperd.jobs import DecodeOptions
 from whisperd.media import decode as media
+from whisperd.media.decode import SAMPLE_RATE
 
-RATE = protocols.SAMPLE_RATE
+RATE = SAMPLE_RATE
 
 
 class Control:

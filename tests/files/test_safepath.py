@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SENTENCES
-from whisperd.devices import probe as protocols
 from whisperd.errors import MediaError, OutputError
 from whisperd.files import outputs, safepath
 from whisperd.media import decode as media
+from whisperd.media.decode import SAMPLE_RATE
 
 
 def _tree(tmp_path: Path) -> tuple[Path, Path]:
@@ -117,4 +117,4 @@ def test_decode_stops_at_the_cap_on_what_is_actually_decoded(tmp_path: Path) -> 
     wav = sparse_wav(tmp_path / "hours.wav", 1_900_000_000)
     with pytest.raises(MediaError, match="longer than 30 s"):
         media.decode_audio(str(wav), max_seconds=30.0)
-    assert media.default_max_decode_seconds(1 << 30) == (1 << 30) / 4 / 8 / protocols.SAMPLE_RATE
+    assert media.default_max_decode_seconds(1 << 30) == (1 << 30) / 4 / 8 / SAMPLE_RATE

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import require_tool
-from whisperd.devices import probe as protocols
 from whisperd.errors import MediaError
 from whisperd.media import decode as media
 from whisperd.media import tool as media_tool
+from whisperd.media.decode import SAMPLE_RATE
 
 SPOKEN_TEXT = "Please write down every word of this short sentence about the weather."
 # Encoders add priming and padding, and video containers round to frames.
@@ -52,7 +52,7 @@ def _wav_seconds(path: Path) -> float:
 
 
 def _decoded_seconds(path: Path | str) -> float:
-    return len(media.decode_audio(str(path))) / protocols.SAMPLE_RATE
+    return len(media.decode_audio(str(path))) / SAMPLE_RATE
 
 
 def _media_error(call: Callable[..., object], path: Path | str, **kwargs: object) -> MediaError:
@@ -124,9 +124,7 @@ def test_every_format_decodes_to_its_length_of_16khz_mono_speech(
 
     assert audio.dtype == np.float32
     assert audio.ndim == 1
-    assert len(audio) / protocols.SAMPLE_RATE == pytest.approx(
-        speech_files.seconds, abs=LENGTH_TOLERANCE_SECONDS
-    )
+    assert len(audio) / SAMPLE_RATE == pytest.approx(speech_files.seconds, abs=LENGTH_TOLERANCE_SECONDS)
     assert float(np.max(np.abs(audio))) <= 1.0
     # Speech, not silence: espeak-ng speaks at a loud, steady level.
     assert float(np.sqrt(np.mean(audio**2))) > 0.02

@@ -423,7 +423,8 @@ def test_model_commands_do_not_load_torch() -> None:
     """`models list`, `doctor` and the CLI start without torch: only the worker's
     engine modules (and reading or writing a checkpoint) import it."""
     probe = (
-        "import sys, whisperd.cli.commands, whisperd.models.locate, whisperd.models.checkpoints, whisperd.cli.doctor;"
+        "import sys, whisperd.cli.commands, whisperd.models.locate, whisperd.models.checkpoints,"
+        " whisperd.cli.doctor;"
         "print('torch' in sys.modules)"
     )
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)

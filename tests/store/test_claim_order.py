@@ -14,7 +14,8 @@ import pytest
 import sqlalchemy as sa
 
 from whisperd.jobs import JobSpec, JobState
-from whisperd.store.job_store import JOBS, JobStore
+from whisperd.store.job_store import JobStore
+from whisperd.store.schema import JOBS
 
 QUEUED = 3000
 

@@ -24,7 +24,9 @@ import sqlalchemy as sa
 
 from whisperd.errors import WhisperdError
 from whisperd.jobs import AttemptEnd, AttemptOutcome, Claim, FileIdentity, Job, JobSpec, JobState
-from whisperd.store.job_store import MIGRATIONS, SCHEMA_VERSION, JobStore, _new_row
+from whisperd.store.job_store import JobStore
+from whisperd.store.rows import new_row
+from whisperd.store.schema import MIGRATIONS, SCHEMA_VERSION
 from whisperd.store.values import InstanceEntry
 
 T0 = 1_700_000_000.0
@@ -592,7 +594,7 @@ class TestJobStoreContract:
         JobStore.open(store_url, migrations=MIGRATIONS[:2]).close()
         spec, identity = inbox.drop("talk.mp3", b"talk.mp3")
         row = {
-            **_new_row(spec, identity, T0),
+            **new_row(spec, identity, T0),
             "state": JobState.DONE.value,
             "max_attempts": 3,
             "outputs_json": '["/out/talk.txt", "/out/talk.srt"]',

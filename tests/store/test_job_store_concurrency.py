@@ -13,7 +13,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from whisperd.jobs import AttemptEnd, AttemptOutcome, FileIdentity, JobSpec, JobState
-from whisperd.store.job_store import SCHEMA_VERSION, JobStore
+from whisperd.store.job_store import JobStore
+from whisperd.store.schema import SCHEMA_VERSION
 
 PROCESSES = 4
 JOBS = 200

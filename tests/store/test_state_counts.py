@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from whisperd.jobs import AttemptEnd, AttemptOutcome, FileIdentity, JobSpec, JobState
-from whisperd.store.job_store import MIGRATIONS, JobStore
+from whisperd.store.job_store import JobStore
+from whisperd.store.schema import MIGRATIONS
 
 LEASE = 30.0
 T0 = 1_000_000.0

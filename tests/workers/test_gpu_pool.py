@@ -12,7 +12,6 @@ hardware seam). Real SQLite stores, real clips, real signals throughout.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -525,7 +524,7 @@ def _build_rig(
         slots,
         _settings_for(root, canary_seconds=canary_seconds),
         store,
-        worker_main=functools.partial(worker_main, make_lifecycle=Lifecycle),
+        worker_main=worker_main,
         lifecycle=Lifecycle(store, on_event),
         cancel_grace_seconds=1.0,
         on_event=on_event,

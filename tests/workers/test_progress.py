@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import SENTENCES, SpeechFactory
 from tests.daemon_harness import DaemonUnderTest
 from whisperd.jobs import JobState
-from whisperd.store.job_store import JOBS
+from whisperd.store.schema import JOBS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

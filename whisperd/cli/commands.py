@@ -9,13 +9,13 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 from whisperd import __version__
 from whisperd.cli import operator as operator_cli
 from whisperd.cli import status as cli_status
 from whisperd.cli.status import duration
-from whisperd.cli.terminal import terminal_safe
+from whisperd.cli.terminal import say
 from whisperd.config import Config
 from whisperd.config_load import load_config
 from whisperd.errors import ConfigError, StoreUnavailable, WhisperdError
@@ -24,7 +24,6 @@ from whisperd.store import report as job_report
 
 if TYPE_CHECKING:  # the store's modules load late: CLI start-up stays fast
     from whisperd.store.job_store import JobStore
-    from whisperd.store.values import OperatorStore, ReaderStore
 
 DEFAULT_CONFIG = os.environ.get("WHISPERD_CONFIG", "config.toml")
 # Exit status when the job store cannot be reached (distinct from 1: other errors, 2: config).
@@ -40,21 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except ConfigError as exc:
-        _say(f"whisperd: config error: {exc}", file=sys.stderr)
+        say(f"whisperd: config error: {exc}", file=sys.stderr)
         return 2
     except StoreUnavailable as exc:
-        _say(f"whisperd: {exc}", file=sys.stderr)
+        say(f"whisperd: {exc}", file=sys.stderr)
         return STORE_UNREACHABLE_EXIT
     except WhisperdError as exc:
-        _say(f"whisperd: {exc}", file=sys.stderr)
+        say(f"whisperd: {exc}", file=sys.stderr)
         return 1
-
-
-def _say(*lines: object, file: TextIO | None = None) -> None:
-    """Print each of `lines` as one line, escaped for the terminal: names,
-    errors and reasons come from users and may hold control characters."""
-    for line in lines or ("",):
-        print(terminal_safe(line), file=file or sys.stdout)
 
 
 # Adds one subcommand (name, handler, help) with its --config option; returns its parser.
@@ -153,16 +145,6 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config)
 
 
-def _open_store(config: Config, *, read_only: bool = False) -> JobStore:
-    # JobStore is imported here, not at the top: CLI start-up stays fast.
-    from whisperd.store.job_store import JobStore
-
-    if read_only:  # status, jobs: group members may only read the state folder
-        return JobStore.open_read_only(config.database_url)
-    busy = config.daemon.database_busy_timeout_seconds
-    return JobStore.open(config.database_url, busy_timeout_seconds=busy)
-
-
 # -- run / check-config ----------------------------------------------------------
 
 
@@ -174,8 +156,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _config(args)
-    _say(f"# effective config of {config.source}: OK")
-    _say(*_to_toml(config.to_dict()).splitlines())
+    say(f"# effective config of {config.source}: OK")
+    say(*_to_toml(config.to_dict()).splitlines())
     return 0
 
 
@@ -195,7 +177,7 @@ def _to_toml(data: dict[str, object]) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = _config(args)
-    store: ReaderStore = _open_store(config, read_only=True)
+    store: JobStore = operator_cli.open_store(config, read_only=True)
     try:
         reads = cli_status.read_status(store)
     finally:
@@ -206,13 +188,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         operator_cli.print_json(reads.document(stale_after))
     else:
-        _say(*reads.lines(stale_after, configured={i.name for i in config.inboxes}))
+        say(*reads.lines(stale_after, configured={i.name for i in config.inboxes}))
     return 0
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     config = _config(args)
-    store: ReaderStore = _open_store(config, read_only=True)
+    store: JobStore = operator_cli.open_store(config, read_only=True)
     try:
         states = [JobState(s) for s in args.state] if args.state else None
         jobs = store.list_jobs(states=states, limit=args.limit)
@@ -225,11 +207,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         }
         operator_cli.print_json(document)
         return 0
-    _say(f"{'ID':>6}  {'STATE':<9} {'TRIES':>5} {'TOOK':>8} {'RTF':>6}  {'DEVICE':<7} FILE")
+    say(f"{'ID':>6}  {'STATE':<9} {'TRIES':>5} {'TOOK':>8} {'RTF':>6}  {'DEVICE':<7} FILE")
     for job in jobs:
-        _say(_job_line(job))
+        say(_job_line(job))
         if job.state in (JobState.FAILED, JobState.CANCELLED) and job.last_error:
-            _say(f"{'':>8}{job.last_error}")
+            say(f"{'':>8}{job.last_error}")
     return 0
 
 
@@ -250,24 +232,24 @@ def _job_line(job: Job) -> str:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     config = _config(args)
-    store: OperatorStore = _open_store(config)
+    store: JobStore = operator_cli.open_store(config, read_only=False)
     try:
         jobs = _jobs_for_target(store, args.target)
         if not jobs:
-            _say(f"no queued or running job for {args.target}")
+            say(f"no queued or running job for {args.target}")
             return 1
         for job in jobs:
             after = store.request_cancel(job.id, reason="cancelled with whisperd cancel")
             if after is None:
                 continue
             if not job.state.is_active:  # ended before this call: say so, never "cancelled"
-                _say(f"job {after.id} already {after.state.value}; nothing to cancel")
+                say(f"job {after.id} already {after.state.value}; nothing to cancel")
             elif after.state is JobState.CANCELLED:
-                _say(f"job {after.id} cancelled ({after.spec.rel_path})")
+                say(f"job {after.id} cancelled ({after.spec.rel_path})")
             elif after.state is JobState.RUNNING:
-                _say(f"job {after.id} is running; it stops within seconds ({after.spec.rel_path})")
+                say(f"job {after.id} is running; it stops within seconds ({after.spec.rel_path})")
             else:
-                _say(f"job {after.id} already {after.state.value}; nothing to cancel")
+                say(f"job {after.id} already {after.state.value}; nothing to cancel")
     finally:
         store.close()
     return 0
@@ -279,13 +261,13 @@ def cmd_reload(args: argparse.Namespace) -> int:
     config = _config(args)
     problem = reloading.reload_and_wait(config.daemon.state_dir, timeout=RELOAD_WAIT_SECONDS)
     if problem is not None:
-        _say(f"whisperd: {problem}", file=sys.stderr)
+        say(f"whisperd: {problem}", file=sys.stderr)
         return 1
-    _say("reloaded (the journal says what changed: config.reloaded or config.reload_failed)")
+    say("reloaded (the journal says what changed: config.reloaded or config.reload_failed)")
     return 0
 
 
-def _jobs_for_target(store: OperatorStore, target: str) -> list[Job]:
+def _jobs_for_target(store: JobStore, target: str) -> list[Job]:
     if target.isdigit():
         job = store.get(int(target))
         return [job] if job is not None else []
@@ -324,15 +306,15 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         m.name == "tiny.en" and FASTER_WHISPER in m.engines for m in found
     )
     if not found and not bundled_line:
-        _say(f"no models in {config.models.folder}; import one with: whisperd models import PATH")
+        say(f"no models in {config.models.folder}; import one with: whisperd models import PATH")
         return 0
     for info in found:
         default = "  (default)" if info.name == config.models.default else ""
         engines = ",".join(info.engines)
-        _say(f"{info.name:<20} {info.size_bytes / 1e6:8.1f} MB  {engines:<30} {info.path}{default}")
+        say(f"{info.name:<20} {info.size_bytes / 1e6:8.1f} MB  {engines:<30} {info.path}{default}")
     if bundled_line:
         default = "  (default)" if config.models.default == "tiny.en" else ""
-        _say(f"{'tiny.en':<20} {'':>8}     {FASTER_WHISPER:<30} {bundled} (bundled package){default}")
+        say(f"{'tiny.en':<20} {'':>8}     {FASTER_WHISPER:<30} {bundled} (bundled package){default}")
     return 0
 
 
@@ -341,10 +323,10 @@ def cmd_models_import(args: argparse.Namespace) -> int:
 
     config = _config(args)
     info = import_model(args.path, config.models.folder, args.name)
-    _say(f"imported {info.name} -> {info.path} ({info.size_bytes / 1e6:.1f} MB)")
+    say(f"imported {info.name} -> {info.path} ({info.size_bytes / 1e6:.1f} MB)")
     if info.ct2_folder:
-        _say(f"kept its CTranslate2 folder for faster-whisper -> {info.ct2_folder}")
-    _say(f"engines: {', '.join(info.engines)}")
+        say(f"kept its CTranslate2 folder for faster-whisper -> {info.ct2_folder}")
+    say(f"engines: {', '.join(info.engines)}")
     return 0
 
 
@@ -358,10 +340,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     problems = 0
     for check in run_checks(config):
         mark = "ok  " if check.ok else "FAIL"
-        _say(f"[{mark}] {check.name}: {check.detail}")
+        say(f"[{mark}] {check.name}: {check.detail}")
         if not check.ok:
             problems += 1
             if check.fix:
-                _say(f"       fix: {check.fix}")
-    _say("all checks passed" if not problems else f"{problems} problem(s) found")
+                say(f"       fix: {check.fix}")
+    say("all checks passed" if not problems else f"{problems} problem(s) found")
     return 0 if not problems else 1

@@ -11,16 +11,15 @@ import json
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
-from whisperd.cli.terminal import terminal_safe
+from whisperd.cli.terminal import say
 from whisperd.config import Config
 from whisperd.jobs import FileIdentity, Job, JobState
 from whisperd.store import report as job_report
 
 if TYPE_CHECKING:  # imported late at run time: CLI start-up stays fast
     from whisperd.store.job_store import JobStore
-    from whisperd.store.values import OperatorStore, ReaderStore
 
 # No job with that id, or no inbox of that name in the config.
 NOT_FOUND_EXIT = 4
@@ -30,18 +29,14 @@ WRONG_STATE_EXIT = 5
 SOURCE_UNAVAILABLE_EXIT = 6
 
 
-def say(*lines: object, file: TextIO | None = None) -> None:
-    """Print each line escaped for the terminal (names come from users)."""
-    for line in lines or ("",):
-        print(terminal_safe(line), file=file or sys.stdout)
-
-
 def print_json(document: Any) -> None:
     # ensure_ascii: control characters in names come out escaped, never raw.
     sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=True) + "\n")
 
 
 def open_store(config: Config, *, read_only: bool) -> JobStore:
+    # Imported here, not at the top: the CLI starts fast; read-only for the
+    # reading commands, which group members may run.
     from whisperd.store.job_store import JobStore
 
     if read_only:  # show: group members may only read the state folder
@@ -59,7 +54,7 @@ def _when(moment: float | None) -> str:
 
 
 def cmd_show(config: Config, job_id: int, *, as_json: bool) -> int:
-    store: ReaderStore = open_store(config, read_only=True)
+    store: JobStore = open_store(config, read_only=True)
     try:
         job = store.get(job_id)
         if job is None:
@@ -127,14 +122,14 @@ def _decoding_speed(job: dict[str, Any]) -> str:
 
 
 def cmd_retry(config: Config, job_id: int) -> int:
-    store: OperatorStore = open_store(config, read_only=False)
+    store: JobStore = open_store(config, read_only=False)
     try:
         return _retry(store, config, job_id)
     finally:
         store.close()
 
 
-def _retry(store: OperatorStore, config: Config, job_id: int) -> int:
+def _retry(store: JobStore, config: Config, job_id: int) -> int:
     job = store.get(job_id)
     if job is None:
         say(f"whisperd: no job {job_id}", file=sys.stderr)
@@ -226,7 +221,7 @@ def cmd_pause(config: Config, inbox: str | None, *, pause: bool) -> int:
         known = ", ".join(i.name for i in config.inboxes)
         say(f"whisperd: no inbox named {inbox} in {config.source} (inboxes: {known})", file=sys.stderr)
         return NOT_FOUND_EXIT
-    store: OperatorStore = open_store(config, read_only=False)
+    store: JobStore = open_store(config, read_only=False)
     try:
         for name in names:
             changed = store.pause_inbox(name) if pause else store.resume_inbox(name)

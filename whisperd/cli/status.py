@@ -20,7 +20,8 @@ from whisperd.store import report as job_report
 from whisperd.watch.watcher import REASON_UNSUPPORTED_PREFIX
 
 if TYPE_CHECKING:  # the store's modules load late: CLI start-up stays fast
-    from whisperd.store.values import InstanceEntry, ReaderStore
+    from whisperd.store.job_store import JobStore
+    from whisperd.store.values import InstanceEntry
 
 # After a queued job whose inbox a reload removed from the config.
 _NOT_CONFIGURED = (
@@ -103,7 +104,7 @@ class StatusReads:
             )
 
 
-def read_status(store: ReaderStore) -> StatusReads:
+def read_status(store: JobStore) -> StatusReads:
     return StatusReads(
         counts=store.counts(),
         running=store.list_jobs(states=[JobState.RUNNING], limit=1000),
@@ -146,7 +147,7 @@ def _instance_lines(instances: Sequence[InstanceEntry], stale_after: float) -> I
         )
 
 
-def _ignored_files(store: ReaderStore) -> list[Job]:
+def _ignored_files(store: JobStore) -> list[Job]:
     """Files left in an inbox because whisperd does not take their extension."""
     failed = store.list_jobs(states=[JobState.FAILED], limit=1000)
     return [

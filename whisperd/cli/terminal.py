@@ -1,4 +1,4 @@
-"""Text made safe for an operator's terminal (layer L0, stdlib only).
+"""Text made safe for an operator's terminal, and the one way the CLI prints it.
 
 File names, error messages and reasons come from users who drop files: an
 escape sequence in a name could retitle or clear the terminal that runs
@@ -9,6 +9,8 @@ name read backwards. Everything the CLI prints goes through terminal_safe().
 from __future__ import annotations
 
 import re
+import sys
+from typing import TextIO
 
 # Formatting characters that reorder or hide text: bidi embeddings/overrides
 # and isolates, the directional marks, and the Arabic letter mark.
@@ -33,3 +35,10 @@ def terminal_safe(text: object) -> str:
     """`text` with every control, bidi-formatting and undecodable character
     written as a visible escape (\\x1b, \\n, \\u202e); printable text unchanged."""
     return _UNSAFE.sub(_escape, str(text))
+
+
+def say(*lines: object, file: TextIO | None = None) -> None:
+    """Print each of `lines` as one line, escaped for the terminal: names,
+    errors and reasons come from users and may hold control characters."""
+    for line in lines or ("",):
+        print(terminal_safe(line), file=file or sys.stdout)

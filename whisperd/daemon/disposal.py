@@ -15,11 +15,15 @@ from __future__ import annotations
 import errno
 import random
 import time
+from typing import TYPE_CHECKING
 
 from whisperd.errors import OutputError
-from whisperd.jobs import AttemptEnds, Job
+from whisperd.jobs import Job
 from whisperd.logs import get_logger
-from whisperd.store.values import SupervisorStore
+
+if TYPE_CHECKING:
+    from whisperd.lifecycle import Lifecycle
+    from whisperd.store.job_store import JobStore
 
 log = get_logger(__name__)
 
@@ -34,9 +38,7 @@ RETRY_BASE_SECONDS = 5.0
 RETRY_MAX_SECONDS = 600.0
 
 
-def move_owed_source(
-    lifecycle: AttemptEnds, store: SupervisorStore, job: Job, *, now: float | None = None
-) -> bool:
+def move_owed_source(lifecycle: Lifecycle, store: JobStore, job: Job, *, now: float | None = None) -> bool:
     """Settle what job still owes once (lifecycle.py); on a failed move record
     it, and mark the source stuck (logged once) when the error is permanent or
     the attempts are used up. Returns True when the source ended up stuck."""

@@ -14,16 +14,20 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING
 
 from whisperd import logs
 from whisperd.config import Config
 from whisperd.daemon.disposal import move_owed_source
 from whisperd.intake.intake import Intake
-from whisperd.jobs import AttemptEnds, Job, JobState
+from whisperd.jobs import Job, JobState
 from whisperd.metrics.registry import Metrics
 from whisperd.store import hooks as store_hooks
-from whisperd.store.values import SupervisorStore
 from whisperd.watch.watcher import Watcher
+
+if TYPE_CHECKING:
+    from whisperd.lifecycle import Lifecycle
+    from whisperd.store.job_store import JobStore
 
 log = logs.get_logger("whisperd.daemon.root")
 
@@ -91,8 +95,8 @@ class Housekeeping:
 
     def run(
         self,
-        store: SupervisorStore,
-        life: AttemptEnds,
+        store: JobStore,
+        life: Lifecycle,
         *,
         config: Config,
         inboxes: Collection[str],
@@ -127,8 +131,8 @@ class Housekeeping:
 
     def dispose_finished(
         self,
-        store: SupervisorStore,
-        life: AttemptEnds,
+        store: JobStore,
+        life: Lifecycle,
         *,
         inboxes: Collection[str],
         started_wall: float,
@@ -158,7 +162,7 @@ class Housekeeping:
         self._watcher_events_counted = seen
 
 
-def retain(store: SupervisorStore, config: Config, metrics: Metrics | None) -> None:
+def retain(store: JobStore, config: Config, metrics: Metrics | None) -> None:
     """Prune one batch of finished jobs past [daemon] keep_finished_*,
     then hand the freed pages back so the file shrinks."""
     settings = config.daemon

@@ -14,16 +14,19 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from whisperd import __version__, logs
 from whisperd.config import InboxConfig
 from whisperd.errors import StoreUnavailable, WhisperdError
 from whisperd.files import atomic as atomic_files
 from whisperd.files import outputs
-from whisperd.jobs import AttemptEnd, AttemptEnds, AttemptOutcome, Job
+from whisperd.jobs import AttemptEnd, AttemptOutcome, Job
 from whisperd.store.instances import InstanceEntry
-from whisperd.store.values import SupervisorStore
+
+if TYPE_CHECKING:
+    from whisperd.lifecycle import Lifecycle
+    from whisperd.store.job_store import JobStore
 
 log = logs.get_logger("whisperd.daemon.root")
 
@@ -84,7 +87,7 @@ class InstanceRegistry:
         self._next_beat = 0.0
 
     def register(
-        self, store: SupervisorStore, *, state_dir: str, devices: Sequence[str], stale_after: float
+        self, store: JobStore, *, state_dir: str, devices: Sequence[str], stale_after: float
     ) -> None:
         """Take this daemon's name in the store's registry, or refuse to start
         while another live daemon holds it (it would re-queue that one's jobs)."""
@@ -112,7 +115,7 @@ class InstanceRegistry:
 
     def register_inboxes(
         self,
-        store: SupervisorStore,
+        store: JobStore,
         inboxes: Mapping[str, InboxConfig],
         *,
         stale_after: float,
@@ -135,14 +138,14 @@ class InstanceRegistry:
             raise WhisperdError(message)
         log.error("config.inbox_conflict", error=message, hint="its jobs are not claimed by this daemon")
 
-    def subscribe_hooks(self, store: SupervisorStore, inboxes: Mapping[str, InboxConfig]) -> None:
+    def subscribe_hooks(self, store: JobStore, inboxes: Mapping[str, InboxConfig]) -> None:
         """Tell the store which completion hooks each inbox has: the
         transaction that ends a job (in a worker) records what it owes."""
         store.set_hook_subscriptions(
             self._instance, {name: inbox.hook_kinds() for name, inbox in inboxes.items()}
         )
 
-    def beat(self, store: SupervisorStore, now: float, *, every: float) -> None:
+    def beat(self, store: JobStore, now: float, *, every: float) -> None:
         """Keep this instance's registry row fresh (at most once per `every`
         seconds); if another daemon took the name over (this one was stopped
         past the lease), stop."""
@@ -159,7 +162,7 @@ class InstanceRegistry:
         self._token = None
         self._on_taken_over()
 
-    def unregister(self, store: SupervisorStore) -> None:
+    def unregister(self, store: JobStore) -> None:
         if self._token is None:
             return
         try:
@@ -170,8 +173,8 @@ class InstanceRegistry:
 
 
 def recover(
-    store: SupervisorStore,
-    life: AttemptEnds,
+    store: JobStore,
+    life: Lifecycle,
     *,
     instance: str,
     inboxes: Sequence[InboxConfig],
@@ -198,7 +201,7 @@ def recover(
     dispose_owed()
 
 
-def _requeue_stopped(life: AttemptEnds, job: Job) -> None:
+def _requeue_stopped(life: Lifecycle, job: Job) -> None:
     """A job this instance ran when it stopped: a failed attempt, due at once."""
     assert job.claim_token is not None
     end = AttemptEnd(

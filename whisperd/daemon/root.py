@@ -201,7 +201,7 @@ class Daemon:
             self._plan_slots(),
             self._worker_settings,
             store,
-            worker_main=functools.partial(worker_main, make_lifecycle=Lifecycle),
+            worker_main=worker_main,
             lifecycle=self._life(),
             cancel_grace_seconds=config.workers.cancel_grace_seconds,
             on_event=self._on_event,

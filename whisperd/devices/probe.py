@@ -1,20 +1,14 @@
-"""Shapes and constants that several L2 modules share (layer L0, stdlib only).
+"""The GPU hardware seam (stdlib only): `DeviceProbe` and what it returns.
 
-Two peers in one layer never import each other: what both need lives here.
-The GPU hardware seam (`DeviceProbe` and what it returns) is read by the pool
-and by metrics and implemented by `nvml.NvmlProbe` (and the tests' fake);
-`JobControl` is the progress/cancel seam both engines report to; the audio
-sample rate is the one media decodes to and the engines and VAD expect.
+Read by the pool (health, free memory) and by metrics (scrape time);
+implemented by `nvml.NvmlProbe` and, on a machine without a GPU, by the
+tests' fake (tests/fake_nvml.py), the one swap this seam exists for.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Protocol
-
-# Samples per second of the mono float32 audio media.decode_audio produces
-# and every engine (and VAD) takes: Whisper's own input rate.
-SAMPLE_RATE = 16000
 
 # Clock event ("throttle") reason bits from nvml.h. They are part of the
 # driver's ABI, so they are spelled out here rather than read from pynvml,
@@ -113,13 +107,3 @@ class DeviceProbe(Protocol):
         """GPU memory held by one process on one GPU in bytes, or None when the
         driver does not say (unsupported, or the pid is not using the GPU)."""
         ...
-
-
-class JobControl(Protocol):
-    """What a running transcription reports to, and may be stopped by."""
-
-    def progress(self, fraction: float) -> None:
-        """Called with the fraction of the audio decoded so far (0..1)."""
-
-    def checkpoint(self) -> None:
-        """Called often; raises to stop the transcription."""

@@ -2,9 +2,8 @@
 faster_whisper and ctranslate2 to transcribe (layer L2).
 
 Imported by worker processes only, the first time a job of an inbox with
-`engine = "faster-whisper"` runs. It has the shape of whisperd.engines.openai
-(load_model, release_model, model_device, transcribe, is_out_of_memory), so
-the worker picks an engine module per job and treats both alike.
+`engine = "faster-whisper"` runs; `FasterWhisper` is its `Engine`
+(engines/engine.py), the module's functions what it is made of.
 
 faster-whisper's transcribe() returns a generator that decodes one 30-s
 window (or, batched, one batch of speech chunks) per step; whisperd drives it
@@ -28,9 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from whisperd.devices.probe import JobControl
-from whisperd.engines import vad
+from whisperd.engines import engine, vad
+from whisperd.engines.engine import Audio, Engine, JobControl
+from whisperd.errors import ModelNotFoundError
 from whisperd.jobs import DecodeOptions, Segment, TranscriptResult, Word
+from whisperd.models import locate as models
 
 # What "auto" means per device kind: int8 is faster-whisper's fast CPU type,
 # float16 the native GPU one.
@@ -38,21 +39,15 @@ AUTO_COMPUTE_TYPE = {"cpu": "int8", "cuda": "float16"}
 
 
 @dataclass(kw_only=True)
-class LoadedModel:
-    """A faster-whisper model held by one worker (the fields the cache uses
-    are those of transcriber.LoadedModel)."""
+class LoadedModel(engine.LoadedModel):
+    """A faster-whisper model held by one worker. Its size_bytes is the RSS
+    growth loading it cost on the CPU (the GPU's is measured by the worker
+    through NVML: CTranslate2's allocator is not torch's)."""
 
-    name: str
-    device: str
     # The compute type the weights were loaded in (never "auto").
     compute_type: str
     # faster_whisper.WhisperModel (or, with batching, shared by the pipeline).
     model: Any
-    # Bytes loading the model cost: RSS growth on the CPU (the GPU's is
-    # measured by the worker through NVML: CTranslate2's allocator is not torch's).
-    size_bytes: int
-    load_seconds: float
-    last_used: float
     # Folder the weights came from.
     folder: str
 
@@ -255,3 +250,53 @@ def to_result(language: str, segments: list[Segment]) -> TranscriptResult:
     return TranscriptResult(
         text="".join(s.text for s in segments), language=str(language), segments=tuple(segments)
     )
+
+
+class FasterWhisper(Engine):
+    """faster-whisper on CTranslate2: models from `NAME.ct2/` folders in the
+    models folder (or the bundled tiny.en), CTranslate2's threads capped."""
+
+    name = models.FASTER_WHISPER
+
+    def __init__(self, models_folder: str, *, cpu_threads: int) -> None:
+        self._models_folder = models_folder
+        self._cpu_threads = cpu_threads
+
+    def load(self, model: str, device: str, *, compute_type: str = "auto") -> LoadedModel:
+        source = models.ct2_model_folder(self._models_folder, model)
+        if source is None:
+            raise ModelNotFoundError(model, self._models_folder, self.name)
+        return load_model(model, source, device, compute_type=compute_type, cpu_threads=self._cpu_threads)
+
+    def release(self, loaded: engine.LoadedModel) -> None:
+        release_model(_own(loaded))
+
+    def transcribe(
+        self, loaded: engine.LoadedModel, audio: Audio, options: DecodeOptions, control: JobControl
+    ) -> TranscriptResult:
+        return transcribe(_own(loaded), audio, options, control)
+
+    def model_device(self, loaded: engine.LoadedModel) -> str:
+        return model_device(_own(loaded))
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        return is_out_of_memory(exc)
+
+    def gpu_bytes_held(self, device: str) -> int:
+        # NVML's count for this process: CTranslate2's memory is invisible to torch.
+        from whisperd.devices.nvml import NvmlProbe
+
+        probe = NvmlProbe()
+        try:
+            return probe.read_process_gpu_memory(device_type(device)[1], os.getpid()) or 0
+        finally:
+            probe.close()
+
+    def compute_type(self, requested: str, device: str) -> str:
+        return resolve_compute_type(requested, device)
+
+
+def _own(loaded: engine.LoadedModel) -> LoadedModel:
+    if not isinstance(loaded, LoadedModel):
+        raise TypeError(f"model {loaded.name} was not loaded by faster-whisper")
+    return loaded

@@ -1,7 +1,10 @@
-"""The engine: the only module that imports whisper and torch (layer L2).
+"""The openai-whisper engine: the only module that imports whisper and torch.
 
 It is imported by worker processes only; the daemon process never loads
-torch. Progress and cancel share one seam, `protocols.JobControl`: openai-whisper's
+torch. `OpenAIWhisper` is its `Engine` (engines/engine.py); the module also
+has the torch device tools a worker uses whatever its engine (threads, the
+canary, free and reserved CUDA memory). Progress and cancel share one seam,
+`JobControl`: openai-whisper's
 transcribe() has no abort hook, so whisperd listens at two places the engine
 already passes through:
 
@@ -39,24 +42,18 @@ import numpy as np
 import torch
 import whisper
 
-from whisperd.devices.probe import JobControl
-from whisperd.engines import vad
+from whisperd.engines import engine, vad
+from whisperd.engines.engine import Audio, Engine, JobControl
 from whisperd.errors import ModelNotFoundError
 from whisperd.jobs import DecodeOptions, TranscriptResult
 from whisperd.models import locate as models
 
 
 @dataclass(kw_only=True)
-class LoadedModel:
-    """A model held by one worker, with what the cache needs to evict it."""
+class LoadedModel(engine.LoadedModel):
+    """An openai-whisper model held by one worker (size_bytes: its weights and buffers)."""
 
-    name: str
-    device: str
     model: whisper.Whisper
-    # Bytes the model's weights occupy (what loading it cost).
-    size_bytes: int
-    load_seconds: float
-    last_used: float
 
 
 def set_cpu_threads(threads: int) -> None:
@@ -311,3 +308,41 @@ class _ProgressBar:
 
     def update(self, n: int) -> None:
         self._tracker.windows_done(n)
+
+
+class OpenAIWhisper(Engine):
+    """openai-whisper on torch: checkpoints from the models folder, then
+    whisper's download cache (and a download, where allowed)."""
+
+    name = models.OPENAI_WHISPER
+
+    def __init__(self, models_folder: str, *, allow_download: bool) -> None:
+        self._models_folder = models_folder
+        self._allow_download = allow_download
+
+    def load(self, model: str, device: str, *, compute_type: str = "auto") -> LoadedModel:
+        del compute_type  # torch runs the checkpoint's own precision (fp16 on a GPU)
+        return load_model(model, self._models_folder, device, allow_download=self._allow_download)
+
+    def release(self, loaded: engine.LoadedModel) -> None:
+        release_model(_own(loaded))
+
+    def transcribe(
+        self, loaded: engine.LoadedModel, audio: Audio, options: DecodeOptions, control: JobControl
+    ) -> TranscriptResult:
+        return transcribe(_own(loaded), audio, options, control)
+
+    def model_device(self, loaded: engine.LoadedModel) -> str:
+        return model_device(_own(loaded))
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        return is_out_of_memory(exc)
+
+    def gpu_bytes_held(self, device: str) -> int:
+        return cuda_allocated_bytes(device)
+
+
+def _own(loaded: engine.LoadedModel) -> LoadedModel:
+    if not isinstance(loaded, LoadedModel):
+        raise TypeError(f"model {loaded.name} was not loaded by openai-whisper")
+    return loaded

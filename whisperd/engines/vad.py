@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from whisperd.devices.probe import SAMPLE_RATE
 from whisperd.jobs import DecodeOptions, Segment, TranscriptResult, VadSummary, Word
+from whisperd.media.decode import SAMPLE_RATE
 
 # Silero scores windows of 512 samples; pieces are a whole number of them.
 _WINDOW = 512

@@ -16,14 +16,17 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from whisperd import logs
 from whisperd.config import InboxConfig
 from whisperd.hooks.delivery import TryResult, post_webhook, run_program
 from whisperd.jobs import Job
 from whisperd.store import report as job_report
-from whisperd.store.values import HookDelivery, HookStore
+from whisperd.store.values import HookDelivery
+
+if TYPE_CHECKING:
+    from whisperd.store.job_store import JobStore
 
 log = logs.get_logger("whisperd.hooks")
 
@@ -73,7 +76,7 @@ class HookRunner:
 
     def __init__(
         self,
-        store: HookStore,
+        store: JobStore,
         inboxes: Mapping[str, InboxConfig],
         *,
         on_outcome: OnOutcome | None = None,

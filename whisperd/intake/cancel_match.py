@@ -15,9 +15,12 @@ left in cancel/ must never cancel a later job that merely looks like it:
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from whisperd.jobs import FileIdentity, Job, JobState
-from whisperd.store.values import IntakeStore
+
+if TYPE_CHECKING:
+    from whisperd.store.job_store import JobStore
 
 # File-system timestamps come from a coarse kernel clock that may run a tick
 # behind time.time(); a cancel made right after the job was queued still counts.
@@ -32,7 +35,7 @@ def _arrived_at(path: str) -> float | None:
 
 
 def match_cancelled_file(
-    store: IntakeStore, inbox: str, path: str, identity: FileIdentity, *, running_since: float
+    store: JobStore, inbox: str, path: str, identity: FileIdentity, *, running_since: float
 ) -> list[Job]:
     """The active job (at most one) that the file `path` in `inbox`'s cancel
     folder stands for; `running_since` is when this daemon started (time.time())."""

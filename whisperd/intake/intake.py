@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from whisperd import logs
 from whisperd.config import Config, InboxConfig
@@ -34,8 +34,10 @@ from whisperd.errors import StoreUnavailable
 from whisperd.intake import renames
 from whisperd.intake.cancel_match import match_cancelled_file
 from whisperd.jobs import FileIdentity, Job, JobSpec, JobState
-from whisperd.store.values import IntakeStore
 from whisperd.watch.watcher import REASON_UNSUPPORTED_PREFIX, WatchSpec
+
+if TYPE_CHECKING:
+    from whisperd.store.job_store import JobStore
 
 # The daemon's logger, as before intake had a module: operators filter on it.
 log = logs.get_logger("whisperd.daemon.root")
@@ -112,9 +114,7 @@ class _Item:
 class Intake:
     """The watcher's callbacks put, intake's thread takes (start / stop / join)."""
 
-    def __init__(
-        self, store: IntakeStore, config: Config, owner: IntakeOwner, *, running_since: float
-    ) -> None:
+    def __init__(self, store: JobStore, config: Config, owner: IntakeOwner, *, running_since: float) -> None:
         self._store = store
         self._settings = _Settings.of(config)
         self._owner = owner
@@ -480,7 +480,7 @@ def _still_delivered(path: str, identity: FileIdentity) -> bool:
         return False
 
 
-def _already_ignored(store: IntakeStore, path: str, identity: FileIdentity, reason: str) -> bool:
+def _already_ignored(store: JobStore, path: str, identity: FileIdentity, reason: str) -> bool:
     return any(
         job.last_error == reason and job.identity.same_file(identity) for job in store.find_by_source(path)
     )

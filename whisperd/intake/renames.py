@@ -9,12 +9,15 @@ cancelled (reason: renamed, naming the new job) so no error note is left.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from whisperd.jobs import FileIdentity, Job
-from whisperd.store.values import IntakeStore
+
+if TYPE_CHECKING:
+    from whisperd.store.job_store import JobStore
 
 
-def renamed_away(store: IntakeStore, jobs: Sequence[Job]) -> list[tuple[Job, Job]]:
+def renamed_away(store: JobStore, jobs: Sequence[Job]) -> list[tuple[Job, Job]]:
     """(old, new) pairs: a queued job of the same inbox for the very same
     file (device and inode) as one of the new `jobs`, under another name that
     no longer holds that file. One store read for the whole batch."""

@@ -31,10 +31,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from whisperd.devices.probe import SAMPLE_RATE
 from whisperd.errors import MediaError
 from whisperd.files import safepath
 from whisperd.media import tool as media_tool
+
+# Samples per second of the mono float32 audio decode_audio produces and
+# every engine (and VAD) takes: Whisper's own input rate.
+SAMPLE_RATE = 16000
 
 # ffmpeg writes s16le: two bytes a sample.
 _BYTES_PER_SAMPLE = 2

@@ -27,7 +27,7 @@ from whisperd.jobs import (
 from whisperd.store import hooks as store_hooks
 from whisperd.store import instances as store_instances
 from whisperd.store import notify as store_notify
-from whisperd.store.base import StoreBase
+from whisperd.store.base import StoreBase, outage_retried
 from whisperd.store.database import _lease_clock
 from whisperd.store.notify import StoreNotice
 from whisperd.store.rows import (
@@ -104,6 +104,7 @@ def _requeued_values(job: Job, identity: FileIdentity, extra_attempts: int, now:
 class AttemptsMixin(StoreBase):
     """Claim, run and end attempts."""
 
+    @outage_retried
     def claim(
         self,
         *,
@@ -155,6 +156,7 @@ class AttemptsMixin(StoreBase):
                         return Claim(job=job, token=token)
         return None
 
+    @outage_retried
     def heartbeat(
         self,
         job_id: int,
@@ -187,6 +189,7 @@ class AttemptsMixin(StoreBase):
             cancel = conn.execute(sa.select(JOBS.c.cancel_requested).where(JOBS.c.id == job_id)).scalar()
         return HeartbeatReply(ok=True, cancel_requested=bool(cancel))
 
+    @outage_retried
     def set_identity(
         self, job_id: int, token: str, identity: FileIdentity, *, now: float | None = None
     ) -> bool:
@@ -196,11 +199,13 @@ class AttemptsMixin(StoreBase):
         with self._writing() as conn:
             return self._fenced_update(conn, job_id, token, values)
 
+    @outage_retried
     def set_device(self, job_id: int, token: str, device: str, *, now: float | None = None) -> bool:
         """Record the device a running job really runs on (a CPU fallback)."""
         with self._writing() as conn:
             return self._fenced_update(conn, job_id, token, {"device": device, "updated_at": _clock(now)})
 
+    @outage_retried
     def set_outputs(
         self, job_id: int, token: str, outputs: Sequence[str], *, now: float | None = None
     ) -> bool:
@@ -213,6 +218,7 @@ class AttemptsMixin(StoreBase):
             _record_outputs(conn, job_id, outputs)
             return True
 
+    @outage_retried
     def end_attempt(
         self, job_id: int, token: str, end: AttemptEnd, *, now: float | None = None
     ) -> JobState | None:
@@ -246,6 +252,7 @@ class AttemptsMixin(StoreBase):
                 store_notify.notify(conn, StoreNotice(kind=store_notify.QUEUED, inbox=job.spec.inbox))
         return state
 
+    @outage_retried
     def reclaim_stale(self, *, now: float | None = None) -> list[Job]:
         """Running jobs whose lease ran out (their worker died or hung): a
         failed attempt by the shared rule (back to the queue at once, failed
@@ -272,6 +279,7 @@ class AttemptsMixin(StoreBase):
                 store_notify.notify(conn, StoreNotice(kind=store_notify.QUEUED, inbox=inbox))
         return reclaimed
 
+    @outage_retried
     def request_cancel(self, job_id: int, *, reason: str, now: float | None = None) -> Job | None:
         """Cancel a job: a queued one ends at once; a running one is flagged
         for its worker (and the pool) to stop; an ended one stays as it is.
@@ -298,6 +306,7 @@ class AttemptsMixin(StoreBase):
                 store_notify.notify(conn, StoreNotice(kind=store_notify.CANCEL, inbox=inbox, job_id=job_id))
             return self._fetch(conn, job_id)
 
+    @outage_retried
     def requeue_ended(
         self,
         job_id: int,

@@ -10,11 +10,12 @@ that every end of an attempt passes through. The mixins of JobStore
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -41,6 +42,21 @@ INSERT_RACE_RETRIES = 3
 
 _T = TypeVar("_T")
 _S = TypeVar("_S", bound="StoreBase")
+_P = ParamSpec("_P")
+
+
+def outage_retried(verb: Callable[Concatenate[_S, _P], _T]) -> Callable[Concatenate[_S, _P], _T]:
+    """Marks a store verb whose one transaction is run again while the store
+    is unreachable (StoreBase._with_retry: backoff until it answers, the
+    daemon stops, or the caller asked to fail fast). A verb is retried only
+    where it says so; a verb that calls another retried verb is not itself
+    retried, so nothing is retried twice."""
+
+    @functools.wraps(verb)
+    def call(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return self._with_retry(lambda: verb(self, *args, **kwargs))
+
+    return call
 
 
 class StoreBase:

@@ -22,14 +22,14 @@ from whisperd.jobs import (
     JobState,
 )
 from whisperd.store import notify as store_notify
-from whisperd.store.base import StoreBase
+from whisperd.store.base import StoreBase, outage_retried
 from whisperd.store.notify import StoreNotice
 from whisperd.store.rows import (
     _clock,
     _deferral_key,
     _job_from_row,
-    _new_row,
     _to_int64,
+    new_row,
 )
 from whisperd.store.schema import (
     _ACTIVE_VALUES,
@@ -42,6 +42,7 @@ from whisperd.store.values import DeferredFile
 class EnqueueMixin(StoreBase):
     """Queue jobs: intake's writes."""
 
+    @outage_retried
     def enqueue(
         self, spec: JobSpec, identity: FileIdentity, *, max_attempts: int, now: float | None = None
     ) -> tuple[Job, bool]:
@@ -97,6 +98,7 @@ class EnqueueMixin(StoreBase):
             return None
         return job
 
+    @outage_retried
     def enqueue_many(
         self,
         items: Sequence[tuple[JobSpec, FileIdentity]],
@@ -153,7 +155,7 @@ class EnqueueMixin(StoreBase):
             return twin, False
         result = conn.execute(
             JOBS.insert().values(
-                **_new_row(spec, identity, now), state=JobState.QUEUED.value, max_attempts=max_attempts
+                **new_row(spec, identity, now), state=JobState.QUEUED.value, max_attempts=max_attempts
             )
         )
         job_id = result.inserted_primary_key[0] if result.inserted_primary_key else None
@@ -163,6 +165,7 @@ class EnqueueMixin(StoreBase):
         store_notify.notify(conn, StoreNotice(kind=store_notify.QUEUED, inbox=spec.inbox))
         return job, True
 
+    @outage_retried
     def record_rejected(
         self, spec: JobSpec, identity: FileIdentity, *, reason: str, now: float | None = None
     ) -> Job:
@@ -172,7 +175,7 @@ class EnqueueMixin(StoreBase):
         with self._writing() as conn:
             result = conn.execute(
                 JOBS.insert().values(
-                    **_new_row(spec, identity, moment),
+                    **new_row(spec, identity, moment),
                     state=JobState.FAILED.value,
                     max_attempts=1,
                     finished_at=moment,
@@ -185,6 +188,7 @@ class EnqueueMixin(StoreBase):
             raise WhisperdError(f"{self._where}: rejected job for {spec.source} cannot be read back")
         return job
 
+    @outage_retried
     def enqueue_deferred(
         self, item: DeferredFile, identity: FileIdentity, *, max_attempts: int, now: float | None = None
     ) -> tuple[Job, bool]:

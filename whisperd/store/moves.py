@@ -16,7 +16,7 @@ from whisperd.jobs import (
     TERMINAL_STATES,
     Job,
 )
-from whisperd.store.base import StoreBase
+from whisperd.store.base import StoreBase, outage_retried
 from whisperd.store.rows import (
     _clock,
     _job_from_row,
@@ -30,6 +30,7 @@ from whisperd.store.schema import (
 class MovesMixin(StoreBase):
     """Owed and failed source moves."""
 
+    @outage_retried
     def mark_disposed(self, job_id: int, moved_to: str, *, now: float | None = None) -> bool:
         """Record that a finished job's source was moved (to moved_to; "" when
         it was already gone). False if the job is not finished."""
@@ -41,6 +42,7 @@ class MovesMixin(StoreBase):
             )
             return result.rowcount == 1
 
+    @outage_retried
     def undisposed(
         self,
         *,
@@ -68,6 +70,7 @@ class MovesMixin(StoreBase):
             query = query.where(JOBS.c.inbox.in_(list(inboxes)))
         return self._select_jobs(query.order_by(JOBS.c.id).limit(limit))
 
+    @outage_retried
     def record_move_failure(
         self,
         job_id: int,
@@ -100,6 +103,7 @@ class MovesMixin(StoreBase):
 
         return self._write_racing_inserts(upsert)
 
+    @outage_retried
     def move_attempts(self, job_id: int) -> int:
         """Failed attempts recorded at job_id's owed source move."""
         with self._reading() as conn:
@@ -108,6 +112,7 @@ class MovesMixin(StoreBase):
             ).scalar()
         return 0 if value is None else int(value)
 
+    @outage_retried
     def stuck_sources(self, *, limit: int = 1000) -> list[tuple[Job, str]]:
         """Finished jobs whose source whisperd gave up moving, with the reason."""
         query = (
@@ -121,6 +126,7 @@ class MovesMixin(StoreBase):
             rows = conn.execute(query).all()
         return [(_job_from_row(row), str(row._mapping["stuck_reason"])) for row in rows]
 
+    @outage_retried
     def retrying_moves(self, *, limit: int = 1000) -> list[tuple[Job, int, str]]:
         """Finished jobs whose owed source move failed and will be tried
         again: each with its failed attempts so far and the last reason."""
@@ -138,6 +144,7 @@ class MovesMixin(StoreBase):
             for row in rows
         ]
 
+    @outage_retried
     def forget_move_failures(self, job_id: int | None = None) -> int:
         """Forget failed source moves (of one job, or all): they are tried
         again at the next sweep. Returns how many jobs that concerned."""
@@ -147,6 +154,7 @@ class MovesMixin(StoreBase):
         with self._writing() as conn:
             return int(conn.execute(delete).rowcount)
 
+    @outage_retried
     def source_stuck_reason(self, job_id: int) -> str | None:
         """Why whisperd gave up moving this finished job's source (None: it did not)."""
         with self._reading() as conn:

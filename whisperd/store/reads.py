@@ -17,7 +17,7 @@ from whisperd.jobs import (
     JobState,
 )
 from whisperd.store import counts as store_counts
-from whisperd.store.base import StoreBase
+from whisperd.store.base import StoreBase, outage_retried
 from whisperd.store.rows import (
     _not_paused,
     _to_int64,
@@ -34,10 +34,12 @@ from whisperd.store.values import Attempt
 class ReadsMixin(StoreBase):
     """Read jobs; nothing here writes."""
 
+    @outage_retried
     def get(self, job_id: int) -> Job | None:
         with self._reading() as conn:
             return self._fetch(conn, job_id)
 
+    @outage_retried
     def find_active_by_identity(self, identity: FileIdentity, *, inbox: str | None = None) -> list[Job]:
         """Queued or running jobs for this file: the same (device, inode), or the
         same (size, mtime_ns) as a copy made with -p keeps. Inode matches first."""
@@ -57,6 +59,7 @@ class ReadsMixin(StoreBase):
 
         return sorted(jobs, key=exact_first)
 
+    @outage_retried
     def queued_with_inodes(self, inbox: str, files: Sequence[tuple[int, int]]) -> list[Job]:
         """Queued jobs of `inbox` whose file is one of these (device, inode):
         one query for a whole batch of new files (intake/renames.py)."""
@@ -77,10 +80,12 @@ class ReadsMixin(StoreBase):
         query = sa.select(JOBS).where(JOBS.c.inbox == inbox, JOBS.c.state == JobState.QUEUED.value, same)
         return self._select_jobs(query.order_by(JOBS.c.id))
 
+    @outage_retried
     def find_by_source(self, path: str) -> list[Job]:
         """Jobs whose source is this absolute path, newest first."""
         return self._select_jobs(sa.select(JOBS).where(JOBS.c.source == path).order_by(JOBS.c.id.desc()))
 
+    @outage_retried
     def list_jobs(self, *, states: Sequence[JobState] | None = None, limit: int = 50) -> list[Job]:
         """Jobs newest first, optionally only those in `states`."""
         query = sa.select(JOBS).order_by(JOBS.c.id.desc()).limit(limit)
@@ -88,6 +93,7 @@ class ReadsMixin(StoreBase):
             query = query.where(JOBS.c.state.in_([s.value for s in states]))
         return self._select_jobs(query)
 
+    @outage_retried
     def running_on(self, worker: str) -> list[Job]:
         return self._select_jobs(
             sa.select(JOBS)
@@ -95,6 +101,7 @@ class ReadsMixin(StoreBase):
             .order_by(JOBS.c.id)
         )
 
+    @outage_retried
     def running_of_instance(self, instance: str) -> list[Job]:
         """Running jobs of `instance`'s workers (worker ids "<instance>/<slot>").
         The state index narrows the look-up to running jobs (a few per slot of
@@ -110,6 +117,7 @@ class ReadsMixin(StoreBase):
             .order_by(JOBS.c.id)
         )
 
+    @outage_retried
     def counts(self) -> dict[JobState, int]:
         """Number of jobs in every state, zeros included."""
         totals = dict.fromkeys(JobState, 0)
@@ -118,6 +126,7 @@ class ReadsMixin(StoreBase):
                 totals[JobState(state)] = count
         return totals
 
+    @outage_retried
     def claimable_count(self, inboxes: Sequence[str]) -> int:
         """Queued jobs an instance watching `inboxes` may claim (a paused
         inbox's jobs wait; another host's private inboxes are not its work)."""
@@ -137,6 +146,7 @@ class ReadsMixin(StoreBase):
         owner = self.output_owner_job(path)
         return None if owner is None else owner[1]
 
+    @outage_retried
     def output_owner_job(self, path: str) -> tuple[int, str] | None:
         """(job id, rel_path) of the newest done or running job whose outputs
         include `path`: a name dropped again is another job with the same rel_path."""
@@ -154,6 +164,7 @@ class ReadsMixin(StoreBase):
             row = conn.execute(query).first()
         return None if row is None else (int(row[0]), str(row[1]))
 
+    @outage_retried
     def attempts_of(self, job_id: int) -> list[Attempt]:
         """Every recorded attempt at a job, oldest first."""
         query = (

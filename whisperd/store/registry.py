@@ -20,7 +20,7 @@ from whisperd.jobs import (
 )
 from whisperd.store import hooks as store_hooks
 from whisperd.store import instances as store_instances
-from whisperd.store.base import StoreBase
+from whisperd.store.base import StoreBase, outage_retried
 from whisperd.store.database import _DbEpoch
 from whisperd.store.rows import (
     _clock,
@@ -40,6 +40,7 @@ from whisperd.store.values import DeferredFile, HookDelivery, InstanceEntry
 class RegistryMixin(StoreBase):
     """Instances, paused inboxes, hooks and waiting files."""
 
+    @outage_retried
     def register_instance(self, entry: InstanceEntry, *, stale_after: float) -> InstanceEntry | None:
         """Register this daemon under entry.instance. Returns the live daemon
         already holding that name (heartbeat younger than stale_after, another
@@ -48,11 +49,13 @@ class RegistryMixin(StoreBase):
             lambda conn: store_instances.register(conn, entry, stale_after=stale_after, db_now=_DbEpoch())
         )
 
+    @outage_retried
     def instance_heartbeat(self, instance: str, token: str) -> bool:
         """Renew the instance's heartbeat; False if another daemon took its name over."""
         with self._writing() as conn:
             return store_instances.beat(conn, instance, token, db_now=_DbEpoch())
 
+    @outage_retried
     def set_instance_inboxes(
         self, instance: str, inboxes: Sequence[tuple[str, str]], *, stale_after: float
     ) -> list[tuple[str, str, str]]:
@@ -70,15 +73,18 @@ class RegistryMixin(StoreBase):
 
         return self._write_racing_inserts(write)
 
+    @outage_retried
     def unregister_instance(self, instance: str, token: str) -> None:
         with self._writing() as conn:
             store_instances.unregister(conn, instance, token)
 
+    @outage_retried
     def instances(self) -> list[InstanceEntry]:
         """Every registered daemon, alive or stale (see age_seconds)."""
         with self._reading() as conn:
             return store_instances.list_instances(conn, db_now=_DbEpoch())
 
+    @outage_retried
     def pause_inbox(self, inbox: str, *, now: float | None = None) -> bool:
         """Stop workers claiming the queued jobs of `inbox` (running ones
         finish). Kept in the store: it holds across restarts and for every
@@ -93,6 +99,7 @@ class RegistryMixin(StoreBase):
 
         return self._write_racing_inserts(pause)
 
+    @outage_retried
     def resume_inbox(self, inbox: str) -> bool:
         """Let workers claim `inbox`'s jobs again. True if it was paused."""
         with self._writing() as conn:
@@ -100,6 +107,7 @@ class RegistryMixin(StoreBase):
                 int(conn.execute(PAUSED_INBOXES.delete().where(PAUSED_INBOXES.c.inbox == inbox)).rowcount) > 0
             )
 
+    @outage_retried
     def set_hook_subscriptions(self, instance: str, hooks: Mapping[str, Sequence[str]]) -> None:
         """The hook kinds (on_done, on_failed, webhook) each inbox of
         `instance` has now: a job of it that ends from then on, on any host,
@@ -107,11 +115,13 @@ class RegistryMixin(StoreBase):
         with self._writing() as conn:
             store_hooks.set_subscriptions(conn, instance, hooks)
 
+    @outage_retried
     def abandon_unsubscribed_hooks(self, *, now: float | None = None) -> int:
         """End failed the owed deliveries whose hook no daemon has any more."""
         with self._writing() as conn:
             return store_hooks.abandon_unsubscribed(conn, JOBS, now=_clock(now))
 
+    @outage_retried
     def claim_hook_delivery(
         self,
         hooks: Mapping[str, Sequence[str]],
@@ -137,6 +147,7 @@ class RegistryMixin(StoreBase):
                 conn, JOBS, hooks, now=moment, lease=lease, moved_before=moved_before
             )
 
+    @outage_retried
     def record_hook_outcome(
         self, delivery: HookDelivery, *, error: str | None, retry_at: float | None, now: float | None = None
     ) -> bool:
@@ -145,17 +156,20 @@ class RegistryMixin(StoreBase):
         with self._writing() as conn:
             return store_hooks.record_outcome(conn, delivery, error=error, retry_at=retry_at, now=_clock(now))
 
+    @outage_retried
     def hook_deliveries_of(self, job_id: int) -> list[HookDelivery]:
         """Every hook delivery a job's ends owed, oldest first."""
         with self._reading() as conn:
             return store_hooks.deliveries_of(conn, job_id)
 
+    @outage_retried
     def paused_inboxes(self) -> dict[str, float]:
         """Paused inbox name -> when it was paused (Unix time)."""
         with self._reading() as conn:
             rows = conn.execute(sa.select(PAUSED_INBOXES.c.inbox, PAUSED_INBOXES.c.paused_at)).all()
         return {str(inbox): float(at) for inbox, at in rows}
 
+    @outage_retried
     def defer_file(
         self, spec: JobSpec, identity: FileIdentity, *, waits_for: int, now: float | None = None
     ) -> None:
@@ -179,6 +193,7 @@ class RegistryMixin(StoreBase):
 
         self._write_racing_inserts(write)
 
+    @outage_retried
     def deferred_files(self, inboxes: Sequence[str], *, ready_only: bool = True) -> list[DeferredFile]:
         """The files waiting in `inboxes`, oldest first; with ready_only, only
         those whose job has ended (or is gone)."""
@@ -190,6 +205,7 @@ class RegistryMixin(StoreBase):
             rows = conn.execute(query.order_by(DEFERRED_FILES.c.recorded_at)).all()
         return [_deferred_from_row(row) for row in rows]
 
+    @outage_retried
     def forget_deferred(self, item: DeferredFile) -> bool:
         """Drop a waiting file's row (gone, or replaced again) if it still
         records that file. True if a row was dropped."""

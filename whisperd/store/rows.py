@@ -166,7 +166,7 @@ def _job_from_row(row: Row[Any]) -> Job:
     )
 
 
-def _new_row(spec: JobSpec, identity: FileIdentity, now: float) -> dict[str, Any]:
+def new_row(spec: JobSpec, identity: FileIdentity, now: float) -> dict[str, Any]:
     """Columns of a new job row, less its state and attempt limit."""
     return {
         "inbox": spec.inbox,

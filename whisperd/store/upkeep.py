@@ -21,7 +21,7 @@ from whisperd.jobs import (
 )
 from whisperd.store import counts as store_counts
 from whisperd.store import hooks as store_hooks
-from whisperd.store.base import StoreBase
+from whisperd.store.base import StoreBase, outage_retried
 from whisperd.store.rows import (
     _clock,
     _finished_and_moved,
@@ -38,6 +38,7 @@ from whisperd.store.schema import (
 class UpkeepMixin(StoreBase):
     """Retention, vacuum, realtime factor, model memory."""
 
+    @outage_retried
     def realtime_factor(self, model: str, engine: str, device: str, *, sample: int = 20) -> float | None:
         """Seconds of engine time per second of audio of the last `sample`
         done jobs of this model and engine on this device (the median: one
@@ -64,6 +65,7 @@ class UpkeepMixin(StoreBase):
                 factors.append(float(seconds) / float(audio))
         return statistics.median(factors[:sample]) if factors else None
 
+    @outage_retried
     def record_model_memory(
         self, model: str, device_kind: str, bytes: int, *, now: float | None = None
     ) -> None:
@@ -79,6 +81,7 @@ class UpkeepMixin(StoreBase):
 
         self._write_racing_inserts(upsert)
 
+    @outage_retried
     def model_memory(self, model: str, device_kind: str) -> int | None:
         query = sa.select(MODEL_MEMORY.c.bytes).where(
             MODEL_MEMORY.c.model == model, MODEL_MEMORY.c.device_kind == device_kind
@@ -87,12 +90,14 @@ class UpkeepMixin(StoreBase):
             value = conn.execute(query).scalar()
         return None if value is None else int(value)
 
+    @outage_retried
     def fold_state_counts(self) -> int:
         """Fold the state counts' deltas into their totals (store/counts.py),
         keeping counts() cheap; returns how many were folded."""
         with self._writing() as conn:
             return store_counts.fold(conn)
 
+    @outage_retried
     def prune_finished(
         self, *, keep_days: float, keep_jobs: int, batch: int = 500, now: float | None = None
     ) -> int:
@@ -165,6 +170,7 @@ class UpkeepMixin(StoreBase):
         finally:
             raw.close()
 
+    @outage_retried
     def enable_incremental_vacuum(self) -> bool:
         """Switch an SQLite file made before whisperd set auto_vacuum to
         INCREMENTAL (a one-time VACUUM: it rewrites the file, so the daemon
@@ -179,6 +185,7 @@ class UpkeepMixin(StoreBase):
         self._sqlite_script("PRAGMA auto_vacuum=INCREMENTAL; VACUUM;")
         return True
 
+    @outage_retried
     def vacuum_free_pages(self, pages: int = 2000) -> int:
         """Hand up to `pages` free pages back to the file system (SQLite with
         auto_vacuum=INCREMENTAL; nothing elsewhere: PostgreSQL's autovacuum

@@ -13,12 +13,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from whisperd import logs
 from whisperd.errors import JobCancelled, LeaseLost
 from whisperd.jobs import Claim
-from whisperd.store.values import WorkerStore
 from whisperd.workers.channel import SlotChannel, WorkerSettings
+
+if TYPE_CHECKING:
+    from whisperd.store.job_store import JobStore
 
 log = logs.get_logger("whisperd.workers.worker")
 
@@ -90,9 +93,7 @@ class Heartbeat:
     """Renews a running job's lease and writes its progress (owned by Worker,
     one per job)."""
 
-    def __init__(
-        self, store: WorkerStore, claim: Claim, session: JobSession, settings: WorkerSettings
-    ) -> None:
+    def __init__(self, store: JobStore, claim: Claim, session: JobSession, settings: WorkerSettings) -> None:
         self._store = store
         self._claim = claim
         self._session = session

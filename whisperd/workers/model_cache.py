@@ -13,14 +13,17 @@ import gc
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from whisperd import logs
-from whisperd.errors import ModelNotFoundError, NoRoomOnDevice, WhisperdError
+from whisperd.engines.engine import Engine, LoadedModel
+from whisperd.errors import NoRoomOnDevice, WhisperdError
 from whisperd.events import ModelLoaded, ModelsLoaded, ModelUnloaded
 from whisperd.jobs import DecodeOptions
-from whisperd.store.values import WorkerStore
 from whisperd.workers.channel import SlotChannel, WorkerSettings, put_event
+
+if TYPE_CHECKING:
+    from whisperd.store.job_store import JobStore
 
 log = logs.get_logger("whisperd.workers.worker")
 
@@ -52,18 +55,6 @@ def readme_estimate_bytes(name: str) -> int | None:
     return None
 
 
-def engine_module(engine: str) -> Any:
-    """The engine module a job's `engine` option names (imported on first use:
-    faster-whisper's only in workers that run one of its jobs)."""
-    if engine == "faster-whisper":
-        from whisperd.engines import faster as engine_faster
-
-        return engine_faster
-    from whisperd.engines import openai as transcriber
-
-    return transcriber
-
-
 @dataclass(frozen=True, kw_only=True)
 class ModelKey:
     """What a loaded model is kept under: one model name may be loaded by
@@ -83,33 +74,46 @@ class ModelKey:
         return f"{self.name}@{self.engine}:{self.compute_type}"
 
 
-def model_key(options: DecodeOptions, name: str, device: str) -> ModelKey:
-    if options.engine != "faster-whisper":
-        return ModelKey(engine="openai-whisper", name=name)
-    from whisperd.engines.faster import resolve_compute_type
-
-    return ModelKey(
-        engine=options.engine, name=name, compute_type=resolve_compute_type(options.compute_type, device)
-    )
-
-
 class ModelCache:
     """The models one worker keeps loaded, least recently used first, within
     the device's free memory (GPU) or the RAM budget (CPU)."""
 
-    def __init__(self, settings: WorkerSettings, channel: SlotChannel, store: WorkerStore) -> None:
+    def __init__(self, settings: WorkerSettings, channel: SlotChannel, store: JobStore) -> None:
         from whisperd.engines import openai as transcriber
 
         self._transcriber = transcriber
         self._settings = settings
         self._channel = channel
         self._store = store
-        self._models: OrderedDict[ModelKey, Any] = OrderedDict()
+        self._models: OrderedDict[ModelKey, LoadedModel] = OrderedDict()
+        self._engines: dict[str, Engine] = {}
         self.on_gpu = settings.device.startswith("cuda")
         self._kind = transcriber.device_kind(settings.device)
 
-    def get(self, name: str, options: DecodeOptions | None = None) -> Any:
-        key = model_key(options or DecodeOptions(), name, self._settings.device)
+    def engine(self, name: str) -> Engine:
+        """The engine a job's `engine` option names, built on first use (so a
+        worker imports CTranslate2 only once it runs a faster-whisper job)."""
+        engine = self._engines.get(name)
+        if engine is None:
+            settings = self._settings
+            if name == "faster-whisper":
+                from whisperd.engines.faster import FasterWhisper
+
+                engine = FasterWhisper(settings.models_folder, cpu_threads=settings.cpu_threads)
+            else:
+                engine = self._transcriber.OpenAIWhisper(
+                    settings.models_folder, allow_download=settings.allow_download
+                )
+            self._engines[name] = engine
+        return engine
+
+    def _key(self, options: DecodeOptions, name: str) -> ModelKey:
+        engine = self.engine(options.engine)
+        compute_type = engine.compute_type(options.compute_type, self._settings.device)
+        return ModelKey(engine=engine.name, name=name, compute_type=compute_type)
+
+    def get(self, name: str, options: DecodeOptions | None = None) -> LoadedModel:
+        key = self._key(options or DecodeOptions(), name)
         loaded = self._models.get(key)
         if loaded is not None:
             self._models.move_to_end(key)
@@ -117,7 +121,7 @@ class ModelCache:
         self._make_room(key.label, self.estimate(key))
         before = self._gpu_bytes_held(key.engine)
         loaded = self._load(key)
-        landed = engine_module(key.engine).model_device(loaded)
+        landed = self.engine(key.engine).model_device(loaded)
         if landed.split(":")[0] != self._settings.device.split(":")[0]:
             # A job meant for a GPU never silently runs on the CPU.
             raise RuntimeError(f"model {key.label} landed on {landed}, not on {self._settings.device}")
@@ -142,58 +146,21 @@ class ModelCache:
         self._report_loaded()
         return loaded
 
-    def _load(self, key: ModelKey) -> Any:
-        settings = self._settings
-        if key.engine == "openai-whisper":
-            return self._transcriber.load_model(
-                key.name, settings.models_folder, settings.device, allow_download=settings.allow_download
-            )
-        from whisperd.engines import faster as engine_faster
-        from whisperd.models import locate as models
+    def _load(self, key: ModelKey) -> LoadedModel:
+        return self.engine(key.engine).load(key.name, self._settings.device, compute_type=key.compute_type)
 
-        source = models.ct2_model_folder(settings.models_folder, key.name)
-        if source is None:
-            raise ModelNotFoundError(key.name, settings.models_folder, key.engine)
-        return engine_faster.load_model(
-            key.name,
-            source,
-            settings.device,
-            compute_type=key.compute_type,
-            cpu_threads=settings.cpu_threads,
-        )
-
-    def load_on_cpu(self, name: str, engine: str) -> Any:
+    def load_on_cpu(self, name: str, engine: str) -> LoadedModel:
         """Model `name` of `engine` loaded on the CPU, outside the cache (the
         CPU fallback; a GPU compute type falls back to "auto", int8: the CPU
         cannot run float16). The caller releases it."""
-        settings = self._settings
-        if engine != "faster-whisper":
-            return self._transcriber.load_model(
-                name, settings.models_folder, "cpu", allow_download=settings.allow_download
-            )
-        from whisperd.engines import faster as engine_faster
-        from whisperd.models import locate as models
-
-        source = models.ct2_model_folder(settings.models_folder, name)
-        if source is None:
-            raise ModelNotFoundError(name, settings.models_folder, "faster-whisper")
-        return engine_faster.load_model(name, source, "cpu", cpu_threads=settings.cpu_threads)
+        return self.engine(engine).load(name, "cpu")
 
     def _gpu_bytes_held(self, engine: str) -> int:
         """GPU memory this worker holds: torch's allocator for openai-whisper;
         NVML's per-process count for CTranslate2, whose memory torch never sees."""
         if not self.on_gpu:
             return 0
-        if engine == "openai-whisper":
-            return int(self._transcriber.cuda_allocated_bytes(self._settings.device))
-        from whisperd.devices.nvml import NvmlProbe
-
-        probe = NvmlProbe()
-        try:
-            index = int(self._settings.device.partition(":")[2] or 0)
-            return probe.read_process_gpu_memory(index, os.getpid()) or 0
-        finally:
-            probe.close()
+        return self.engine(engine).gpu_bytes_held(self._settings.device)
 
     def estimate(self, key: ModelKey) -> int:
         """Bytes the model will take here: what it took when last measured on
@@ -247,7 +214,7 @@ class ModelCache:
         loaded = self._models.pop(key, None)
         if loaded is None:
             return
-        engine_module(key.engine).release_model(loaded)
+        self.engine(key.engine).release(loaded)
         del loaded
         if not self.on_gpu:
             # An unloaded model must really leave the worker's RSS (an idle
@@ -257,7 +224,7 @@ class ModelCache:
         put_event(self._channel, ModelUnloaded(model=key.label, device=self._settings.device, reason=reason))
         self._report_loaded()
 
-    def unload_others(self, keep: Any, reason: str) -> None:
+    def unload_others(self, keep: LoadedModel, reason: str) -> None:
         """Unload every model but `keep` (a loaded model this cache holds)."""
         for key in [k for k, m in self._models.items() if m is not keep]:
             self.unload(key, reason)

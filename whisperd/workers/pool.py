@@ -17,16 +17,19 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from whisperd import events, logs
 from whisperd.devices.probe import DeviceProbe
-from whisperd.jobs import AttemptEnd, AttemptEnds, AttemptOutcome, Job, JobState
+from whisperd.jobs import AttemptEnd, AttemptOutcome, Job, JobState
 from whisperd.metrics.state import WorkerView
-from whisperd.store.values import SupervisorStore
 from whisperd.workers import liveness
 from whisperd.workers.channel import Doorbell, Flag, SlotChannel, WorkerSettings
 from whisperd.workers.slots import HealthPolicy, Slot
+
+if TYPE_CHECKING:
+    from whisperd.lifecycle import Lifecycle
+    from whisperd.store.job_store import JobStore
 
 log = logs.get_logger("whisperd.pool")
 
@@ -67,10 +70,10 @@ class WorkerPool:
         self,
         slots: Sequence[Slot],
         settings_for: Callable[[Slot], WorkerSettings],
-        store: SupervisorStore,
+        store: JobStore,
         *,
         worker_main: WorkerMain,
-        lifecycle: AttemptEnds,
+        lifecycle: Lifecycle,
         cancel_grace_seconds: float,
         on_event: events.EventHandler,
         probe: DeviceProbe | None = None,

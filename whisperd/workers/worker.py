@@ -18,34 +18,33 @@ import functools
 import os
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Protocol
+from typing import Any
 
 from whisperd import logs
-from whisperd.devices import probe as protocols
+from whisperd.engines.engine import Audio, LoadedModel
 from whisperd.errors import JobCancelled, LeaseLost, MediaError, ModelNotFoundError, NoRoomOnDevice
-from whisperd.events import CpuFallback, JobStarted, WorkerAlive, WorkerEvent, WorkerStarted
+from whisperd.events import CpuFallback, JobStarted, WorkerAlive, WorkerStarted
 from whisperd.files import outputs
 from whisperd.files.repeat_names import unrepeated_base
 from whisperd.jobs import (
     END_STEPS,
     AttemptEnd,
-    AttemptEnds,
     AttemptOutcome,
     Claim,
     FileIdentity,
     Job,
     TranscriptResult,
 )
+from whisperd.lifecycle import Lifecycle
 from whisperd.media import decode as media
+from whisperd.media.decode import SAMPLE_RATE
 from whisperd.store.job_store import JobStore
 from whisperd.store.outage import RetryPolicy
-from whisperd.store.values import LifecycleStore, WorkerStore
 from whisperd.workers import liveness
 from whisperd.workers.channel import SlotChannel, WorkerSettings, put_event
 from whisperd.workers.job_session import Heartbeat, JobSession
-from whisperd.workers.model_cache import ModelCache, engine_module, return_freed_memory
+from whisperd.workers.model_cache import ModelCache, return_freed_memory
 from whisperd.workers.source_change import SourceChanged, changed_source_end, ensure_unchanged
 
 log = logs.get_logger("whisperd.workers.worker")
@@ -57,21 +56,8 @@ _PR_SET_PDEATHSIG = 1
 CRASH_POINTS = ("after_claim", "during_transcription", "after_outputs", *END_STEPS)
 
 
-class MakesLifecycle(Protocol):
-    """Builds the seam every attempt's end goes through (lifecycle.Lifecycle,
-    handed in by the daemon: a peer in L3 is never imported)."""
-
-    def __call__(
-        self,
-        store: LifecycleStore,
-        emit: Callable[[WorkerEvent], None] | None = None,
-        *,
-        crash_at: Callable[[str], None] = ...,
-    ) -> AttemptEnds: ...
-
-
-def worker_main(settings: WorkerSettings, channel: SlotChannel, make_lifecycle: MakesLifecycle) -> None:
-    """Entry point of a worker process (the daemon binds `make_lifecycle`)."""
+def worker_main(settings: WorkerSettings, channel: SlotChannel) -> None:
+    """Entry point of a worker process."""
     _die_with_parent()
     # Its own process group, so the pool's kill reaches the ffmpeg it runs too.
     with contextlib.suppress(OSError):
@@ -98,7 +84,7 @@ def worker_main(settings: WorkerSettings, channel: SlotChannel, make_lifecycle: 
         settings.database_url, busy_timeout_seconds=settings.database_busy_timeout_seconds, retry=retry
     )
     cache = ModelCache(settings, channel, store)
-    worker = Worker(settings, channel, store, cache, make_lifecycle)
+    worker = Worker(settings, channel, store, cache)
     put_event(channel, WorkerStarted(worker=settings.worker_id, device=settings.device, pid=os.getpid()))
     try:
         worker.loop()
@@ -122,9 +108,8 @@ class Worker:
         self,
         settings: WorkerSettings,
         channel: SlotChannel,
-        store: WorkerStore,
+        store: JobStore,
         cache: ModelCache,
-        make_lifecycle: MakesLifecycle,
     ) -> None:
         self._settings = settings
         self._channel = channel
@@ -138,9 +123,7 @@ class Worker:
         # Seconds of audio the running attempt decoded (None: not yet).
         self._audio_seconds: float | None = None
         # Every end of an attempt goes through here; its events go to the pool.
-        self._lifecycle = make_lifecycle(
-            store, functools.partial(put_event, channel), crash_at=self._crash_if
-        )
+        self._lifecycle = Lifecycle(store, functools.partial(put_event, channel), crash_at=self._crash_if)
 
     def loop(self) -> None:
         next_canary = 0.0
@@ -319,7 +302,7 @@ class Worker:
                 outcome=AttemptOutcome.FAILED, error=str(exc), audio_seconds=self._audio_seconds
             )
         except Exception as exc:  # noqa: BLE001 - any other failure (disk full, CUDA, a bug) is retried
-            if engine_module(job.spec.options.engine).is_out_of_memory(exc):
+            if self._cache.engine(job.spec.options.engine).is_out_of_memory(exc):
                 self._cache.clear("oom")
             return AttemptEnd(
                 outcome=AttemptOutcome.RETRY,
@@ -339,7 +322,7 @@ class Worker:
             audio = self._read_audio(job, heartbeat, fd)
         ensure_unchanged(job.source, read)  # grown or rewritten while decoding
         # Known from here on, also to an attempt that ends otherwise.
-        self._audio_seconds = audio_seconds = len(audio) / protocols.SAMPLE_RATE
+        self._audio_seconds = audio_seconds = len(audio) / SAMPLE_RATE
         heartbeat.audio_seconds = audio_seconds
         session.checkpoint()
         loaded = self._cache.get(job.spec.model, job.spec.options)
@@ -379,16 +362,18 @@ class Worker:
             log.warning("job.realtime_factor_unread", **logs.job_fields(job), error=str(exc))
         session.decoding_started(audio_seconds, expected)
 
-    def _transcribe(self, loaded: Any, audio: Any, claim: Claim, session: JobSession) -> TranscriptResult:
+    def _transcribe(
+        self, loaded: LoadedModel, audio: Audio, claim: Claim, session: JobSession
+    ) -> TranscriptResult:
         """Transcribe; on CUDA out-of-memory unload the other models and try
         once more, then (cpu_fallback) finish on the CPU, else fail the
         attempt so another device can take the job."""
         from whisperd.engines import openai as transcriber
 
         options = claim.job.spec.options
-        engine = engine_module(options.engine)
+        engine = self._cache.engine(options.engine)
         try:
-            return engine.transcribe(loaded, audio, options, session)  # type: ignore[no-any-return]
+            return engine.transcribe(loaded, audio, options, session)
         except Exception as exc:
             if not (self._cache.on_gpu and engine.is_out_of_memory(exc)):
                 raise
@@ -401,13 +386,13 @@ class Worker:
             self._cache.unload_others(loaded, "oom")
             transcriber.empty_cuda_cache()
         try:
-            return engine.transcribe(loaded, audio, options, session)  # type: ignore[no-any-return]
+            return engine.transcribe(loaded, audio, options, session)
         except Exception as exc:
             if not (engine.is_out_of_memory(exc) and self._settings.cpu_fallback):
                 raise
         return self._transcribe_on_cpu(audio, claim, session)
 
-    def _transcribe_on_cpu(self, audio: Any, claim: Claim, session: JobSession) -> TranscriptResult:
+    def _transcribe_on_cpu(self, audio: Audio, claim: Claim, session: JobSession) -> TranscriptResult:
         job = claim.job
         log.warning(
             "job.cpu_fallback",
@@ -418,12 +403,12 @@ class Worker:
         self._store.set_device(job.id, claim.token, "cpu")
         self._device_used = "cpu"
         options = job.spec.options
-        engine = engine_module(options.engine)
+        engine = self._cache.engine(options.engine)
         on_cpu = self._cache.load_on_cpu(job.spec.model, options.engine)
         try:
-            return engine.transcribe(on_cpu, audio, options, session)  # type: ignore[no-any-return]
+            return engine.transcribe(on_cpu, audio, options, session)
         finally:
-            engine.release_model(on_cpu)
+            engine.release(on_cpu)
 
     def _write_outputs(
         self, claim: Claim, result: TranscriptResult, audio_seconds: float, session: JobSession
