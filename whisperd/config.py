@@ -1,4 +1,4 @@
-"""Configuration schema: every key, its type, default and documentation (layer L1).
+"""Configuration schema: every key, its type, default and documentation.
 
 Every key whisperd reads is defined (and documented) in the dataclasses
 below; a key that is not here is refused with the file and key named

@@ -1,4 +1,4 @@
-"""Reading a config file: TOML -> the frozen dataclasses of config.py, validated (layer L1).
+"""Reading a config file: TOML -> the frozen dataclasses of config.py, validated.
 
 Each value is checked against its field's type and declared checks, then the
 cross-field rules: inbox folders that overlap, written folders that are the

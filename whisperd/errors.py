@@ -1,4 +1,4 @@
-"""Errors whisperd raises on purpose. Stdlib only (layer L0).
+"""Errors whisperd raises on purpose. Stdlib only.
 
 Every error that reaches a user names the file it is about and the reason.
 """

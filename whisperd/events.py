@@ -1,4 +1,4 @@
-"""What workers and their pool report, as typed events (layer L0).
+"""What workers and their pool report, as typed events.
 
 A worker puts these frozen dataclasses on its slot's multiprocessing queue
 (they pickle); the pool reads them, acts on the two that are its own

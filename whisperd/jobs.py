@@ -1,4 +1,4 @@
-"""Domain types shared by every layer. Stdlib only (layer L0).
+"""Domain types shared by every layer. Stdlib only.
 
 Types are frozen and keyword-only so a job read from the store cannot be
 changed behind the store's back: the job store is the only truth about a job.
@@ -354,6 +354,23 @@ class AttemptEnd:
     retry_max_seconds: float = 300.0
     # Released because the source changed: the identity to transcribe next time.
     identity: FileIdentity | None = None
+
+
+def state_after_attempt(job: Job, outcome: AttemptOutcome) -> JobState:
+    """The rule of what a running job becomes when its attempt ends, written
+    once (the store applies it in the transaction that ends the attempt, and
+    to an expired lease): a done job is done; a file's own failure fails it; otherwise a
+    requested cancel wins; a released job goes back uncounted; a failed
+    attempt goes back while attempts remain."""
+    if outcome is AttemptOutcome.DONE:
+        return JobState.DONE
+    if outcome is AttemptOutcome.FAILED:
+        return JobState.FAILED
+    if outcome is AttemptOutcome.CANCELLED or job.cancel_requested:
+        return JobState.CANCELLED
+    if outcome is AttemptOutcome.RELEASED or job.attempts < job.max_attempts:
+        return JobState.QUEUED
+    return JobState.FAILED
 
 
 # The steps of an attempt's end (lifecycle.py), named for the crash tests:

@@ -1,4 +1,4 @@
-"""The one place an attempt ends (layer L3).
+"""The one place an attempt ends.
 
 Whoever sees an attempt end (its worker, the pool after killing or losing a
 worker, start-up recovery) calls `Lifecycle.end_attempt`: one fenced store

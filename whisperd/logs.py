@@ -1,4 +1,4 @@
-"""Logging setup: structlog for whisperd, stdlib logging routed through it (layer L2).
+"""Logging setup: structlog for whisperd, stdlib logging routed through it.
 
 Logs go to stdout, which systemd hands to the journal; a stream that is not a terminal
 gets one JSON object per line; a terminal gets a readable, coloured console

@@ -11,8 +11,8 @@ import pytest
 
 from whisperd.daemon.views import store_running_jobs
 from whisperd.jobs import AttemptEnd, AttemptOutcome, FileIdentity, JobSpec, JobState
-from whisperd.store.instances import InstanceEntry
 from whisperd.store.job_store import JobStore
+from whisperd.store.values import InstanceEntry
 
 LEASE = 30.0
 

@@ -24,7 +24,7 @@ import pytest
 from tests.conftest import SpeechFactory
 from tests.daemon_harness import WHISPERD, DaemonUnderTest
 from whisperd.jobs import Job, JobState
-from whisperd.store.hooks import HookDelivery
+from whisperd.store.values import HookDelivery
 
 pytestmark = pytest.mark.slow
 

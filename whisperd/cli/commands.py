@@ -1,5 +1,5 @@
 """Command line: whisperd run | status | jobs | show | cancel | retry | pause |
-resume | check-config | models | doctor (layer L4). The operator's commands
+resume | check-config | models | doctor. The operator's commands
 (show, retry, pause, resume) live in cli/operator.py."""
 
 from __future__ import annotations

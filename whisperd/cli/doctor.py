@@ -1,4 +1,4 @@
-"""`whisperd doctor`: checks that say what to fix (layer L4, used by the CLI)."""
+"""`whisperd doctor`: checks that say what to fix."""
 
 from __future__ import annotations
 

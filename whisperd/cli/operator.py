@@ -1,4 +1,4 @@
-"""The operator's commands: show, retry, pause, resume (layer L4, beside cli/commands.py).
+"""The operator's commands: show, retry, pause, resume.
 
 Each handler takes the parsed arguments and the loaded config and returns the
 exit status; cli/commands.py registers them and turns whisperd's errors into exit

@@ -1,4 +1,4 @@
-"""`whisperd status`: what it reads from the store and how it shows it (layer L4, beside cli/commands.py).
+"""`whisperd status`: what it reads from the store and how it shows it.
 
 One read of the store (`read_status`) gives a `StatusReads`; the CLI prints
 either its JSON document (README, Machine-readable output) or its lines.

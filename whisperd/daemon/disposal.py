@@ -1,4 +1,4 @@
-"""Bounded retries of an owed source move (L3, next to lifecycle.py).
+"""Bounded retries of an owed source move (through lifecycle.Lifecycle.settle).
 
 A finished job's source normally leaves the inbox at once (lifecycle.py
 Lifecycle.end_attempt). When that move fails, the daemon's sweep tries again here:

@@ -1,4 +1,4 @@
-"""The daemon loop's slower duties (layer L4, beside daemon/root.py): the
+"""The daemon loop's slower duties: the
 housekeeping pass (expired leases, owed source moves, waiting replacements,
 retention, abandoned hooks, the paused-inbox gauge, dead watches, the
 watcher's counters), and the guard and counters

@@ -1,8 +1,7 @@
-"""This daemon as one instance among those sharing a job store (layer L4,
-beside daemon/root.py): the state folder's lock and token, the instance's row in
-the store's registry (taken at start, beaten from the loop, given back at
-stop), the inboxes and hooks it registers, and start-up recovery of the jobs
-it was running when it stopped.
+"""This daemon as one instance among those sharing a job store: the state
+folder's lock and token, the instance's row in the store's registry (taken at
+start, beaten from the loop, given back at stop), the inboxes and hooks it
+registers, and start-up recovery of the jobs it was running when it stopped.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from whisperd.errors import StoreUnavailable, WhisperdError
 from whisperd.files import atomic as atomic_files
 from whisperd.files import outputs
 from whisperd.jobs import AttemptEnd, AttemptOutcome, Job
-from whisperd.store.instances import InstanceEntry
+from whisperd.store.values import InstanceEntry
 
 if TYPE_CHECKING:
     from whisperd.lifecycle import Lifecycle

@@ -1,8 +1,7 @@
-"""What the running daemon tells systemd between READY=1 and STOPPING=1
-(layer L4, beside daemon/root.py): the keep-alive (WATCHDOG=1, only while every
-worker is alive), more start time while the store is unreachable at start,
-more stop time while running jobs drain, and a STATUS= line while it waits
-for the store.
+"""What the running daemon tells systemd between READY=1 and STOPPING=1:
+the keep-alive (WATCHDOG=1, only while every worker is alive), more start
+time while the store is unreachable at start, more stop time while running
+jobs drain, and a STATUS= line while it waits for the store.
 """
 
 from __future__ import annotations

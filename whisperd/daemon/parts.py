@@ -1,5 +1,4 @@
-"""Parts of `whisperd run` built from the Config (layer L4, beside
-daemon/root.py, which starts them in order): the inbox folders, the watcher's
+"""Parts of `whisperd run` built from the Config: the inbox folders, the watcher's
 specs and the watcher wired to intake, the metrics server, a re-read config
 for a reload, and the waits before READY=1.
 """

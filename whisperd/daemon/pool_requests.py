@@ -1,4 +1,4 @@
-"""What other threads ask of the worker pool (layer L4, beside daemon/root.py).
+"""What other threads ask of the worker pool.
 
 The pool is touched by the daemon's loop only. Intake's thread (wake the
 workers, stop a running job) and the store listener's thread (PostgreSQL

@@ -1,6 +1,5 @@
 """`whisperd reload`: SIGHUP the running daemon and wait until it has reloaded;
-and the daemon's side of a reload: which changed settings it cannot apply
-(layer L4 beside daemon/root.py; stdlib, config, logs and atomic_files only).
+and the daemon's side of a reload: which changed settings it cannot apply.
 
 systemd's Type=notify-reload (which makes `systemctl reload` wait for the
 daemon's READY=1) needs systemd >= 253; the unit keeps Type=notify and runs

@@ -1,4 +1,4 @@
-"""The daemon: the composition root (layer L4).
+"""The daemon: the composition root.
 
 Builds every part from the Config, starts them in order (store, recovery,
 metrics, workers, intake, watcher, READY), runs the supervision loop, and stops them

@@ -1,4 +1,4 @@
-"""systemd's readiness and watchdog protocol, sd_notify(3), without libsystemd (layer L2).
+"""systemd's readiness and watchdog protocol, sd_notify(3), without libsystemd.
 
 systemd passes the path of a datagram socket in $NOTIFY_SOCKET; the service
 sends it newline-separated KEY=VALUE messages. Outside systemd (no

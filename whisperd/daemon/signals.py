@@ -1,4 +1,4 @@
-"""The daemon's signals (layer L4, beside daemon/root.py): SIGTERM / SIGINT ask
+"""The daemon's signals: SIGTERM / SIGINT ask
 it to stop (a second one: at once), SIGHUP to reload. Handlers only set
 events; the daemon's loop acts on them, and the nudge wakes it at once.
 """

@@ -1,4 +1,4 @@
-"""What the daemon shows of itself (layer L4, beside daemon/root.py): the
+"""What the daemon shows of itself: the
 read-only views the metrics read at scrape time (job counts, claimable jobs,
 running jobs, the pool's workers), the metrics registry built on them, and
 the status line systemd shows.

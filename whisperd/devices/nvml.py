@@ -1,4 +1,4 @@
-"""The GPU hardware seam: device discovery, memory, utilisation and health (layer L2).
+"""The GPU hardware seam: device discovery, memory, utilisation and health.
 
 Everything else in whisperd sees GPUs only through `protocols.DeviceProbe`. `NvmlProbe`
 talks to the NVIDIA driver through pynvml (the `nvidia-ml-py` package); the

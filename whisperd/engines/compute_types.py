@@ -1,4 +1,4 @@
-"""Which CTranslate2 compute types each device can run (layer L2).
+"""Which CTranslate2 compute types each device can run.
 
 An inbox's `compute_type` that a device of the pool cannot run is refused at
 start, naming the key. Asking CTranslate2 means loading it, and on a GPU

@@ -1,5 +1,5 @@
 """The faster-whisper engine (CTranslate2): the only module that imports
-faster_whisper and ctranslate2 to transcribe (layer L2).
+faster_whisper and ctranslate2 to transcribe.
 
 Imported by worker processes only, the first time a job of an inbox with
 `engine = "faster-whisper"` runs; `FasterWhisper` is its `Engine`

@@ -1,4 +1,4 @@
-"""Voice activity detection for the openai-whisper engine (layer L1, below engines/openai.py).
+"""Voice activity detection for the openai-whisper engine.
 
 Imported by worker processes only. The Silero VAD model that ships inside
 the faster-whisper package (run by onnxruntime, through faster_whisper.vad)

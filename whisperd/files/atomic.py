@@ -1,4 +1,4 @@
-"""Files that appear whole or not at all (layer L1, beside safepath).
+"""Files that appear whole or not at all.
 
 The one atomic-write helper: data goes to a temp file in the target's own
 folder (so the rename never crosses a file system), is fsynced, renamed into

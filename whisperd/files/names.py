@@ -1,4 +1,4 @@
-"""Names whisperd derives from a source name, made to fit NAME_MAX (layer L1).
+"""Names whisperd derives from a source name, made to fit NAME_MAX.
 
 A file system limits each path component to NAME_MAX bytes (255 on Linux),
 while whisperd appends to names it is given (`talk.mp3.error.txt`,

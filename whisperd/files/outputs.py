@@ -1,4 +1,4 @@
-"""Everything a job leaves on disk: transcripts, error notes, the source move (layer L2).
+"""Everything a job leaves on disk: transcripts, error notes, the source move.
 
 Outputs appear whole or not at all: they are written through atomic_files
 (temp file, fsync, rename, folder fsync); the temp files a crash left are

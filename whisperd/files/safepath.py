@@ -1,4 +1,4 @@
-"""Paths under a configured folder, without following links (layer L1).
+"""Paths under a configured folder, without following links.
 
 Users may create folders and links inside the folders whisperd serves. A
 path `root/sub/talk.wav` checked once and opened later could, in between,

@@ -1,4 +1,4 @@
-"""One try at a completion hook: run a program, or POST to a webhook (layer L3).
+"""One try at a completion hook: run a program, or POST to a webhook.
 
 A program runs without a shell, in a process group of its own, the job's
 JSON on its stdin and its facts in WHISPERD_* environment variables; at its

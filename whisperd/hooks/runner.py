@@ -1,4 +1,4 @@
-"""The daemon's completion-hook runner (layer L4, owned by daemon/root.py).
+"""The daemon's completion-hook runner.
 
 The deliveries a job's end owes are in the store (store/hooks.py, written
 with the job's end). A few runner threads take due ones of this daemon's

@@ -1,4 +1,4 @@
-"""Which job a file in a cancel folder cancels (layer L3, intake side).
+"""Which job a file in a cancel folder cancels.
 
 A move into cancel/ keeps the file's inode; `cp -p` keeps size and mtime; a
 plain copy keeps only name and size. Names and sizes repeat (a recorder's

@@ -1,4 +1,4 @@
-"""Intake: what the watcher hands over becomes jobs in the store (layer L3).
+"""Intake: what the watcher hands over becomes jobs in the store.
 
 Intake owns one thread. The watcher's settle thread only puts what it found
 (a settled file, a file in a cancel folder, a refused file) on intake's queue

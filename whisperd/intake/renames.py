@@ -1,4 +1,4 @@
-"""A queued file renamed inside its inbox (layer L3, used by intake/intake.py).
+"""A queued file renamed inside its inbox.
 
 A rename shows up as a new file at the new name, which gets a job of its
 own, while the job of the old name would later find its file gone and fail

@@ -1,4 +1,4 @@
-"""Everything whisperd asks of ffmpeg and ffprobe (layer L2).
+"""Everything whisperd asks of ffmpeg and ffprobe.
 
 This is the only module that runs them. Source files come from inbox folders
 anyone may write to, so every call is built to read exactly one local file:

@@ -1,4 +1,4 @@
-"""Running ffmpeg and ffprobe as bounded children: part of media (layer L2).
+"""Running ffmpeg and ffprobe as bounded children: part of media.
 
 `run_tool` collects a tool's stdout and the tail of its stderr without
 threads, within a deadline and an output limit; the child is killed on any

@@ -1,5 +1,5 @@
 """A socketserver mixin: a bounded number of handler threads, each with a
-deadline (layer L2, used by metrics_server.MetricsServer).
+deadline.
 
 One local client that connects and trickles a byte now and then (slowloris)
 must not block scrapes or shutdown: every connection gets its own thread, at
@@ -76,10 +76,6 @@ class BoundedThreads:
         end = time.monotonic() + timeout
         for thread in threads:
             thread.join(max(0.0, end - time.monotonic()))
-
-    def open_clients(self) -> int:
-        with self._clients_lock:
-            return len(self._deadlines)
 
 
 def _shut(sock: socket.socket) -> None:

@@ -1,4 +1,4 @@
-"""Prometheus metrics for whisperd (layer L2).
+"""Prometheus metrics for whisperd.
 
 `Metrics` owns a private CollectorRegistry. The daemon and the pool record
 what happens through its hook methods (job_queued, job_finished, ...), never

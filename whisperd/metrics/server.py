@@ -1,4 +1,4 @@
-"""The /metrics HTTP endpoint: part of metrics (layer L2).
+"""The /metrics HTTP endpoint: part of metrics.
 
 `MetricsServer` serves a `Metrics` registry on a thread it owns, each
 connection on a bounded thread of its own with a deadline (bounded_http),

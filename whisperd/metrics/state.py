@@ -1,4 +1,4 @@
-"""What a scrape reads at scrape time: part of metrics (layer L2).
+"""What a scrape reads at scrape time: part of metrics.
 
 `StateCollector` turns the job store's counts, the running jobs' progress,
 the GPUs (through protocols.DeviceProbe) and each worker process's memory

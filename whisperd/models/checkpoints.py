@@ -1,4 +1,4 @@
-"""Writing and checking openai-whisper checkpoints; `whisperd models import` (layer L4).
+"""Writing and checking openai-whisper checkpoints; `whisperd models import`.
 
 Needs torch (to read and write .pt files) but not whisper, and imports it
 only inside the functions that read or write a checkpoint: importing this

@@ -1,4 +1,4 @@
-"""CTranslate2 Whisper folders read as openai-whisper weights (layer L2, numpy only).
+"""CTranslate2 Whisper folders read as openai-whisper weights.
 
 `parse_ct2_model` reads a CTranslate2 model.bin (the format faster-whisper
 loads) into openai-whisper's `dims` and state_dict as plain numpy arrays, named

@@ -1,4 +1,4 @@
-"""Whisper models on disk (layer L1, stdlib only): where each engine finds a model.
+"""Whisper models on disk: where each engine finds a model.
 
 A models folder holds, per model name, what each engine loads:
 `<name>.pt` (an openai-whisper checkpoint) and `<name>.ct2/` (a CTranslate2
@@ -8,7 +8,7 @@ CTranslate2 folder is kept for faster-whisper and converted for
 openai-whisper (models/convert.py reads it, models/checkpoints.py writes the .pt).
 `model_location` is the one rule for where an engine loads a model from.
 No torch, no numpy: the daemon's processes that only look models up stay
-light, and both engine modules (L2) may import it.
+light, and both engines may import it.
 """
 
 from __future__ import annotations

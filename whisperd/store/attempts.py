@@ -1,4 +1,4 @@
-"""Part of the job store: a job's attempts (layer L2).
+"""Part of the job store: a job's attempts.
 
 The claim (compare-and-set, SKIP LOCKED on PostgreSQL, a lease on the
 database's clock, the attempt's record opened), the worker's fenced writes
@@ -223,7 +223,7 @@ class AttemptsMixin(StoreBase):
         self, job_id: int, token: str, end: AttemptEnd, *, now: float | None = None
     ) -> JobState | None:
         """End the running attempt `token` holds: the one transition every
-        end of an attempt goes through (see _state_after for the rule).
+        end of an attempt goes through (see jobs.state_after_attempt for the rule).
 
         Returns the state the job reached, or None if the token no longer holds
         (lease lost). Ending again with the same token and the same end returns

@@ -1,4 +1,4 @@
-"""Part of the job store: what every verb of it stands on (layer L2).
+"""Part of the job store: what every verb of it stands on.
 
 StoreBase opens the store (URL, engine, migrations; or read-only), holds
 its engine and health, and gives the verbs their transactions: a write

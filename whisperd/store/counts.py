@@ -1,4 +1,4 @@
-"""Part of the job store: how many jobs are in each state, without counting them (layer L2).
+"""Part of the job store: how many jobs are in each state, without counting them.
 
 `whisperd status` and every daemon's `whisperd_jobs{state}` gauge ask for
 the number of jobs in each state. Counted with GROUP BY, that is a scan of

@@ -1,4 +1,4 @@
-"""Part of the job store: the database connection itself (layer L2).
+"""Part of the job store: the database connection itself.
 
 A database URL checked and shown without its password; the SQLite file's
 folder, its pragmas and the BEGIN IMMEDIATE every write starts with; the

@@ -1,4 +1,4 @@
-"""Part of the job store: files waiting for the job at their path to end (layer L2).
+"""Part of the job store: files waiting for the job at their path to end.
 
 A new file can settle at the path of a job that is still queued or running
 (the old file was replaced under it). One path has at most one active job
@@ -13,8 +13,6 @@ queue_db.JobStore's methods run these statements inside its own transactions.
 from __future__ import annotations
 
 import sqlalchemy as sa
-
-from whisperd.store.values import DeferredFile as DeferredFile  # noqa: PLC0414 - re-exported: its home is L0 (store/values.py)
 
 
 def define_deferral_table(metadata: sa.MetaData) -> sa.Table:

@@ -1,4 +1,4 @@
-"""Part of the job store: files becoming jobs (layer L2).
+"""Part of the job store: files becoming jobs.
 
 One queued job per file of an inbox (the partial unique index), many files
 in one transaction, a file whose finished job still owes its move or that

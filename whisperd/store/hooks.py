@@ -1,4 +1,4 @@
-"""Part of the job store: completion-hook deliveries (layer L2).
+"""Part of the job store: completion-hook deliveries.
 
 A job that ends done or failed owes one delivery per hook its inbox has
 (`on_done` or `on_failed`, and `webhook_url`). The delivery rows are written
@@ -25,7 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from whisperd.store.values import HookDelivery as HookDelivery  # noqa: PLC0414 - re-exported: its home is L0 (store/values.py)
+from whisperd.store.values import HookDelivery
 
 # The kinds of delivery, and the job states that owe each.
 HOOK_KINDS = ("on_done", "on_failed", "webhook")

@@ -1,4 +1,4 @@
-"""Part of the job store: the registry of the daemons sharing it (layer L2).
+"""Part of the job store: the registry of the daemons sharing it.
 
 Every daemon on a store is an instance with a name unique among the live
 ones (`[daemon] instance`, by default the hostname). Its row says who it is
@@ -23,7 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from whisperd.store.values import InstanceEntry as InstanceEntry  # noqa: PLC0414 - re-exported: its home is L0 (store/values.py)
+from whisperd.store.values import InstanceEntry
 
 
 def define_instance_tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:

@@ -1,4 +1,4 @@
-"""Part of the job store: a finished job's source move (layer L2).
+"""Part of the job store: a finished job's source move.
 
 Whether a finished job's source has moved (done/, failed/, cancel/), the
 moves still owed, and the failed attempts at one (`source_moves`): when the

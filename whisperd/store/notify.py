@@ -1,4 +1,4 @@
-"""Part of the job store: wake-ups on PostgreSQL (layer L2).
+"""Part of the job store: wake-ups on PostgreSQL.
 
 The store NOTIFYs one channel inside the transaction that queues a job or
 asks a running job to stop, so the notice goes out exactly when the change

@@ -1,4 +1,4 @@
-"""Riding out job store outages (layer L2).
+"""Riding out job store outages.
 
 The one place that decides whether a database error means "the store is not
 reachable right now" (a writer holding SQLite's lock past the busy timeout, a

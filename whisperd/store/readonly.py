@@ -1,4 +1,4 @@
-"""Read-only connections to the job store, for the reading commands (layer L2).
+"""Read-only connections to the job store, for the reading commands.
 
 `whisperd status` and `whisperd jobs` are run by group members who drop files
 and may only read the 0750 state folder: they must never create the database,

@@ -1,4 +1,4 @@
-"""Part of the job store: reading jobs (layer L2).
+"""Part of the job store: reading jobs.
 
 Every query that only reads jobs: by id, by file identity or inode, by
 source, by state, running ones of a worker or an instance, counts, which

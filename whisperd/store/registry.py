@@ -1,4 +1,4 @@
-"""Part of the job store: what daemons and operators register (layer L2).
+"""Part of the job store: what daemons and operators register.
 
 The instance registry (store/instances.py) and the inboxes each instance
 watches, paused inboxes (`whisperd pause`), completion-hook subscriptions

@@ -1,4 +1,4 @@
-"""What the reading commands report about jobs (layer L4, beside cli/commands.py).
+"""What the reading commands report about jobs.
 
 The JSON documents of `status --json`, `jobs --json` and `show --json`, with
 stable field names (README "Machine-readable output" lists them), and where a
@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from whisperd.jobs import Job, JobState
-from whisperd.store.values import Attempt, HookDelivery  # L0, stdlib only: no store loaded
+from whisperd.jobs import FileIdentity, Job, JobState
+from whisperd.store.values import Attempt, HookDelivery  # plain values: no database driver loaded
 
 # Bumped only when a field is removed or changes meaning (new fields may appear).
 JSON_FORMAT_VERSION = 1
@@ -30,12 +30,12 @@ class SourcePlace:
     path: str | None
 
 
-def _same_file(path: str, job: Job) -> bool:
+def _is_jobs_file(path: str, job: Job) -> bool:
+    """Whether `path` is the job's file (FileIdentity.same_file), not another of its name."""
     try:
-        info = os.lstat(path)
+        return FileIdentity.of(path).same_file(job.identity)
     except OSError:
         return False
-    return (info.st_dev, info.st_ino) == (job.identity.device, job.identity.inode)
 
 
 def _folder_of(path: str, job: Job) -> str:
@@ -60,7 +60,7 @@ def source_place(job: Job) -> SourcePlace:
     # Moved away before the job ended: a cancel by moving the file into cancel/.
     if job.state is JobState.CANCELLED and job.spec.cancel_dir:
         candidate = os.path.join(job.spec.cancel_dir, job.spec.rel_path)
-        if _same_file(candidate, job):
+        if _is_jobs_file(candidate, job):
             return SourcePlace(where="cancel", path=candidate)
     return _gone()
 

@@ -1,8 +1,8 @@
-"""Part of the job store: rows and the rules that fill them (layer L2).
+"""Part of the job store: rows and the rules that fill them.
 
 A stored row <-> Job and DeferredFile, the identity columns (unsigned 64-bit
 st_dev/st_ino kept in signed BIGINT), a new job's row, and the rule of the
-next state when an attempt ends (_state_after, _attempt_end_values,
+next state's columns when an attempt ends (jobs.state_after_attempt, _attempt_end_values,
 _lease_expired_end), written once for every verb that ends one; the attempt
 records and the clauses several verbs share.
 """
@@ -26,6 +26,7 @@ from whisperd.jobs import (
     Job,
     JobSpec,
     JobState,
+    state_after_attempt,
 )
 from whisperd.store import hooks as store_hooks
 from whisperd.store.schema import DEFERRED_FILES, JOB_ATTEMPTS, JOB_OUTPUTS, JOBS, PAUSED_INBOXES
@@ -55,25 +56,9 @@ def _retry_delay(attempts: int, base_delay: float, max_delay: float) -> float:
     return min(max_delay, base_delay * 2.0**exponent) * random.uniform(0.5, 1.5)
 
 
-def _state_after(job: Job, outcome: AttemptOutcome) -> JobState:
-    """The rule of what a running job becomes when its attempt ends, written
-    once: a done job is done; a file's own failure fails it; otherwise a
-    requested cancel wins; a released job goes back uncounted; a failed
-    attempt goes back while attempts remain."""
-    if outcome is AttemptOutcome.DONE:
-        return JobState.DONE
-    if outcome is AttemptOutcome.FAILED:
-        return JobState.FAILED
-    if outcome is AttemptOutcome.CANCELLED or job.cancel_requested:
-        return JobState.CANCELLED
-    if outcome is AttemptOutcome.RELEASED or job.attempts < job.max_attempts:
-        return JobState.QUEUED
-    return JobState.FAILED
-
-
 def _attempt_end_values(job: Job, end: AttemptEnd, now: float) -> tuple[JobState, dict[str, Any]]:
     """The state `end` takes `job` to, and the columns that say so."""
-    state = _state_after(job, end.outcome)
+    state = state_after_attempt(job, end.outcome)
     values: dict[str, Any] = {"state": state.value, "updated_at": now, "last_error": end.error}
     if state is JobState.CANCELLED and end.outcome is not AttemptOutcome.CANCELLED:
         # Cancelled because it was asked for: the cancel's reason says why.

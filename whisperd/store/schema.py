@@ -1,4 +1,4 @@
-"""Part of the job store: its tables and their history (layer L2).
+"""Part of the job store: its tables and their history.
 
 The schema as each migration left it: MIGRATIONS brings a database up one
 version at a time (append, never edit: a database made by any earlier

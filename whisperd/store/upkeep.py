@@ -1,4 +1,4 @@
-"""Part of the job store: upkeep and what the store learns (layer L2).
+"""Part of the job store: upkeep and what the store learns.
 
 Retention (finished jobs pruned in batches, never an active one or one
 still owing a move or a hook), SQLite's incremental vacuum, the realtime

@@ -1,4 +1,4 @@
-"""The watcher's delivery side (layer L2, part of the watcher): what settled
+"""The watcher's delivery side: what settled
 or was refused, handed to the callbacks in order, outside the watcher's
 state lock; with ``on_settled_many``, a run of settled files of one inbox in
 one call. A callback that raises is logged and reported back (``on_failed``)

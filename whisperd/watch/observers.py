@@ -1,4 +1,4 @@
-"""The watcher's event side (layer L2, part of the watcher): one watchdog
+"""The watcher's event side: one watchdog
 observer per inbox, and the paths its callbacks record for the settle thread.
 
 Watchdog's threads only call ``PendingEvents.record``, which notes the paths

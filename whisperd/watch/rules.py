@@ -1,4 +1,4 @@
-"""The watcher's rules (layer L2, part of the watcher): which names are
+"""The watcher's rules: which names are
 media worth settling, what one inbox is (WatchSpec), which of its folders a
 path lies in, and what one look at a path finds (a file, a refused link,
 nothing). Pure functions of the file system; no threads, no state.

@@ -1,4 +1,4 @@
-"""Inbox folders -> settled candidate files (layer L2).
+"""Inbox folders -> settled candidate files.
 
 The watcher turns file-system activity into three kinds of callback:
 

@@ -1,4 +1,4 @@
-"""What the pool and its workers share (layer L2): the worker's settings,
+"""What the pool and its workers share: the worker's settings,
 its id, and the slot channel of shared-memory primitives between the pool
 and one worker process, events included.
 

@@ -1,5 +1,4 @@
-"""One running job's progress/cancel seam and its heartbeat thread (layer
-L3, part of the worker).
+"""One running job's progress/cancel seam and its heartbeat thread.
 
 `JobSession` is what the engine reports to (protocols.JobControl);
 `Heartbeat` renews the job's lease from its own thread, carrying the

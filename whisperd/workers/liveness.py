@@ -1,4 +1,4 @@
-"""A worker process's proof that it is not frozen (layer L2, beside sdnotify: stdlib only).
+"""A worker process's proof that it is not frozen.
 
 A worker can be alive yet silent: stopped (SIGSTOP, a cgroup freeze) or
 swapped out. Its process still exists, so is_alive() is no help, and a busy

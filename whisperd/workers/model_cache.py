@@ -1,4 +1,4 @@
-"""The models one worker process keeps loaded (layer L3, part of the worker).
+"""The models one worker process keeps loaded.
 
 Keyed by engine, model name and compute type; least recently used first,
 within the device's free memory (GPU) or the RAM budget (CPU). Imported only

@@ -1,4 +1,4 @@
-"""The worker pool: one worker process per device slot (layer L3).
+"""The worker pool: one worker process per device slot.
 
 The pool owns the processes: it starts them (spawn context), restarts one
 that died, kills one whose cancelled job did not stop within the grace

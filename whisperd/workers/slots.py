@@ -1,4 +1,4 @@
-"""The pool's slots and health policy (layer L2): which worker slots the
+"""The pool's slots and health policy: which worker slots the
 configured devices get, how many CPU threads each may use, and when the pool
 calls a device or a worker sick.
 

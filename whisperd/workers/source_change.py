@@ -1,4 +1,4 @@
-"""A source that changes under its running job (layer L3, worker side).
+"""A source that changes under its running job.
 
 A recorder that appends to a file, or a tool that rewrites it in place, keeps
 the inode: only size and mtime tell that the content is not what was read.

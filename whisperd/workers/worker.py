@@ -1,5 +1,4 @@
-"""A worker process: claim -> check -> decode -> transcribe -> write -> finish
-(layer L3).
+"""A worker process: claim -> check -> decode -> transcribe -> write -> finish.
 
 One process per device slot, started by gpu_pool with the spawn context
 (the daemon hands the pool `worker_main`; the pool never imports this module).
