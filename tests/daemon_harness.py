@@ -126,7 +126,7 @@ class DaemonUnderTest:
         timeout: float = 60.0,
         crash_point: str = "",
     ) -> None:
-        """crash_point: the hidden `--crash-point` (worker.CRASH_POINTS): the
+        """crash_point: the hidden `--crash-point` (crash_points.ALL): the
         worker kills the daemon and itself there."""
         assert self.process is None or self.process.poll() is not None, "already running"
         self.lines = []

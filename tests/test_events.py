@@ -146,7 +146,7 @@ def test_the_metrics_sink_records_each_event_as_the_daemon_did() -> None:
         m.device_health_changed("cuda:0", False)
 
     def by_events(m: Metrics) -> None:
-        sink: events.EventSink = m.sink  # the protocol the daemon hands events through
+        sink = m.sink  # what the daemon hands every event to
         for event in EVERY_EVENT:
             sink.handle(event)
 

@@ -2,7 +2,7 @@
 PostgreSQL), and every step of its file-system consequences surviving a crash.
 
 The crash tests drive `Lifecycle` on a real store and real folders, crash it
-(an exception raised through its `crash_at` hook) after one step, then replay
+(an exception raised at an armed crash point) after one step, then replay
 what the store says is still owed with a fresh Lifecycle, as the daemon's
 sweep and start-up recovery do, and check what a user would see.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from whisperd import jobs
+from whisperd import crash_points
 from whisperd.events import JobFinished, WorkerEvent
 from whisperd.jobs import AttemptEnd, AttemptOutcome, Claim, FileIdentity, Job, JobSpec, JobState
 from whisperd.lifecycle import Lifecycle
@@ -239,30 +239,29 @@ def test_a_released_end_removes_the_attempts_partial_outputs(tmp_path: Path) -> 
 # ------------------------------------------------------------------- crashes ---
 
 DONE_STEPS = [
-    jobs.AFTER_TRANSITION,
-    jobs.AFTER_OUTPUTS_REMOVED,
-    jobs.AFTER_SOURCE_MOVED,
-    jobs.BEFORE_MARK_DISPOSED,
+    crash_points.AFTER_TRANSITION,
+    crash_points.AFTER_OUTPUTS_REMOVED,
+    crash_points.AFTER_SOURCE_MOVED,
+    crash_points.BEFORE_MARK_DISPOSED,
 ]
-FAILED_STEPS = [*DONE_STEPS[:3], jobs.AFTER_NOTE_WRITTEN, jobs.BEFORE_MARK_DISPOSED]
+FAILED_STEPS = [*DONE_STEPS[:3], crash_points.AFTER_NOTE_WRITTEN, crash_points.BEFORE_MARK_DISPOSED]
 CASES = [(AttemptOutcome.DONE, step) for step in DONE_STEPS] + [
     (AttemptOutcome.FAILED, step) for step in FAILED_STEPS
 ]
 
 
-def crash_at(step: str) -> Any:
-    def crash(reached: str) -> None:
-        if reached == step:
-            raise Crash(step)
+def crash(step: str) -> Any:
+    def stop_here() -> None:
+        raise Crash(step)
 
-    return crash
+    return stop_here
 
 
 def replay(store: JobStore) -> None:
-    """What the daemon does at its next start: settle every owed end."""
+    """What the daemon does at its next start: dispose of every owed end."""
     seam = Lifecycle(store)
     for job in store.undisposed():
-        assert seam.settle(job) is None
+        assert seam.dispose(job) is None
 
 
 @pytest.mark.parametrize(("outcome", "step"), CASES)
@@ -280,8 +279,8 @@ def test_a_crash_at_any_step_of_an_end_converges_on_replay(
         else AttemptEnd(outcome=AttemptOutcome.FAILED, error="talk.wav: not a media file")
     )
 
-    with pytest.raises(Crash):
-        Lifecycle(store, crash_at=crash_at(step)).end_attempt(job, taken.token, end)
+    with pytest.raises(Crash), crash_points.armed(step, crash(step)):
+        Lifecycle(store).end_attempt(job, taken.token, end)
     replay(store)
     replay(store)  # and once more: nothing changes
 
@@ -303,14 +302,14 @@ def test_a_crash_at_any_step_of_an_end_converges_on_replay(
     store.close()
 
 
-def test_a_queued_cancel_settles_into_the_cancel_folder(tmp_path: Path) -> None:
+def test_a_queued_cancel_is_disposed_of_into_the_cancel_folder(tmp_path: Path) -> None:
     store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
     folders = Folders(tmp_path)
     job = folders.drop(store, "talk.wav")
     cancelled = store.request_cancel(job.id, reason="whisperd cancel")
     assert cancelled is not None and cancelled.state is JobState.CANCELLED
 
-    assert Lifecycle(store).settle(cancelled) is None
+    assert Lifecycle(store).dispose(cancelled) is None
 
     assert files_in(folders.cancel) == ["talk.wav"] and files_in(folders.inbox) == []
     after = store.get(job.id)

@@ -4,7 +4,7 @@ A worker puts these frozen dataclasses on its slot's multiprocessing queue
 (they pickle); the pool reads them, acts on the two that are its own
 (`WorkerStarted`, `WorkerAlive`), adds its own (`DeviceHealth`,
 `WorkerRestarted`, `JobCancelSeen`) and hands every one to its owner, which
-gives it to an `EventSink` (metrics.MetricsSink) and dispatches on the type
+gives it to the metrics (metrics.registry.MetricsSink) and dispatches on the type
 for what it must do itself. Stdlib only.
 
 Each event's `kind` is the name it had when events were string-keyed; it
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,10 +161,3 @@ WorkerEvent = (
 
 # What the pool hands its owner each event with.
 EventHandler = Callable[[WorkerEvent], None]
-
-
-class EventSink(Protocol):
-    """Where events end up (metrics.MetricsSink): one call per event, on the
-    thread that supervises the pool."""
-
-    def handle(self, event: WorkerEvent) -> None: ...

@@ -371,19 +371,3 @@ def state_after_attempt(job: Job, outcome: AttemptOutcome) -> JobState:
     if outcome is AttemptOutcome.RELEASED or job.attempts < job.max_attempts:
         return JobState.QUEUED
     return JobState.FAILED
-
-
-# The steps of an attempt's end (lifecycle.py), named for the crash tests:
-# the lifecycle's crash hook is called after each.
-AFTER_TRANSITION = "after_transition"
-AFTER_OUTPUTS_REMOVED = "after_outputs_removed"
-AFTER_SOURCE_MOVED = "after_source_moved"
-AFTER_NOTE_WRITTEN = "after_note_written"
-BEFORE_MARK_DISPOSED = "before_mark_disposed"
-END_STEPS = (
-    AFTER_TRANSITION,
-    AFTER_OUTPUTS_REMOVED,
-    AFTER_SOURCE_MOVED,
-    AFTER_NOTE_WRITTEN,
-    BEFORE_MARK_DISPOSED,
-)

@@ -4,10 +4,10 @@ Whoever sees an attempt end (its worker, the pool after killing or losing a
 worker, start-up recovery) calls `Lifecycle.end_attempt`: one fenced store
 transition (queue_db.JobStore.end_attempt, where the rule of the next state
 lives), then the file-system consequences of the state reached, then one log
-line and one `job_finished` event. Those consequences are `settle`: partial
+line and one `job_finished` event. Those consequences are `dispose`: partial
 outputs removed unless the job is done, the source moved to done/ or failed/
 (with NAME.error.txt) or left in the cancel folder, and the store told
-(`mark_disposed`). `settle` is driven by what the store says is still owed and
+(`mark_disposed`). `dispose` is driven by what the store says is still owed and
 is idempotent, so the daemon's sweep, start-up recovery, a queued cancel and a
 rejection replay it, and a crash at any step converges on the next replay.
 """
@@ -20,17 +20,19 @@ import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from whisperd import logs
-from whisperd.errors import OutputError
-from whisperd.events import JobFinished, JobRejected, JobRetried, WorkerEvent
-from whisperd.files import outputs
-from whisperd.files.repeat_names import done_rel_path
-from whisperd.jobs import (
+from whisperd import crash_points, logs
+from whisperd.crash_points import (
     AFTER_NOTE_WRITTEN,
     AFTER_OUTPUTS_REMOVED,
     AFTER_SOURCE_MOVED,
     AFTER_TRANSITION,
     BEFORE_MARK_DISPOSED,
+)
+from whisperd.errors import OutputError
+from whisperd.events import JobFinished, JobRejected, JobRetried, WorkerEvent
+from whisperd.files import outputs
+from whisperd.files.repeat_names import done_rel_path
+from whisperd.jobs import (
     TERMINAL_STATES,
     AttemptEnd,
     AttemptOutcome,
@@ -54,20 +56,12 @@ def _no_emit(_event: WorkerEvent) -> None:
     return None
 
 
-def _no_crash(_step: str) -> None:
-    return None
-
-
 class Lifecycle:
-    """Ends attempts and settles what an ended job still owes."""
+    """Ends attempts and disposes of what an ended job still owes."""
 
-    def __init__(
-        self, store: JobStore, emit: Emit | None = None, *, crash_at: Callable[[str], None] = _no_crash
-    ) -> None:
+    def __init__(self, store: JobStore, emit: Emit | None = None) -> None:
         self._store = store
         self._emit = emit or _no_emit
-        # Test hook: called after each step; a crash test raises or dies there.
-        self._crash_at = crash_at
 
     # ----------------------------------------------------------- ending ---
 
@@ -93,11 +87,11 @@ class Lifecycle:
         if state is None:
             self.lease_lost(job, end.error, device=device, duration_seconds=duration_seconds)
             return None
-        self._crash_at(AFTER_TRANSITION)
+        crash_points.reached(AFTER_TRANSITION)
         if state in TERMINAL_STATES:
             after = self._store.get(job.id)
             if after is not None:
-                self.settle_logged(after)
+                self.dispose_logged(after)
         self._report(
             job,
             state,
@@ -176,16 +170,16 @@ class Lifecycle:
 
     # --------------------------------------------------------- settling ---
 
-    def settle_logged(self, job: Job) -> None:
-        """settle(), with a failed move logged (the daemon's sweep retries it)."""
-        error = self.settle(job)
+    def dispose_logged(self, job: Job) -> None:
+        """dispose(), with a failed move logged (the daemon's sweep retries it)."""
+        error = self.dispose(job)
         if error is not None:
             spec = job.spec
             log.warning(
                 "job.dispose_failed", job_id=job.id, inbox=spec.inbox, file=spec.rel_path, error=str(error)
             )
 
-    def settle(self, job: Job) -> OutputError | ValueError | None:
+    def dispose(self, job: Job) -> OutputError | ValueError | None:
         """Carry out what an ended job still owes the file system, from the
         store's record: remove partial outputs unless done, move the source
         where its end state says (done/, failed/ with NAME.error.txt; a
@@ -197,7 +191,7 @@ class Lifecycle:
             return None
         if job.state is not JobState.DONE:
             self._remove_outputs(job.id, list(job.outputs))
-        self._crash_at(AFTER_OUTPUTS_REMOVED)
+        crash_points.reached(AFTER_OUTPUTS_REMOVED)
         spec = job.spec
         target = {
             JobState.DONE: spec.done_dir,
@@ -218,11 +212,11 @@ class Lifecycle:
         else:
             # Moved before a crash (or by the user into the cancel folder).
             moved_to = _moved_copy(job, target, rel_path) or ""
-        self._crash_at(AFTER_SOURCE_MOVED)
+        crash_points.reached(AFTER_SOURCE_MOVED)
         if job.state is JobState.FAILED:
             _write_note(job, moved_to)
-            self._crash_at(AFTER_NOTE_WRITTEN)
-        self._crash_at(BEFORE_MARK_DISPOSED)
+            crash_points.reached(AFTER_NOTE_WRITTEN)
+        crash_points.reached(BEFORE_MARK_DISPOSED)
         self._store.mark_disposed(job.id, moved_to)
         return None
 

@@ -66,7 +66,7 @@ class Rig:
             wake_workers=lambda: self.requests.put(("wake", 0)),
             stop_running_job=lambda job_id: self.requests.put(("stop_job", job_id)),
             count_cancel=lambda job, running: self.metrics.job_cancelled(job.spec.inbox, was_running=running),
-            settle=Lifecycle(self.store).settle_logged,
+            dispose=Lifecycle(self.store).dispose_logged,
             metrics=self.metrics,
         )
         return Intake(self.store, self.config, owner, running_since=0.0)

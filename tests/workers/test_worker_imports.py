@@ -23,13 +23,19 @@ def loaded_after(code: str) -> list[str]:
 
 
 def test_the_torch_engine_and_worker_load_without_faster_whisper() -> None:
-    assert loaded_after("from whisperd import transcriber, worker, daemon, cli") == []
+    probe = (
+        "from whisperd.engines import engine, openai\n"
+        "from whisperd.workers import model_cache, worker\n"
+        "from whisperd.daemon import root\n"
+        "from whisperd.cli import commands"
+    )
+    assert loaded_after(probe) == []
 
 
 def test_vad_loads_faster_whisper_when_it_first_runs() -> None:
     code = (
         "import numpy as np\n"
-        "from whisperd import vad\n"
+        "from whisperd.engines import vad\n"
         "from whisperd.jobs import DecodeOptions\n"
         "assert 'faster_whisper' not in sys.modules\n"
         "vad.speech_regions(np.zeros(16000, dtype=np.float32), DecodeOptions(vad=True), lambda: None)"

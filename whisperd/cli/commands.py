@@ -8,10 +8,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from whisperd import __version__
+from whisperd import __version__, crash_points
 from whisperd.cli import operator as operator_cli
 from whisperd.cli import status as cli_status
 from whisperd.cli.status import duration
@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     run = command("run", cmd_run, "run the daemon in the foreground (systemd runs this)")
     # The crash-recovery tests' hook (WorkerSettings.crash_point): not for users.
     run.add_argument(
-        "--crash-point", default="", choices=_CrashPoints(), metavar="POINT", help=argparse.SUPPRESS
+        "--crash-point", default="", choices=crash_points.ALL, metavar="POINT", help=argparse.SUPPRESS
     )
     _add_store_commands(command)
     command(
@@ -82,23 +82,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_models_commands(models)
     return parser
-
-
-class _CrashPoints:
-    """worker.CRASH_POINTS, read only when --crash-point is given: the worker's
-    modules load the store's, and the CLI's start-up stays fast without them."""
-
-    def __contains__(self, point: object) -> bool:
-        return point in self._points()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._points())
-
-    @staticmethod
-    def _points() -> tuple[str, ...]:
-        from whisperd.workers.worker import CRASH_POINTS
-
-        return CRASH_POINTS
 
 
 def _add_store_commands(command: _Command) -> None:

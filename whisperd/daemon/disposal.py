@@ -1,4 +1,4 @@
-"""Bounded retries of an owed source move (through lifecycle.Lifecycle.settle).
+"""Bounded retries of an owed source move (through lifecycle.Lifecycle.dispose).
 
 A finished job's source normally leaves the inbox at once (lifecycle.py
 Lifecycle.end_attempt). When that move fails, the daemon's sweep tries again here:
@@ -42,7 +42,7 @@ def move_owed_source(lifecycle: Lifecycle, store: JobStore, job: Job, *, now: fl
     """Settle what job still owes once (lifecycle.py); on a failed move record
     it, and mark the source stuck (logged once) when the error is permanent or
     the attempts are used up. Returns True when the source ended up stuck."""
-    error = lifecycle.settle(job)
+    error = lifecycle.dispose(job)
     if error is None:
         return False
     moment = time.time() if now is None else now

@@ -447,7 +447,7 @@ class Daemon:
             wake_workers=functools.partial(self._requests.ask, WAKE, 0),
             stop_running_job=functools.partial(self._requests.ask, STOP_JOB),
             count_cancel=lambda job, was_running: self._count_cancel(job, was_running=was_running),
-            settle=lambda job: self._life().settle_logged(job),
+            dispose=lambda job: self._life().dispose_logged(job),
             metrics=self._metrics,
         )
         return Intake(store, self._config, owner, running_since=self._started_wall)

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from whisperd import logs
 from whisperd.config import Config, InboxConfig
@@ -37,6 +37,7 @@ from whisperd.jobs import FileIdentity, Job, JobSpec, JobState
 from whisperd.watch.watcher import REASON_UNSUPPORTED_PREFIX, WatchSpec
 
 if TYPE_CHECKING:
+    from whisperd.metrics.registry import Metrics
     from whisperd.store.job_store import JobStore
 
 # The daemon's logger, as before intake had a module: operators filter on it.
@@ -56,16 +57,6 @@ SETTLED, CANCEL_FILE, REJECTED = "settled", "cancel_file", "rejected"
 CANCEL_JOB, DEFERRED = "cancel_job", "deferred"
 
 
-class IntakeMetrics(Protocol):
-    """The counters intake moves (metrics.Metrics has them)."""
-
-    def job_queued(self, inbox: str) -> None: ...
-
-    def job_rejected(self, inbox: str, reason: str) -> None: ...
-
-    def job_handling_failed(self, stage: str, count: int = 1) -> None: ...
-
-
 @dataclass(frozen=True, kw_only=True)
 class IntakeOwner:
     """What intake asks of the daemon. Each call returns at once (from
@@ -78,9 +69,9 @@ class IntakeOwner:
     # A cancel took effect (counted once per job, whoever sees it first).
     count_cancel: Callable[[Job, bool], None]
     # Settle what an ended job still owes (its source moved where its state
-    # says; lifecycle.Lifecycle.settle_logged).
-    settle: Callable[[Job], None]
-    metrics: IntakeMetrics | None = None
+    # says; lifecycle.Lifecycle.dispose_logged).
+    dispose: Callable[[Job], None]
+    metrics: Metrics | None = None
 
 
 @dataclass(frozen=True)
@@ -417,7 +408,7 @@ class Intake:
         if told and job.state in (JobState.RUNNING, JobState.CANCELLED):
             self._owner.count_cancel(job, True)  # it ended (or ends) cancelled while running
         elif job.state is JobState.CANCELLED:
-            self._owner.settle(job)  # logged once its file is where it belongs, as every end is
+            self._owner.dispose(job)  # logged once its file is where it belongs, as every end is
             log.info("job.cancelled", **logs.job_fields(job), phase="queued")
             self._owner.count_cancel(job, False)
         elif job.state is JobState.RUNNING and not told:
@@ -456,7 +447,7 @@ class Intake:
             # Not ours to move: the file stays; `whisperd status` lists it as ignored.
             store.mark_disposed(job.id, "")
             return
-        self._owner.settle(job)
+        self._owner.dispose(job)
 
 
 # A refused file's item carries no identity (intake looks the file up itself).

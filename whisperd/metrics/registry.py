@@ -446,7 +446,7 @@ class Metrics:
 
 
 class MetricsSink:
-    """The events.EventSink of the metrics: each worker or pool event
+    """Where the daemon hands every worker or pool event: each
     becomes the hook call the daemon made for it when events were strings
     (same metrics, labels, values). Events that are no metric's business
     (a worker's start, its proofs of life, a cancel the pool saw) are left

@@ -243,7 +243,7 @@ class AttemptsMixin(StoreBase):
                 # Already ended under this token: the same end again is a no-op.
                 same = job.state is state and job.last_error == values.get("last_error")
                 return state if same and state in TERMINAL_STATES else None
-            if not self._fenced_update(conn, job_id, token, values):
+            if not self._fenced_end(conn, job_id, token, values):
                 return None
             if end.outputs and state is not JobState.QUEUED:
                 _record_outputs(conn, job_id, end.outputs)
@@ -271,7 +271,7 @@ class AttemptsMixin(StoreBase):
                 job = _job_from_row(row)
                 assert job.claim_token is not None  # running jobs always hold a token
                 _state, values = _attempt_end_values(job, _lease_expired_end(job), moment)
-                if self._fenced_update(conn, job.id, job.claim_token, values):
+                if self._fenced_end(conn, job.id, job.claim_token, values):
                     after = self._fetch(conn, job.id)
                     if after is not None:
                         reclaimed.append(after)

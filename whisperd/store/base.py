@@ -226,7 +226,7 @@ class StoreBase:
 
     @staticmethod
     def _fenced_update(conn: Connection, job_id: int, token: str, values: dict[str, Any]) -> bool:
-        """Update a running job only while `token` still holds its claim."""
+        """Update a running job only while `token` still holds its claim; it stays running."""
         result = conn.execute(
             JOBS.update()
             .where(
@@ -236,12 +236,20 @@ class StoreBase:
             )
             .values(**values)
         )
-        if result.rowcount == 1 and values.get("state", JobState.RUNNING.value) != JobState.RUNNING.value:
-            _attempt_ended(conn, job_id, token, values)
-            # Every end of a running job passes here: its hook deliveries are owed from this commit.
-            ended_at = values.get("updated_at", time.time())
-            store_hooks.record_job_end(conn, JOBS, job_id, values["state"], ended_at)
         return result.rowcount == 1
+
+    @classmethod
+    def _fenced_end(cls, conn: Connection, job_id: int, token: str, values: dict[str, Any]) -> bool:
+        """End a running job's attempt while `token` still holds its claim:
+        the fenced update to its next state (`values["state"]`, never running:
+        jobs.state_after_attempt), the attempt's
+        record closed, and the hook deliveries its end owes recorded, all in
+        the caller's transaction (every end of a running job passes here)."""
+        if not cls._fenced_update(conn, job_id, token, values):
+            return False
+        _attempt_ended(conn, job_id, token, values)
+        store_hooks.record_job_end(conn, JOBS, job_id, values["state"], values.get("updated_at", time.time()))
+        return True
 
     def _select_jobs(self, query: sa.Select[Any]) -> list[Job]:
         with self._reading() as conn:

@@ -2,7 +2,7 @@
 
 A job that ends done or failed owes one delivery per hook its inbox has
 (`on_done` or `on_failed`, and `webhook_url`). The delivery rows are written
-in the same transaction that ends the job (store_base.StoreBase._fenced_update
+in the same transaction that ends the job (base.StoreBase._fenced_end
 calls record_job_end), so a daemon killed right after a job ended still owes,
 and after its restart makes, every delivery: at least once.
 

@@ -53,7 +53,7 @@ class WorkerSettings:
     instance: str | None = None
     # Test hook for crash-recovery tests (the hidden `whisperd run
     # --crash-point POINT`): at this point of a job the worker SIGKILLs the
-    # daemon and itself. One of worker.CRASH_POINTS; empty in normal operation.
+    # daemon and itself. One of crash_points.ALL; empty in normal operation.
     crash_point: str = ""
     # Longest a decode may take (workers.decode_timeout_seconds).
     decode_timeout_seconds: float = 900.0

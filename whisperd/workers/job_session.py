@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from whisperd import logs
+from whisperd import crash_points, logs
 from whisperd.errors import JobCancelled, LeaseLost
 from whisperd.jobs import Claim
 from whisperd.workers.channel import SlotChannel, WorkerSettings
@@ -35,8 +34,6 @@ class JobSession:
 
     job_id: int
     channel: SlotChannel
-    # Told the name of each progress point (the crash test hook listens).
-    on_progress: Callable[[str], None] = lambda _point: None
     started: float = field(default_factory=time.monotonic)
     fraction: float = 0.0
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -53,7 +50,7 @@ class JobSession:
 
     def progress(self, fraction: float) -> None:
         self.fraction = max(self.fraction, min(1.0, fraction))
-        self.on_progress("during_transcription")
+        crash_points.reached(crash_points.DURING_TRANSCRIPTION)
         self.checkpoint()
 
     def checkpoint(self) -> None:

@@ -20,14 +20,13 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from whisperd import logs
+from whisperd import crash_points, logs
 from whisperd.engines.engine import Audio, LoadedModel
 from whisperd.errors import JobCancelled, LeaseLost, MediaError, ModelNotFoundError, NoRoomOnDevice
 from whisperd.events import CpuFallback, JobStarted, WorkerAlive, WorkerStarted
 from whisperd.files import outputs
 from whisperd.files.repeat_names import unrepeated_base
 from whisperd.jobs import (
-    END_STEPS,
     AttemptEnd,
     AttemptOutcome,
     Claim,
@@ -52,7 +51,6 @@ _PR_SET_PDEATHSIG = 1
 
 # The worker's own points, then the steps of the end (lifecycle.py): "after_transition"
 # is just after the job was marked done (or failed...) in the store.
-CRASH_POINTS = ("after_claim", "during_transcription", "after_outputs", *END_STEPS)
 
 
 def worker_main(settings: WorkerSettings, channel: SlotChannel) -> None:
@@ -67,6 +65,8 @@ def worker_main(settings: WorkerSettings, channel: SlotChannel) -> None:
     # whole process group and must not kill a job mid-write.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logs.configure(settings.log_level, json=settings.log_json)
+    if settings.crash_point:  # the crash-recovery tests only
+        crash_points.arm(settings.crash_point, functools.partial(_power_cut, settings.parent_pid))
     # Never wait at exit for queued events to reach a pool that may be gone.
     channel.events.cancel_join_thread()
     from whisperd.engines import openai as transcriber
@@ -90,6 +90,12 @@ def worker_main(settings: WorkerSettings, channel: SlotChannel) -> None:
     finally:
         cache.clear("shutdown")
         store.close()
+
+
+def _power_cut(daemon_pid: int) -> None:
+    """Die like a power cut, daemon first (an armed crash point)."""
+    os.kill(daemon_pid, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _die_with_parent() -> None:
@@ -122,7 +128,7 @@ class Worker:
         # Seconds of audio the running attempt decoded (None: not yet).
         self._audio_seconds: float | None = None
         # Every end of an attempt goes through here; its events go to the pool.
-        self._lifecycle = Lifecycle(store, functools.partial(put_event, channel), crash_at=self._crash_if)
+        self._lifecycle = Lifecycle(store, functools.partial(put_event, channel))
 
     def loop(self) -> None:
         next_canary = 0.0
@@ -227,12 +233,6 @@ class Worker:
             self._store.set_identity(job.id, claim.token, current)
         return current
 
-    def _crash_if(self, point: str) -> None:
-        """The crash-recovery test hook: die like a power cut, daemon first."""
-        if self._settings.crash_point == point:
-            os.kill(self._settings.parent_pid, signal.SIGKILL)
-            os.kill(os.getpid(), signal.SIGKILL)
-
     def _set_current(self, job_id: int) -> None:
         with self._channel.switch_lock:
             self._channel.current_job.value = job_id
@@ -248,8 +248,8 @@ class Worker:
             self._channel,
             JobStarted(inbox=job.spec.inbox, device=self._settings.device, queue_wait_seconds=wait),
         )
-        self._crash_if("after_claim")
-        session = JobSession(job_id=job.id, channel=self._channel, on_progress=self._crash_if)
+        crash_points.reached(crash_points.AFTER_CLAIM)
+        session = JobSession(job_id=job.id, channel=self._channel)
         heartbeat = Heartbeat(self._store, claim, session, self._settings)
         heartbeat.start()
         started = time.monotonic()
@@ -336,7 +336,7 @@ class Worker:
         decoding_seconds = session.decoding_seconds()
         ensure_unchanged(job.source, read)  # changed while transcribing
         written = self._write_outputs(claim, result, audio_seconds, session)
-        self._crash_if("after_outputs")
+        crash_points.reached(crash_points.AFTER_OUTPUTS)
         return AttemptEnd(
             outcome=AttemptOutcome.DONE,
             outputs=tuple(written),
