@@ -35,7 +35,8 @@ from whisperd.config_load import load_config
 from whisperd.daemon.root import Daemon, watchdog_ping_seconds
 from whisperd.daemon.sdnotify import Notifier
 from whisperd.jobs import FileIdentity, JobState
-from whisperd.watch.watcher import Watcher, WatchSpec
+from whisperd.watch.rules import WatchSpec
+from whisperd.watch.watcher import Watcher
 
 DaemonFactory = Callable[..., DaemonUnderTest]
 

@@ -26,7 +26,7 @@ from tests.conftest import SENTENCES, _synthesised, wer
 from tests.daemon_harness import DaemonUnderTest, WrappedDaemon
 from whisperd.files.atomic import TMP_MARKER
 from whisperd.jobs import Job, JobState
-from whisperd.watch.watcher import REASON_SYMLINK_OUTSIDE, REASON_SYMLINK_REFUSED
+from whisperd.watch.rules import REASON_SYMLINK_OUTSIDE, REASON_SYMLINK_REFUSED
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,8 @@ import pytest
 from tests.conftest import SENTENCES, SpeechFactory
 from tests.daemon_harness import DaemonUnderTest
 from whisperd.jobs import OUTPUT_FORMATS, FileIdentity, Job, JobState
-from whisperd.watch.watcher import Watcher, WatchSpec
+from whisperd.watch.rules import WatchSpec
+from whisperd.watch.watcher import Watcher
 
 DaemonFactory = Callable[..., DaemonUnderTest]
 

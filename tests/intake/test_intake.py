@@ -33,7 +33,7 @@ from whisperd.lifecycle import Lifecycle
 from whisperd.metrics.registry import Metrics
 from whisperd.store.job_store import JobStore
 from whisperd.store.outage import RetryPolicy
-from whisperd.watch.watcher import WatchSpec
+from whisperd.watch.rules import WatchSpec
 
 # Generous: two busy cores shared with other tests.
 WAIT_SECONDS = 60.0

@@ -12,7 +12,8 @@ import pytest
 
 from whisperd.jobs import FileIdentity, JobSpec, JobState
 from whisperd.store.job_store import JobStore
-from whisperd.watch.watcher import Watcher, WatchSpec
+from whisperd.watch.rules import WatchSpec
+from whisperd.watch.watcher import Watcher
 
 SETTLE = 0.5
 

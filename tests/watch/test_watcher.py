@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 
 from whisperd.jobs import FileIdentity
-from whisperd.watch.watcher import (
+from whisperd.watch.rules import (
     REASON_SYMLINK_OUTSIDE,
     REASON_SYMLINK_REFUSED,
-    Watcher,
     WatchSpec,
     is_candidate_name,
     unsupported_reason,
 )
+from whisperd.watch.watcher import Watcher
 
 pytestmark = pytest.mark.timeout(60)
 

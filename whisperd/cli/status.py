@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from whisperd.jobs import Job, JobState
 from whisperd.store import report as job_report
-from whisperd.watch.watcher import REASON_UNSUPPORTED_PREFIX
+from whisperd.watch.rules import REASON_UNSUPPORTED_PREFIX
 
 if TYPE_CHECKING:  # the store's modules load late: CLI start-up stays fast
     from whisperd.store.job_store import JobStore

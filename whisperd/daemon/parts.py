@@ -17,7 +17,8 @@ from whisperd.errors import ConfigError, WhisperdError
 from whisperd.intake.intake import Intake
 from whisperd.metrics.registry import Metrics
 from whisperd.metrics.server import MetricsServer
-from whisperd.watch.watcher import Watcher, WatchSpec
+from whisperd.watch.rules import WatchSpec
+from whisperd.watch.watcher import Watcher
 from whisperd.workers.pool import WorkerPool
 
 log = logs.get_logger("whisperd.daemon.root")

@@ -34,7 +34,7 @@ from whisperd.errors import StoreUnavailable
 from whisperd.intake import renames
 from whisperd.intake.cancel_match import match_cancelled_file
 from whisperd.jobs import FileIdentity, Job, JobSpec, JobState
-from whisperd.watch.watcher import REASON_UNSUPPORTED_PREFIX, WatchSpec
+from whisperd.watch.rules import REASON_UNSUPPORTED_PREFIX, WatchSpec
 
 if TYPE_CHECKING:
     from whisperd.metrics.registry import Metrics

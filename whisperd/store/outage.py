@@ -24,10 +24,6 @@ from typing import Protocol
 import sqlalchemy as sa
 import structlog
 
-from whisperd.errors import StoreUnavailable
-
-__all__ = ["RetryPolicy", "StoreHealth", "StoreUnavailable", "outage_reason"]
-
 log = structlog.get_logger("whisperd.store")
 
 # How often a wait for the store looks at its stop flag.

@@ -46,9 +46,6 @@ from whisperd.watch.delivery import (
 )
 from whisperd.watch.observers import Observers, PendingEvents
 from whisperd.watch.rules import (
-    REASON_SYMLINK_OUTSIDE,
-    REASON_SYMLINK_REFUSED,
-    REASON_UNSUPPORTED_PREFIX,
     Kind,
     WatchSpec,
     folders_of,
@@ -60,20 +57,6 @@ from whisperd.watch.rules import (
     unsupported_reason,
     walk_files,
 )
-
-# What importers have always taken from here (the rules live in watch/rules.py).
-__all__ = [
-    "REASON_SYMLINK_OUTSIDE",
-    "REASON_SYMLINK_REFUSED",
-    "REASON_UNSUPPORTED_PREFIX",
-    "RejectedCallback",
-    "SettledCallback",
-    "SettledManyCallback",
-    "WatchSpec",
-    "Watcher",
-    "is_candidate_name",
-    "unsupported_reason",
-]
 
 logger = logging.getLogger(__name__)
 
