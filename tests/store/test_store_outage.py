@@ -4,6 +4,7 @@ PostgreSQL's connections are terminated. whisperd rides it out and resumes."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -180,6 +181,30 @@ def test_without_a_policy_a_locked_store_raises_store_unavailable(tmp_path: Path
         assert not store.health.up
         assert store.enqueue(*_spec("a.wav"), max_attempts=3)[1]
         assert store.health.up
+    finally:
+        store.close()
+
+
+def test_reads_go_on_while_another_process_holds_the_write_lock(tmp_path: Path) -> None:
+    """WAL lets readers read beside a writer: a read that needs a new pooled
+    connection (the one it had is busy with a waiting write) must not wait
+    for the write lock either (it did: setting up a connection asked for it)."""
+    store = JobStore.open(f"sqlite:///{tmp_path}/jobs.db", busy_timeout_seconds=0.5)
+    try:
+        job, _ = store.enqueue(*_spec("a.wav"), max_attempts=3)
+        with write_lock_held(tmp_path / "jobs.db"):
+
+            def write() -> None:
+                with contextlib.suppress(StoreUnavailable):  # the lock outlasts its busy timeout
+                    store.fold_state_counts()
+
+            waiting = threading.Thread(target=write, daemon=True)
+            waiting.start()  # holds a connection while it waits for the lock
+            for _ in range(5):
+                with store.failing_fast():
+                    assert [j.id for j in store.list_jobs()] == [job.id]
+                    assert store.get(job.id) is not None
+            waiting.join(30)
     finally:
         store.close()
 

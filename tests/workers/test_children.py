@@ -58,15 +58,18 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def ffmpeg_for(name: str) -> list[int]:
-    """ffmpeg/ffprobe processes anywhere on the machine reading a file called name."""
-    return [
-        int(pid)
-        for pid in os.listdir("/proc")
-        if pid.isdigit()
-        and Path(_cmdline(int(pid))[0] if _cmdline(int(pid)) else "").name in ("ffmpeg", "ffprobe")
-        and any(name in arg for arg in _cmdline(int(pid)))
-    ]
+def ffmpeg_for(name: str, *, within: Path | None = None) -> list[int]:
+    """ffmpeg/ffprobe processes anywhere on the machine reading a file called
+    name (whose command line also names `within`: a test's own folder, so a
+    test running beside it with a file of the same name does not count)."""
+    found = []
+    for pid in (int(entry) for entry in os.listdir("/proc") if entry.isdigit()):
+        args = _cmdline(pid)
+        if not args or Path(args[0]).name not in ("ffmpeg", "ffprobe"):
+            continue
+        if any(name in arg for arg in args) and (within is None or any(str(within) in arg for arg in args)):
+            found.append(pid)
+    return found
 
 
 @pytest.fixture
@@ -164,5 +167,5 @@ def test_a_folder_swapped_for_a_link_before_the_job_runs_is_not_followed(
     assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
     assert [p for p in daemon.output.rglob("*") if "talk" in p.name] == []
     assert not list(daemon.done.rglob("talk*"))
-    assert ffmpeg_for("talk.wav") == []
+    assert ffmpeg_for("talk.wav", within=daemon.root) == []
     assert daemon.process is not None and daemon.process.poll() is None

@@ -103,7 +103,10 @@ def _on_sqlite_connect(
     cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
     # Before WAL, which writes the header of a new file: only a file that has
     # no header yet takes auto_vacuum (older files: JobStore.enable_incremental_vacuum).
-    cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    # Asked of an existing file it wants the write lock, so a new pooled
+    # connection (a read included) would wait for another process's writer.
+    if cursor.execute("PRAGMA page_count").fetchone()[0] == 0:
+        cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
