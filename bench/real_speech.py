@@ -9,8 +9,9 @@ warm, one CPU thread, tiny.en), in these modes:
 - `whole`: the chain as one file, VAD off (the shipped default);
 - `vad`: the inbox option `vad = true` (speech regions found by Silero,
   glued end to end and decoded as one stream, times mapped back);
-- for faster-whisper also `vad+batch8` (`batch_size = 8`: faster-whisper's
-  batched pipeline on its own VAD chunks, no fallback, no conditioning).
+- for faster-whisper also `vad+batch8` (`batch_size = 8`: the batched
+  pipeline on whisperd's VAD chunks of up to 30 s, then on the speech its
+  first pass left out; no fallback, no conditioning).
 
 WER is taken over all chains together after Whisper's English normaliser
 (the references are verbatim; "ill disposed" vs "ill-disposed" counts).

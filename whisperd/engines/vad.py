@@ -168,3 +168,133 @@ class Timeline:
 
     def result(self, result: TranscriptResult) -> TranscriptResult:
         return replace(result, segments=tuple(self.segment(s) for s in result.segments))
+
+
+# ------------------------------------------------------------------ chunks ---
+
+# The longest stretch of audio decoded on its own: Whisper's window.
+MAX_CHUNK_SECONDS = 30
+# A long region is cut at its quietest frame of this many samples (20 ms).
+_QUIET_FRAME = SAMPLE_RATE // 50
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A stretch of the original audio decoded on its own: from its first
+    speech region's start to its last one's end, the pauses between them kept
+    (so its times map back by one offset)."""
+
+    start: int
+    end: int
+    regions: tuple[Region, ...]
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    @property
+    def offset_seconds(self) -> float:
+        return self.start / SAMPLE_RATE
+
+
+def chunks(audio: Audio, regions: Sequence[Region], *, max_seconds: float = MAX_CHUNK_SECONDS) -> list[Chunk]:
+    """The speech regions packed, in order, into chunks of at most
+    `max_seconds` each. A chunk that must be closed is cut at the longest
+    pause in its second half (else before the region that does not fit), so
+    an utterance is never split between two chunks while a pause can take the
+    cut; a region longer than a chunk is cut at its quietest frames."""
+    limit = int(max_seconds * SAMPLE_RATE)
+    pending = [piece for region in regions for piece in _split_long(audio, region, limit)]
+    found: list[Chunk] = []
+    while pending:
+        taken = _fits(pending, limit)
+        found.append(Chunk(taken[0].start, taken[-1].end, tuple(taken)))
+        pending = pending[len(taken) :]
+    return found
+
+
+def _fits(pending: Sequence[Region], limit: int) -> list[Region]:
+    """The regions that make the next chunk: as many as fit in `limit`, cut
+    back to the longest pause in the chunk's second half when more follow."""
+    start = pending[0].start
+    count = 1
+    while count < len(pending) and pending[count].end - start <= limit:
+        count += 1
+    if count == len(pending):
+        return list(pending)
+    # Pauses after region i (i < count - 1 stay inside; i == count - 1 is the pause before the overflow).
+    candidates = [i for i in range(count) if pending[i].end - start >= limit // 2]
+    if not candidates:
+        return list(pending[:count])
+    cut = max(candidates, key=lambda i: (pending[i + 1].start - pending[i].end, i))
+    return list(pending[: cut + 1])
+
+
+def _split_long(audio: Audio, region: Region, limit: int) -> list[Region]:
+    """`region` cut into pieces of at most `limit` samples, each cut at the
+    quietest 20 ms frame of the second half of what is left."""
+    pieces: list[Region] = []
+    start = region.start
+    while region.end - start > limit:
+        low, high = start + limit // 2, start + limit - _QUIET_FRAME
+        frames = audio[low:high][: (high - low) // _QUIET_FRAME * _QUIET_FRAME]
+        energy = np.square(frames.reshape(-1, _QUIET_FRAME)).mean(axis=1)
+        cut = low + int(np.argmin(energy)) * _QUIET_FRAME + _QUIET_FRAME // 2
+        pieces.append(Region(start, cut))
+        start = cut
+    pieces.append(Region(start, region.end))
+    return pieces
+
+
+def joined(results: Sequence[TranscriptResult], language: str) -> TranscriptResult:
+    """Chunk transcripts (already on the original timeline) as one, segments
+    numbered from 0 in order."""
+    segments = tuple(replace(s, id=n) for n, s in enumerate(s for r in results for s in r.segments))
+    return TranscriptResult(text="".join(s.text for s in segments), language=language, segments=segments)
+
+
+# A stretch of a chunk's speech no segment covers is decoded again on its
+# own when it is at least this long: Whisper sometimes ends a window early
+# (its last timestamp alone), and the speech after that point would be lost.
+MISSED_SPEECH_SECONDS = 1.0
+
+
+def uncovered(
+    chunk: Chunk, result: TranscriptResult, *, min_seconds: float = MISSED_SPEECH_SECONDS
+) -> list[Region]:
+    """The stretches of `chunk`'s speech regions that no segment of `result`
+    (on the original timeline) covers, each at least `min_seconds` long."""
+    shortest = int(min_seconds * SAMPLE_RATE)
+    covered = sorted((int(s.start * SAMPLE_RATE), int(s.end * SAMPLE_RATE)) for s in result.segments)
+    missed: list[Region] = []
+    for region in chunk.regions:
+        position = region.start
+        for start, end in covered:
+            if end <= position or start >= region.end:
+                continue
+            if start - position >= shortest:
+                missed.append(Region(position, start))
+            position = max(position, end)
+        if region.end - position >= shortest:
+            missed.append(Region(position, region.end))
+    return missed
+
+
+def merged(results: Sequence[TranscriptResult]) -> TranscriptResult:
+    """Transcripts of one chunk's parts (on the original timeline) as one,
+    segments in time order; a segment whose words the segment before it
+    already holds is dropped (a part decoded again must not double text)."""
+    ordered = sorted((s for r in results for s in r.segments), key=lambda s: (s.start, s.end))
+    kept: list[Segment] = []
+    for segment in ordered:
+        if kept and _words(segment.text) and _words(segment.text) in _words(kept[-1].text):
+            continue
+        kept.append(segment)
+    return replace(results[0], text="".join(s.text for s in kept), segments=tuple(kept))
+
+
+def _words(text: str) -> str:
+    return " ".join("".join(ch for ch in word if ch.isalnum()) for word in text.lower().split()).strip()
+
+
+# Decodes one piece of audio in the given language (None: detect it) under a control.
