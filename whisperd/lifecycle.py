@@ -2,7 +2,7 @@
 
 Whoever sees an attempt end (its worker, the pool after killing or losing a
 worker, start-up recovery) calls `Lifecycle.end_attempt`: one fenced store
-transition (queue_db.JobStore.end_attempt, where the rule of the next state
+transition (JobStore.end_attempt, where the rule of the next state
 lives), then the file-system consequences of the state reached, then one log
 line and one `job_finished` event. Those consequences are `dispose`: partial
 outputs removed unless the job is done, the source moved to done/ or failed/

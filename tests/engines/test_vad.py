@@ -1,4 +1,4 @@
-"""Voice activity detection (whisperd/vad.py) on real audio with the real
+"""Voice activity detection (whisperd/engines/vad.py) on real audio with the real
 Silero model, and the mapping of times on the speech-only audio back onto
 the original timeline. No Whisper model runs here (test_vad_e2e.py runs the
 daemon)."""

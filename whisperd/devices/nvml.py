@@ -1,6 +1,6 @@
 """The GPU hardware seam: device discovery, memory, utilisation and health.
 
-Everything else in whisperd sees GPUs only through `protocols.DeviceProbe`. `NvmlProbe`
+Everything else in whisperd sees GPUs only through `devices.probe.DeviceProbe`. `NvmlProbe`
 talks to the NVIDIA driver through pynvml (the `nvidia-ml-py` package); the
 tests' `fake_nvml.ScriptedProbe` plays back readings they write, so the pool's
 health and memory-pressure decisions can be tested on machines without a GPU.

@@ -15,7 +15,7 @@ tuples below, and anything else is counted as "other" (and logged), so a
 caller's typo can neither explode the series count nor crash a hook. File
 names and job ids never become label values.
 
-The gauges read at scrape time are metrics/state.py's; `metrics_server.MetricsServer`
+The gauges read at scrape time are metrics/state.py's; `metrics.server.MetricsServer`
 serves the registry over HTTP on a thread it owns.
 """
 

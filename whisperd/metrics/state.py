@@ -1,7 +1,7 @@
 """What a scrape reads at scrape time: part of metrics.
 
 `StateCollector` turns the job store's counts, the running jobs' progress,
-the GPUs (through protocols.DeviceProbe) and each worker process's memory
+the GPUs (through devices.probe.DeviceProbe) and each worker process's memory
 into gauges when Prometheus scrapes; nothing here is updated in between, so
 a scrape always shows things as they are. `RunningJobView` and `WorkerView`
 are the shapes the daemon and the pool hand it.

@@ -7,7 +7,7 @@ A new file can settle at the path of a job that is still queued or running
 once that job has ended and the file is still the same one; a daemon that
 restarts meanwhile finds the row in the store, not in its memory.
 
-queue_db.JobStore's methods run these statements inside its own transactions.
+JobStore's methods run these statements inside its own transactions.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ transaction that ends a job runs in a worker process that has no config.
 
 A delivery is claimed by a hook runner for a lease (compare-and-set on
 next_attempt_at); a runner killed mid-delivery leaves the lease to run out,
-and the delivery is made again. queue_db.JobStore calls these functions
+and the delivery is made again. JobStore calls these functions
 inside its own transactions.
 """
 

@@ -10,7 +10,7 @@ jobs of those, so no host takes a file it cannot see.
 A row is taken over when it is stale (no heartbeat for the lease) or when it
 carries the same state-folder token: the state folder is locked by one live
 daemon at a time, so the same token means the previous holder is dead (a
-restart after a crash). queue_db.JobStore calls these functions inside its
+restart after a crash). JobStore calls these functions inside its
 own transactions.
 """
 

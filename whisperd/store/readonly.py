@@ -3,7 +3,7 @@
 `whisperd status` and `whisperd jobs` are run by group members who drop files
 and may only read the 0750 state folder: they must never create the database,
 switch its journal mode, or migrate it. This module builds an engine that
-cannot write; queue_db.JobStore.open_read_only checks the schema through it.
+cannot write; JobStore.open_read_only checks the schema through it.
 """
 
 from __future__ import annotations

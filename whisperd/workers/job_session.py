@@ -1,6 +1,6 @@
 """One running job's progress/cancel seam and its heartbeat thread.
 
-`JobSession` is what the engine reports to (protocols.JobControl);
+`JobSession` is what the engine reports to (engines.engine.JobControl);
 `Heartbeat` renews the job's lease from its own thread, carrying the
 session's progress to the store and bringing back a cancel or a lost lease.
 Imported only by workers/worker.py.
@@ -26,7 +26,7 @@ log = logs.get_logger("whisperd.workers.worker")
 
 @dataclass(kw_only=True)
 class JobSession:
-    """The progress/cancel seam of one running job (transcriber.JobControl).
+    """The progress/cancel seam of one running job (engines.engine.JobControl).
 
     The engine calls progress() and checkpoint(); the heartbeat thread reads
     the progress and writes it to the store, and learns from the store that

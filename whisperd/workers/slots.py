@@ -2,7 +2,7 @@
 configured devices get, how many CPU threads each may use, and when the pool
 calls a device or a worker sick.
 
-The daemon plans with these and hands them to gpu_pool.WorkerPool.
+The daemon plans with these and hands them to workers.pool.WorkerPool.
 """
 
 from __future__ import annotations
