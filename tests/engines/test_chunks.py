@@ -91,10 +91,27 @@ def test_speech_no_segment_covers_is_found() -> None:
 
 
 def test_text_decoded_twice_is_kept_once() -> None:
-    kept = vad.merged(
-        [
-            result(segment(0, 6, " Ask not what your country can do for you.")),
-            result(segment(4.5, 6, " for you")),
-        ]
-    )
-    assert [s.text for s in kept.segments] == [" Ask not what your country can do for you."]
+    first = result(segment(0, 6, " Ask not what your country can do for you."))
+    kept = vad.merged(first, result(segment(4.5, 6, " for you"), segment(7.0, 9.0, " Ask what you can do.")))
+    assert [s.text for s in kept.segments] == [
+        " Ask not what your country can do for you.",
+        " Ask what you can do.",
+    ]
+    assert kept.text == " Ask not what your country can do for you. Ask what you can do."
+
+
+def test_merging_never_drops_what_the_first_pass_heard_nor_words_said_again() -> None:
+    """Short answers inside longer words ("no" in "know") and an answer said
+    twice are speech, not duplicates: only a second-pass segment that a
+    first-pass segment it overlaps already holds, word for word, goes."""
+    first = result(segment(0, 2, " I know that."), segment(2.5, 3, " No."), segment(4, 4.5, " Yes."))
+    again = result(segment(6, 6.5, " Yes."), segment(7, 8, " No."))
+    kept = vad.merged(first, again)
+    assert [s.text for s in kept.segments] == [" I know that.", " No.", " Yes.", " Yes.", " No."]
+    assert [s.start for s in kept.segments] == [0, 2.5, 4, 6, 7]
+
+
+def test_a_limit_shorter_than_a_quiet_frame_still_cuts() -> None:
+    found = vad.chunks(noise(1.0), regions((0, 1.0)), max_seconds=0.05)
+    assert all(c.length <= at(0.05) for c in found)
+    assert found[0].start == 0 and found[-1].end == at(1.0)

@@ -230,13 +230,18 @@ def _decode_batched(
     speech the first pass left out (vad.uncovered: on real recordings the
     pipeline ends a clip after its first utterance now and then, 11 of 80
     utterances in bench/real_speech.py), decoded again as clips of their own."""
-    first = _decode(loaded, audio, options, control, clips=_clips(chunks))
-    missed = [vad.Chunk(r.start, r.end, (r,)) for c in chunks for r in vad.uncovered(c, first)]
-    if not missed:
-        return first
-    control.checkpoint()
-    again = _decode(loaded, audio, options, _Unreported(control), clips=_clips(missed))
-    return vad.joined([vad.merged([first, again])], first.language)
+    first = _decode(loaded, audio, options, control, clips=_clips(chunks), last=False)
+    # A chunk the first pass found nothing in was judged no speech: left alone.
+    spoken = [c for c in chunks if any(c.start <= s.start * SAMPLE_RATE < c.end for s in first.segments)]
+    missed = [vad.Chunk(r.start, r.end, (r,)) for c in spoken for r in vad.uncovered(c, first)]
+    if missed:
+        control.checkpoint()
+        # In the first pass's language: a second detection on short clips could pick another.
+        same_language = dataclasses.replace(options, language=options.language or first.language or None)
+        again = _decode(loaded, audio, same_language, _Unreported(control), clips=_clips(missed))
+        first = vad.joined([vad.merged(first, again)], first.language)
+    control.progress(1.0)
+    return first
 
 
 def _clips(chunks: list[vad.Chunk]) -> list[dict[str, float]]:
@@ -263,7 +268,9 @@ def _decode(
     control: JobControl,
     *,
     clips: list[dict[str, float]] | None = None,
+    last: bool = True,
 ) -> TranscriptResult:
+    """The segments of one pass; `last`: no pass follows, so its end is the job's 100 %."""
     generator, info = run_segments(loaded.model, audio, options, clips)
     duration = max(float(info.duration), 1e-6)
     segments: list[Segment] = []
@@ -273,7 +280,8 @@ def _decode(
             control.progress(min(1.0, float(raw.end) / duration))
     finally:
         generator.close()  # a cancel stops the decoding where it is
-    control.progress(1.0)
+    if last:
+        control.progress(1.0)
     loaded.last_used = time.monotonic()
     return to_result(info.language, segments)
 

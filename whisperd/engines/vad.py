@@ -237,6 +237,10 @@ def _split_long(audio: Audio, region: Region, limit: int) -> list[Region]:
     start = region.start
     while region.end - start > limit:
         low, high = start + limit // 2, start + limit - _QUIET_FRAME
+        if high - low < _QUIET_FRAME:  # a limit too short to look for a quiet moment in
+            pieces.append(Region(start, start + limit))
+            start += limit
+            continue
         frames = audio[low:high][: (high - low) // _QUIET_FRAME * _QUIET_FRAME]
         energy = np.square(frames.reshape(-1, _QUIET_FRAME)).mean(axis=1)
         cut = low + int(np.argmin(energy)) * _QUIET_FRAME + _QUIET_FRAME // 2
@@ -280,21 +284,31 @@ def uncovered(
     return missed
 
 
-def merged(results: Sequence[TranscriptResult]) -> TranscriptResult:
-    """Transcripts of one chunk's parts (on the original timeline) as one,
-    segments in time order; a segment whose words the segment before it
-    already holds is dropped (a part decoded again must not double text)."""
-    ordered = sorted((s for r in results for s in r.segments), key=lambda s: (s.start, s.end))
-    kept: list[Segment] = []
-    for segment in ordered:
-        if kept and _words(segment.text) and _words(segment.text) in _words(kept[-1].text):
+def merged(first: TranscriptResult, again: TranscriptResult) -> TranscriptResult:
+    """A first pass and the decode of what it left out (both on the original
+    timeline) as one transcript, segments in time order. A segment of the
+    second pass is dropped when a first-pass segment it overlaps in time
+    already holds its words in that order (speech decoded twice is kept
+    once); the first pass is never changed."""
+    kept = list(first.segments)
+    for segment in again.segments:
+        words = _words(segment.text)
+        overlapping = [s for s in first.segments if s.start < segment.end and segment.start < s.end]
+        if words and any(_holds(_words(s.text), words) for s in overlapping):
             continue
         kept.append(segment)
-    return replace(results[0], text="".join(s.text for s in kept), segments=tuple(kept))
+    kept.sort(key=lambda s: (s.start, s.end))
+    return replace(first, text="".join(s.text for s in kept), segments=tuple(kept))
 
 
-def _words(text: str) -> str:
-    return " ".join("".join(ch for ch in word if ch.isalnum()) for word in text.lower().split()).strip()
+def _holds(words: list[str], part: list[str]) -> bool:
+    """Whether `part` stands in `words` as a run of whole words."""
+    return any(words[i : i + len(part)] == part for i in range(len(words) - len(part) + 1))
+
+
+def _words(text: str) -> list[str]:
+    found = ("".join(ch for ch in word if ch.isalnum()) for word in text.lower().split())
+    return [word for word in found if word]
 
 
 # Decodes one piece of audio in the given language (None: detect it) under a control.
