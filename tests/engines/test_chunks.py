@@ -109,6 +109,7 @@ def test_merging_never_drops_what_the_first_pass_heard_nor_words_said_again() ->
     kept = vad.merged(first, again)
     assert [s.text for s in kept.segments] == [" I know that.", " No.", " Yes.", " Yes.", " No."]
     assert [s.start for s in kept.segments] == [0, 2.5, 4, 6, 7]
+    assert [s.id for s in kept.segments] == [0, 1, 2, 3, 4]
 
 
 def test_a_limit_shorter_than_a_quiet_frame_still_cuts() -> None:

@@ -239,7 +239,7 @@ def _decode_batched(
         # In the first pass's language: a second detection on short clips could pick another.
         same_language = dataclasses.replace(options, language=options.language or first.language or None)
         again = _decode(loaded, audio, same_language, _Unreported(control), clips=_clips(missed))
-        first = vad.joined([vad.merged(first, again)], first.language)
+        first = vad.merged(first, again)
     control.progress(1.0)
     return first
 

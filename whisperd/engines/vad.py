@@ -1,4 +1,5 @@
-"""Voice activity detection for the openai-whisper engine.
+"""Voice activity detection: speech regions for both engines, and the chunks
+faster-whisper's batched pipeline decodes them in.
 
 Imported by worker processes only. The Silero VAD model that ships inside
 the faster-whisper package (run by onnxruntime, through faster_whisper.vad)
@@ -181,8 +182,7 @@ _QUIET_FRAME = SAMPLE_RATE // 50
 @dataclass(frozen=True)
 class Chunk:
     """A stretch of the original audio decoded on its own: from its first
-    speech region's start to its last one's end, the pauses between them kept
-    (so its times map back by one offset)."""
+    speech region's start to its last one's end, the pauses between them kept."""
 
     start: int
     end: int
@@ -191,10 +191,6 @@ class Chunk:
     @property
     def length(self) -> int:
         return self.end - self.start
-
-    @property
-    def offset_seconds(self) -> float:
-        return self.start / SAMPLE_RATE
 
 
 def chunks(audio: Audio, regions: Sequence[Region], *, max_seconds: float = MAX_CHUNK_SECONDS) -> list[Chunk]:
@@ -250,13 +246,6 @@ def _split_long(audio: Audio, region: Region, limit: int) -> list[Region]:
     return pieces
 
 
-def joined(results: Sequence[TranscriptResult], language: str) -> TranscriptResult:
-    """Chunk transcripts (already on the original timeline) as one, segments
-    numbered from 0 in order."""
-    segments = tuple(replace(s, id=n) for n, s in enumerate(s for r in results for s in r.segments))
-    return TranscriptResult(text="".join(s.text for s in segments), language=language, segments=segments)
-
-
 # A stretch of a chunk's speech no segment covers is decoded again on its
 # own when it is at least this long: Whisper sometimes ends a window early
 # (its last timestamp alone), and the speech after that point would be lost.
@@ -286,7 +275,8 @@ def uncovered(
 
 def merged(first: TranscriptResult, again: TranscriptResult) -> TranscriptResult:
     """A first pass and the decode of what it left out (both on the original
-    timeline) as one transcript, segments in time order. A segment of the
+    timeline) as one transcript, segments in time order and numbered from 0
+    (in the first pass's language). A segment of the
     second pass is dropped when a first-pass segment it overlaps in time
     already holds its words in that order (speech decoded twice is kept
     once); the first pass is never changed."""
@@ -298,7 +288,8 @@ def merged(first: TranscriptResult, again: TranscriptResult) -> TranscriptResult
             continue
         kept.append(segment)
     kept.sort(key=lambda s: (s.start, s.end))
-    return replace(first, text="".join(s.text for s in kept), segments=tuple(kept))
+    segments = tuple(replace(s, id=n) for n, s in enumerate(kept))
+    return replace(first, text="".join(s.text for s in segments), segments=segments)
 
 
 def _holds(words: list[str], part: list[str]) -> bool:
